@@ -1,0 +1,64 @@
+// ATen glue of the CUDA kernels: checks, allocation, current stream, and the
+// launchers of launchers.h. Compiled by the host compiler (no nvcc).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuBLAS/cuSPARSE headers
+#include <cuda_runtime_api.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "checks.h"
+#include "duo_fast/schedule.h"
+#include "launchers.h"
+#include "schedule_table_cache.h"
+
+namespace duo_fast {
+namespace {
+
+void check_launch(int err, const char* op) {
+  TORCH_CHECK(err == 0, "duo_fast: CUDA launch of ", op, " failed: ", cudaGetErrorString(cudaError_t(err)));
+}
+
+// Device copy of the schedule table of K, cached per (K, device).
+const double* device_schedule_table(int64_t vocab_size, const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, int>, at::Tensor> tables;
+  const double* host = schedule_table(vocab_size);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto key = std::make_pair(vocab_size, int(device.index()));
+  auto it = tables.find(key);
+  if (it == tables.end()) {
+    at::Tensor cpu = at::from_blob(const_cast<double*>(host), {schedule::kTableSize}, at::kDouble);
+    it = tables.emplace(key, cpu.to(device)).first;  // synchronous copy from pageable memory
+  }
+  return it->second.const_data_ptr<double>();
+}
+
+std::tuple<at::Tensor, at::Tensor> gamma_to_alpha_cuda(const at::Tensor& gamma, int64_t vocab_size) {
+  check_floating(gamma, "gamma", {at::kFloat, at::kDouble});
+  check_vocab(vocab_size);
+  const c10::cuda::CUDAGuard guard(gamma.device());
+  const double* table = device_schedule_table(vocab_size, gamma.device());
+  const at::Tensor g = gamma.contiguous();
+  at::Tensor alpha = at::empty_like(g), dalpha = at::empty_like(g);
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  int err = 0;
+  if (g.scalar_type() == at::kFloat) {
+    err = cuda::gamma_to_alpha_f32(g.const_data_ptr<float>(), alpha.mutable_data_ptr<float>(),
+                                   dalpha.mutable_data_ptr<float>(), g.numel(), table, stream);
+  } else {
+    err = cuda::gamma_to_alpha_f64(g.const_data_ptr<double>(), alpha.mutable_data_ptr<double>(),
+                                   dalpha.mutable_data_ptr<double>(), g.numel(), table, stream);
+  }
+  check_launch(err, "gamma_to_alpha");
+  return {alpha, dalpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) { m.impl("gamma_to_alpha", &gamma_to_alpha_cuda); }
+
+}  // namespace duo_fast

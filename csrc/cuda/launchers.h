@@ -1,0 +1,19 @@
+// Host entry points of the CUDA kernels: raw device pointers and a stream, no
+// torch types (so .cu files compile without torch headers, in about a second,
+// and also under the CPU emulation). Each returns the launch's cudaError_t as int.
+#pragma once
+
+#include <cstdint>
+
+namespace duo_fast {
+namespace cuda {
+
+// alpha, dalpha_dgamma = T(gamma) for n values; `table` is the device copy of
+// the per-K schedule table (schedule.h). T = float or double.
+int gamma_to_alpha_f32(const float* gamma, float* alpha, float* dalpha, int64_t n, const double* table,
+                       void* stream);
+int gamma_to_alpha_f64(const double* gamma, double* alpha, double* dalpha, int64_t n, const double* table,
+                       void* stream);
+
+}  // namespace cuda
+}  // namespace duo_fast

@@ -1,0 +1,63 @@
+// Normal-distribution special functions in float64, usable on host and device:
+// log phi, Phi, log Phi (log_ndtr) and Phi^-1 (ndtri), accurate to a few ulp
+// over the whole double range (including both tails).
+#pragma once
+
+#include <cmath>
+
+#include "duo_fast/common.h"
+
+namespace duo_fast {
+
+constexpr double kSqrt2 = 1.41421356237309504880;
+constexpr double kInvSqrt2 = 0.70710678118654752440;
+constexpr double kLogSqrt2Pi = 0.91893853320467274178;  // log(sqrt(2*pi))
+
+// log phi(x), the standard normal log-density.
+DUO_HD double log_normal_pdf(double x) { return -0.5 * x * x - kLogSqrt2Pi; }
+
+// Phi(x) = erfc(-x/sqrt2)/2: relative accuracy in the lower tail.
+DUO_HD double normal_cdf(double x) { return 0.5 * erfc(-x * kInvSqrt2); }
+
+// log Phi(x).
+//   x > 0        : log1p(-Q(x)) with Q(x) = erfc(x/sqrt2)/2 (no cancellation near 1)
+//   -30 <= x <= 0: log(erfc(-x/sqrt2)/2) (erfc is relative-accurate, no underflow)
+//   x < -30      : Mills-ratio series, log Phi(x) = log phi(x) - log(-x)
+//                  + log(1 - 1/x^2 + 3/x^4 - 15/x^6 + ...), truncated below 1e-16.
+DUO_HD double log_ndtr(double x) {
+  if (x > 0.0) return log1p(-0.5 * erfc(x * kInvSqrt2));
+  if (x >= -30.0) return log(0.5 * erfc(-x * kInvSqrt2));
+  const double r = 1.0 / (x * x);
+  // 1 - r + 3r^2 - 15r^3 + 105r^4 - 945r^5 + 10395r^6 - 135135r^7
+  const double s =
+      1.0 + r * (-1.0 + r * (3.0 + r * (-15.0 + r * (105.0 + r * (-945.0 + r * (10395.0 - r * 135135.0))))));
+  return log_normal_pdf(x) - log(-x) + log(s);
+}
+
+// Phi^-1(p) for p in (0, 1); -inf at 0, +inf at 1, NaN outside.
+// Abramowitz-Stegun 26.2.23 start (|err| < 4.5e-4) refined by two Halley steps on
+// Phi(x) - p (cubic convergence: 4.5e-4 -> 1e-10 -> full precision). The residual
+// is taken on the tail closer to p so both tails keep relative accuracy; callers
+// that need the upper tail pass q = 1 - p to ndtri and negate (see max_of_normals).
+DUO_HD double ndtri(double p) {
+  if (!(p > 0.0 && p < 1.0)) {
+    if (p == 0.0) return -INFINITY;
+    if (p == 1.0) return INFINITY;
+    return NAN;
+  }
+  const bool upper = p > 0.5;
+  const double q = upper ? 1.0 - p : p;  // q <= 0.5, exact for p > 0.5 (Sterbenz)
+  const double t = sqrt(-2.0 * log(q));
+  double x = -(t - (2.515517 + t * (0.802853 + t * 0.010328)) /
+                       (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308))));
+  // x approximates Phi^-1(q) (<= 0). Halley on f(x) = Phi(x) - q.
+  for (int it = 0; it < 2; ++it) {
+    // u = (Phi(x) - q) / phi(x), written as a relative residual times
+    // q/phi(x) = exp(log q + x^2/2 + log sqrt(2pi)) so it cannot overflow.
+    const double u = (normal_cdf(x) / q - 1.0) * exp(log(q) + 0.5 * x * x + kLogSqrt2Pi);
+    x = x - u / (1.0 + 0.5 * x * u);
+  }
+  return upper ? -x : x;
+}
+
+}  // namespace duo_fast

@@ -1,0 +1,57 @@
+// The one schema block of the duo_fast operator library, and the Python module
+// `duo_fast._C` whose import loads it. Kernels register per device in
+// cpu/*.cpp and cuda/bindings.cpp; fake (meta) kernels and autograd live in
+// duo_fast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef DUO_FAST_VERSION
+#define DUO_FAST_VERSION "0.0.0"
+#endif
+#ifndef DUO_FAST_CUDA_ARCHS
+#define DUO_FAST_CUDA_ARCHS ""
+#endif
+#ifndef DUO_FAST_CUDA_VERSION
+#define DUO_FAST_CUDA_VERSION ""
+#endif
+#ifndef DUO_FAST_TORCH_VERSION
+#define DUO_FAST_TORCH_VERSION ""
+#endif
+
+TORCH_LIBRARY(duo_fast, m) {
+  // SPEC section 1: (alpha, dalpha/dgamma) = T(gamma) for vocabulary size K.
+  m.def("gamma_to_alpha(Tensor gamma, int vocab_size) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef DUO_FAST_WITH_CUDA
+  const bool cuda = true;
+#else
+  const bool cuda = false;
+#endif
+#ifdef _OPENMP
+  const bool openmp = true;
+#else
+  const bool openmp = false;
+#endif
+  return Py_BuildValue("{s:s,s:O,s:O,s:s,s:s,s:s,s:O}", "version", DUO_FAST_VERSION, "cpu", Py_True, "cuda",
+                       cuda ? Py_True : Py_False, "cuda_archs", DUO_FAST_CUDA_ARCHS, "cuda_version",
+                       DUO_FAST_CUDA_VERSION, "torch_version", DUO_FAST_TORCH_VERSION, "openmp",
+                       openmp ? Py_True : Py_False);
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "Backends and CUDA architectures compiled into duo_fast."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "duo_fast compiled kernels (custom ops under torch.ops.duo_fast)",
+                      -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
