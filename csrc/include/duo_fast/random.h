@@ -15,10 +15,12 @@ namespace duo_fast {
 constexpr double kTwoPi = 6.28318530717958647693;
 
 // Uniform on the open interval (0, 1) from 64 random bits: the top 53 bits k give
-// (k + 1/2) 2^-53, so log(u) and log(1 - u) are always finite.
+// (k + 1/2) 2^-53 (exact below 1/2; above, rounded to the 2^-53 grid, and the one
+// value that rounds to 1 is clamped to 1 - 2^-53), so log(u) and log1p(-u) are
+// always finite.
 DUO_HD double uniform53(uint32_t hi, uint32_t lo) {
   const uint64_t k = ((uint64_t(hi) << 32) | uint64_t(lo)) >> 11;
-  return (double(k) + 0.5) * 0x1.0p-53;
+  return fmin((double(k) + 0.5) * 0x1.0p-53, 0x1.fffffffffffffp-1);
 }
 
 // Two uniforms (0,1) from one Philox block.

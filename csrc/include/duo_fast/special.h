@@ -50,10 +50,22 @@ DUO_HD double ndtri(double p) {
   const double t = sqrt(-2.0 * log(q));
   double x = -(t - (2.515517 + t * (0.802853 + t * 0.010328)) /
                        (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308))));
-  // x approximates Phi^-1(q) (<= 0). Halley on f(x) = Phi(x) - q.
+  if (upper) x = -x;
+  // Halley on f(x) = Phi(x) - p, with u = f / phi(x).
+  if (p >= 0.25 && p <= 0.75) {
+    // Centre: Phi(x) - p = erf(x/sqrt2)/2 - (p - 1/2), both terms exact-ish,
+    // so x keeps relative accuracy even as it approaches 0.
+    const double r = p - 0.5;
+    for (int it = 0; it < 2; ++it) {
+      const double u = (0.5 * erf(x * kInvSqrt2) - r) * exp(0.5 * x * x + kLogSqrt2Pi);
+      x = x - u / (1.0 + 0.5 * x * u);
+    }
+    return x;
+  }
+  // Tails: residual on the tail of q, as a relative residual times
+  // q/phi(x) = exp(log q + x^2/2 + log sqrt(2pi)) so it cannot overflow.
+  if (upper) x = -x;
   for (int it = 0; it < 2; ++it) {
-    // u = (Phi(x) - q) / phi(x), written as a relative residual times
-    // q/phi(x) = exp(log q + x^2/2 + log sqrt(2pi)) so it cannot overflow.
     const double u = (normal_cdf(x) / q - 1.0) * exp(log(q) + 0.5 * x * x + kLogSqrt2Pi);
     x = x - u / (1.0 + 0.5 * x * u);
   }
