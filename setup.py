@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -29,7 +30,7 @@ def find_cuda_home() -> str | None:
     """Toolkit root (the directory holding bin/nvcc and lib64), or None.
 
     nvcc on PATH may be a wrapper script elsewhere, so ask nvcc itself where its
-    toolkit is (`nvcc --dryrun` prints `#$ _TOP_=...`)."""
+    toolkit is (`nvcc --dryrun` on a source prints `#$ _HERE_=<root>/bin`)."""
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env and (Path(env) / "bin" / "nvcc").exists():
         return env
@@ -38,10 +39,18 @@ def find_cuda_home() -> str | None:
         default = Path("/usr/local/cuda")
         return str(default) if (default / "bin" / "nvcc").exists() else None
     try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
-        m = re.search(r"^#\$ _TOP_=(.*)$", out.stdout + out.stderr, re.MULTILINE)
-        if m and (Path(m.group(1).strip()) / "bin" / "nvcc").exists():
-            return str(Path(m.group(1).strip()).resolve())
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "probe.cu"
+            src.write_text("")
+            out = subprocess.run(
+                [nvcc, "--dryrun", "-c", str(src), "-o", str(Path(tmp) / "probe.o")],
+                capture_output=True, text=True, timeout=60,
+            )
+        m = re.search(r"^#\$ _HERE_=(.*)$", out.stdout + out.stderr, re.MULTILINE)
+        if m:
+            root = Path(m.group(1).strip()).resolve().parent
+            if (root / "bin" / "nvcc").exists():
+                return str(root)
     except (OSError, subprocess.SubprocessError):
         pass
     return str(Path(nvcc).resolve().parent.parent)

@@ -142,11 +142,22 @@ double log_integral(const G& g, double lo, double hi) {
 
 inline double pow_log_ndtr(double n, double v) { return n == 0.0 ? 0.0 : n * log_ndtr(v); }
 
+// log(1 - Phi(v)^n), accurate even where 1 - Phi(v) underflows (v > 38):
+// with Q = Phi(-v), -log Phi(v) = -log1p(-Q) = Q (1 + Q/2 + Q^2/3 + ...), and
+// 1 - exp(-y) = y (1 - y/2 + ...) for y = -n log Phi(v) -> 0.
+inline double log1m_pow_ndtr(double n, double v) {
+  const double log_q = log_ndtr(-v);
+  const double q = exp(log_q);
+  const double log_neg_log_phi = q < 1e-5 ? log_q + log1p(q * (0.5 + q / 3.0)) : log(-log_ndtr(v));
+  const double log_y = log(n) + log_neg_log_phi;
+  return log_y < -20.0 ? log_y + log1p(-0.5 * exp(log_y)) : log(-expm1(-exp(log_y)));
+}
+
 }  // namespace detail
 
 // log(1 - pt) = log int phi(t) (1 - Phi(t+nu)^(K-1)) dt.
 inline double log_one_minus_pt(double K, double nu) {
-  auto g = [&](double t) { return log_normal_pdf(t) + log(-expm1(detail::pow_log_ndtr(K - 1.0, t + nu))); };
+  auto g = [&](double t) { return log_normal_pdf(t) + detail::log1m_pow_ndtr(K - 1.0, t + nu); };
   return detail::log_integral(g, -nu - 40.0, 1.0);
 }
 
