@@ -26,4 +26,36 @@ inline void check_same_device(const at::Tensor& a, const char* name_a, const at:
               b.device());
 }
 
+// Token ids in [0, K): every op that takes ids calls this (one reduction; on
+// CUDA it synchronizes once to read the result).
+inline void check_token_ids(const at::Tensor& ids, const char* name, int64_t vocab_size) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "duo_fast: ", name, " has dtype ", ids.scalar_type(),
+              ", expected Long (int64)");
+  if (ids.numel() == 0) return;
+  auto [lo, hi] = at::aminmax(ids);
+  const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
+  TORCH_CHECK(mn >= 0 && mx < vocab_size, "duo_fast: ", name, " holds token ids in [", mn, ", ", mx,
+              "], outside [0, vocab_size) = [0, ", vocab_size, ")");
+}
+
+// sample_zt: x0 int64 ids; gamma_t (and gamma_s) float64 of x0's shape (the
+// Python wrapper broadcasts per-row levels to per-token).
+inline void check_sample_zt_args(const at::Tensor& x0, const at::Tensor& gamma_t,
+                                 const std::optional<at::Tensor>& gamma_s, int64_t vocab_size) {
+  check_vocab(vocab_size);
+  check_token_ids(x0, "x0", vocab_size);
+  TORCH_CHECK(gamma_t.scalar_type() == at::kDouble, "duo_fast: gamma has dtype ", gamma_t.scalar_type(),
+              ", expected Double (the wrapper converts)");
+  TORCH_CHECK(gamma_t.sizes() == x0.sizes(), "duo_fast: gamma has shape ", gamma_t.sizes(), ", expected x0's shape ",
+              x0.sizes());
+  check_same_device(x0, "x0", gamma_t, "gamma");
+  if (gamma_s) {
+    TORCH_CHECK(gamma_s->scalar_type() == at::kDouble, "duo_fast: gamma_s has dtype ", gamma_s->scalar_type(),
+                ", expected Double");
+    TORCH_CHECK(gamma_s->sizes() == x0.sizes(), "duo_fast: gamma_s has shape ", gamma_s->sizes(),
+                ", expected x0's shape ", x0.sizes());
+    check_same_device(x0, "x0", *gamma_s, "gamma_s");
+  }
+}
+
 }  // namespace duo_fast

@@ -23,6 +23,11 @@
 TORCH_LIBRARY(duo_fast, m) {
   // SPEC section 1: (alpha, dalpha/dgamma) = T(gamma) for vocabulary size K.
   m.def("gamma_to_alpha(Tensor gamma, int vocab_size) -> (Tensor, Tensor)");
+  // SPEC 2a/2b: exact O(1) z_t (and the coupled z_s when gamma_s is given; else
+  // the second output is empty). gamma_t/gamma_s: float64, x0's shape. Philox
+  // key `seed`, positions offset, offset+1 of stream token (latent.h).
+  m.def("sample_zt(Tensor x0, Tensor gamma_t, Tensor? gamma_s, int vocab_size, int seed, int offset)"
+        " -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -23,3 +23,27 @@ def check_vocab(vocab_size, name: str = "vocab_size") -> int:
     if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise ValueError(f"duo_fast: {name} must be in [{MIN_VOCAB}, {MAX_VOCAB}], got {vocab_size}")
     return vocab_size
+
+
+def check_same_device(a: torch.Tensor, name_a: str, b: torch.Tensor, name_b: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"duo_fast: {name_a} is on {a.device} but {name_b} is on {b.device}")
+
+
+def per_token_level(level, name: str, like: torch.Tensor) -> torch.Tensor:
+    """A per-row ([B], [B, 1]) or per-token ([B, L]) level as a contiguous float64
+    tensor of ``like``'s shape (O(N) bytes; the kernels read one value per token)."""
+    check_tensor(level, name)
+    if not level.is_floating_point():
+        raise TypeError(f"duo_fast: {name} must be a floating tensor, got {str(level.dtype).replace('torch.', '')}")
+    check_same_device(like, "x0", level, name)
+    shape = tuple(like.shape)
+    if level.dim() == 1 and like.dim() >= 1 and level.shape[0] == shape[0]:
+        level = level.reshape(level.shape[0], *([1] * (like.dim() - 1)))  # [B] -> [B, 1]
+    try:
+        out = torch.broadcast_to(level, shape)
+    except RuntimeError:
+        raise ValueError(
+            f"duo_fast: {name} has shape {tuple(level.shape)}; expected [B], [B, 1] or {list(shape)} for x0 of shape {list(shape)}"
+        ) from None
+    return out.to(torch.float64).contiguous()

@@ -175,17 +175,6 @@ def test_emulated_cuda_kernel_matches_cpu(harness, emulated, mode, seed, dtype):
         harness.configure_emulation(emulated, mode="fiber", seed=0)
 
 
-def test_emulated_kernels_under_asan_ubsan(harness):
-    from conftest import CUDA_SOURCES, EMU_INCLUDES, EXPORTS
-
-    exe = harness.compile_emulated(
-        [*CUDA_SOURCES, EXPORTS], "duo_fast_emulated_main", mode_sanitizer="asan",
-        extra_flags=["-DDUO_EMU_MAIN"], include_dirs=EMU_INCLUDES,
-    )
-    proc = harness.run_emulated_program(exe, env={"CUDA_EMU_MODE": "fiber", "CUDA_EMU_SEED": "3"}, check=True)
-    assert "emulated kernels: ok" in proc.stdout
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernel_matches_cpu runs this kernel's source on the CPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_device_matches_cpu(dtype):

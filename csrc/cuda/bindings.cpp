@@ -57,8 +57,28 @@ std::tuple<at::Tensor, at::Tensor> gamma_to_alpha_cuda(const at::Tensor& gamma, 
   return {alpha, dalpha};
 }
 
+std::tuple<at::Tensor, at::Tensor> sample_zt_cuda(const at::Tensor& x0, const at::Tensor& gamma_t,
+                                                  const std::optional<at::Tensor>& gamma_s, int64_t vocab_size,
+                                                  int64_t seed, int64_t offset) {
+  check_sample_zt_args(x0, gamma_t, gamma_s, vocab_size);
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const at::Tensor x = x0.contiguous(), gt = gamma_t.contiguous();
+  const at::Tensor gs = gamma_s ? gamma_s->contiguous() : at::Tensor();
+  at::Tensor z_t = at::empty_like(x);
+  at::Tensor z_s = gamma_s ? at::empty_like(x) : at::empty({0}, x.options());
+  check_launch(cuda::sample_zt(x.const_data_ptr<int64_t>(), gt.const_data_ptr<double>(),
+                               gamma_s ? gs.const_data_ptr<double>() : nullptr, z_t.mutable_data_ptr<int64_t>(),
+                               gamma_s ? z_s.mutable_data_ptr<int64_t>() : nullptr, x.numel(), vocab_size,
+                               uint64_t(seed), uint64_t(offset), c10::cuda::getCurrentCUDAStream().stream()),
+               "sample_zt");
+  return {z_t, z_s};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) { m.impl("gamma_to_alpha", &gamma_to_alpha_cuda); }
+TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
+  m.impl("gamma_to_alpha", &gamma_to_alpha_cuda);
+  m.impl("sample_zt", &sample_zt_cuda);
+}
 
 }  // namespace duo_fast

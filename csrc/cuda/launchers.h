@@ -15,5 +15,9 @@ int gamma_to_alpha_f32(const float* gamma, float* alpha, float* dalpha, int64_t 
 int gamma_to_alpha_f64(const double* gamma, double* alpha, double* dalpha, int64_t n, const double* table,
                        void* stream);
 
+// z_t (and z_s when gamma_s != nullptr) for n tokens (SPEC 2a, 2b; latent.h).
+int sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s, int64_t n,
+              int64_t vocab_size, uint64_t seed, uint64_t offset, void* stream);
+
 }  // namespace cuda
 }  // namespace duo_fast

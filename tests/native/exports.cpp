@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "duo_fast/cuda_compat.h"
+#include "duo_fast/latent.h"
 #include "duo_fast/philox.h"
 #include "duo_fast/random.h"
 #include "duo_fast/schedule.h"
@@ -68,6 +69,11 @@ int df_emu_gamma_to_alpha_f64(const double* g, double* a, double* d, int64_t n, 
   return cuda::gamma_to_alpha_f64(g, a, d, n, table, nullptr);
 }
 
+int df_emu_sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s,
+                     int64_t n, int64_t vocab_size, uint64_t seed, uint64_t offset) {
+  return cuda::sample_zt(x0, gamma_t, gamma_s, z_t, z_s, n, vocab_size, seed, offset, nullptr);
+}
+
 }  // extern "C"
 
 #ifdef DUO_EMU_MAIN
@@ -88,6 +94,26 @@ int main() {
           std::printf("gamma_to_alpha mismatch K=%lld i=%lld\n", (long long)K, (long long)i);
           break;
         }
+      }
+    }
+  }
+  for (int64_t K : {2, 1000}) {
+    const int64_t n = 777;
+    std::vector<int64_t> x(n), zt(n), zs(n);
+    std::vector<double> gt(n), gs(n);
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = (i * 7919) % K;
+      gt[i] = -4.0 + 6.0 * double(i) / double(n);
+      gs[i] = gt[i] - 1.0;
+    }
+    const int err = cuda::sample_zt(x.data(), gt.data(), gs.data(), zt.data(), zs.data(), n, K, 42, 6, nullptr);
+    for (int64_t i = 0; i < n; ++i) {
+      const latent::Draw d = latent::draw(42, 6, uint64_t(i), x[i], K);
+      if (err != 0 || zt[i] != latent::select(d, x[i], gt[i]) || zs[i] != latent::select(d, x[i], gs[i]) || zt[i] < 0 ||
+          zt[i] >= K) {
+        ++failures;
+        std::printf("sample_zt mismatch K=%lld i=%lld\n", (long long)K, (long long)i);
+        break;
       }
     }
   }
