@@ -11,6 +11,7 @@ Environment:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent
 BASE_VERSION = "0.1.0"
 
 
+@functools.lru_cache(maxsize=None)
 def find_cuda_home() -> str | None:
     """Toolkit root (the directory holding bin/nvcc and lib64), or None.
 

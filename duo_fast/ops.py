@@ -50,8 +50,7 @@ def gamma_to_alpha(gamma: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, 
 @torch.library.register_fake("duo_fast::gamma_to_alpha")
 def _gamma_to_alpha_fake(gamma, vocab_size):
     torch._check(gamma.dtype in _FLOAT_LEVELS, lambda: f"duo_fast: gamma has dtype {gamma.dtype}")
-    out = gamma.new_empty(gamma.shape)
-    return out, gamma.new_empty(gamma.shape)
+    return gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape)
 
 
 # --------------------------------------------------------------------------------------
