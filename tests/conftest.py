@@ -13,6 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+# Test-only kernels (header primitives such as duo_fast/reduce.h).
+TEST_CUDA_SOURCES = sorted((ROOT / "tests" / "native").glob("*.cu"))
 EXPORTS = ROOT / "tests" / "native" / "exports.cpp"
 EMU_INCLUDES = (ROOT / "csrc" / "cuda",)
 
@@ -41,6 +43,6 @@ def harness():
 @pytest.fixture(scope="session")
 def emulated(harness):
     """ctypes handle on the emulated kernels + header math (fiber mode, seed 0)."""
-    lib = harness.load_emulated([*CUDA_SOURCES, EXPORTS], "duo_fast_emulated", include_dirs=EMU_INCLUDES, opt="-O2")
+    lib = harness.load_emulated([*CUDA_SOURCES, *TEST_CUDA_SOURCES, EXPORTS], "duo_fast_emulated", include_dirs=EMU_INCLUDES, opt="-O2")
     harness.configure_emulation(lib, mode="fiber", seed=0)
     return lib

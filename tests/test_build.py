@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import duo_fast
-from conftest import CUDA_SOURCES, ROOT
+from conftest import CUDA_SOURCES, ROOT, TEST_CUDA_SOURCES
 
 ARCHS = [a.strip() for a in os.environ.get("DUO_FAST_CUDA_ARCHS", "8.0;9.0").replace(" ", ";").split(";") if a.strip()]
 OPS = re.findall(r'm\.def\("(\w+)\(', (ROOT / "csrc" / "registration.cpp").read_text())
@@ -37,7 +37,7 @@ def test_every_op_has_cpu_meta_and_cuda_kernels():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize("source", [*CUDA_SOURCES, *TEST_CUDA_SOURCES], ids=lambda p: p.name)
 def test_nvcc_compiles_without_spills(harness, source, arch):
     if harness.nvcc_path() is None:
         pytest.skip("no nvcc: the CUDA part is not built on this machine either")

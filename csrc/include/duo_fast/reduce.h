@@ -1,0 +1,104 @@
+// Warp and block reductions for the CUDA kernels (device code; also runs under
+// the CPU emulation). Conventions (shared CUDA_ON_CPU.md, rules 3 and 4):
+//   * every lane of every warp calls them (pad idle lanes with the identity);
+//   * blockDim.x is a multiple of 32 and at most 1024;
+//   * block reductions take a caller-provided __shared__ scratch of 32 values,
+//     return the result to every thread, and end with __syncthreads() so the
+//     scratch can be reused at once.
+// Online softmax: a (max, sum) pair with sum = sum_j exp(x_j - max); merging two
+// pairs rescales the smaller-max sum (Milakov & Gimelshein 2018), so one pass
+// over a row gives its log-sum-exp = max + log(sum).
+#pragma once
+
+#include <cmath>
+
+#include "duo_fast/common.h"
+#include "duo_fast/cuda_compat.h"
+
+namespace duo_fast {
+namespace reduce {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+struct Sum {
+  template <class T>
+  DUO_HD T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+  template <class T>
+  DUO_HD T operator()(T a, T b) const { return a > b ? a : b; }  // NaN-free inputs
+};
+
+// Butterfly reduction: every lane gets the warp's result.
+template <class T, class Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
+// Block-wide reduction; every thread gets the result. scratch: __shared__ T[32].
+template <class T, class Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T identity, T* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_reduce(v, op);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : identity;
+  v = warp_reduce(v, op);  // every warp reduces the partials: no broadcast step needed
+  __syncthreads();         // scratch is free again
+  return v;
+}
+
+// Online-softmax state of a set of values x_j: m = max x_j, s = sum exp(x_j - m).
+struct MaxSum {
+  float m;
+  float s;
+};
+
+DUO_HD MaxSum max_sum_identity() { return {-INFINITY, 0.0f}; }
+
+// Add one value.
+DUO_HD MaxSum max_sum_push(MaxSum a, float x) {
+  if (x <= a.m) return {a.m, a.s + expf(x - a.m)};
+  return {x, a.s * expf(a.m - x) + 1.0f};  // exp(-inf) = 0 for the identity
+}
+
+// Merge two states (either may be the identity).
+DUO_HD MaxSum max_sum_merge(MaxSum a, MaxSum b) {
+  if (a.m < b.m) {
+    const MaxSum t = a;
+    a = b;
+    b = t;
+  }
+  if (b.m == -INFINITY) return a;
+  return {a.m, a.s + b.s * expf(b.m - a.m)};
+}
+
+DUO_HD float max_sum_lse(MaxSum a) { return a.m + logf(a.s); }
+
+__device__ __forceinline__ MaxSum warp_reduce_max_sum(MaxSum v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    MaxSum o;
+    o.m = __shfl_xor_sync(kFullMask, v.m, offset);
+    o.s = __shfl_xor_sync(kFullMask, v.s, offset);
+    v = max_sum_merge(v, o);
+  }
+  return v;
+}
+
+// Block-wide online-softmax merge; scratch: __shared__ MaxSum[32].
+__device__ __forceinline__ MaxSum block_reduce_max_sum(MaxSum v, MaxSum* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_reduce_max_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : max_sum_identity();
+  v = warp_reduce_max_sum(v);
+  __syncthreads();
+  return v;
+}
+
+}  // namespace reduce
+}  // namespace duo_fast
