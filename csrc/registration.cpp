@@ -28,6 +28,11 @@ TORCH_LIBRARY(duo_fast, m) {
   // key `seed`, positions offset, offset+1 of stream token (latent.h).
   m.def("sample_zt(Tensor x0, Tensor gamma_t, Tensor? gamma_s, int vocab_size, int seed, int offset)"
         " -> (Tensor, Tensor)");
+  // SPEC 3: per-token KL of student vs teacher logits [..., K] (direction 0:
+  // KL(pS||pT), 1: KL(pT||pS)); with compute_grad also dKL/dstudent_logits
+  // (else the second output is empty). Backward scales it by grad_output.
+  m.def("distill_kl(Tensor student_logits, Tensor teacher_logits, int direction, bool compute_grad)"
+        " -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -94,3 +94,59 @@ def sample_zt(
 def _sample_zt_fake(x0, gamma_t, gamma_s, vocab_size, seed, offset):
     z_s = x0.new_empty(x0.shape) if gamma_s is not None else x0.new_empty((0,))
     return x0.new_empty(x0.shape), z_s
+
+
+# --------------------------------------------------------------------------------------
+# SPEC section 3: distillation KLs
+# --------------------------------------------------------------------------------------
+
+_DIRECTIONS = {"bwd": 0, "fwd": 1}
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "bwd") -> torch.Tensor:
+    """Per-token KL between the student's and the teacher's softmax (SPEC 3):
+    ``direction="bwd"``: KL(pS || pT); ``"fwd"``: KL(pT || pS). Logits
+    ``[..., K]`` float32 (math in float64 on CPU, float32 on CUDA); returns
+    ``[...]`` float32. Differentiable w.r.t. ``student_logits`` only; the
+    gradient is computed in the same pass as the KL when the student requires
+    grad (no ``[N, K]`` temporaries besides the gradient itself)."""
+    check_tensor(student_logits, "student_logits", (torch.float32,))
+    check_tensor(teacher_logits, "teacher_logits", (torch.float32,))
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"duo_fast: direction must be 'bwd' or 'fwd', got {direction!r}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"duo_fast: teacher_logits has shape {tuple(teacher_logits.shape)}, expected student_logits' shape {tuple(student_logits.shape)}"
+        )
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 2:
+        raise ValueError(f"duo_fast: student_logits must be [..., K] with K >= 2, got shape {tuple(student_logits.shape)}")
+    check_same_device(student_logits, "student_logits", teacher_logits, "teacher_logits")
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    kl, _ = torch.ops.duo_fast.distill_kl.default(
+        student_logits, teacher_logits.detach(), _DIRECTIONS[direction], compute_grad
+    )
+    return kl
+
+
+@torch.library.register_fake("duo_fast::distill_kl")
+def _distill_kl_fake(student, teacher, direction, compute_grad):
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
+    return student.new_empty(student.shape[:-1]), grad
+
+
+def _distill_kl_setup_context(ctx, inputs, output):
+    student, _, _, compute_grad = inputs
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(output[1])
+
+
+def _distill_kl_backward(ctx, grad_kl, grad_grad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.compute_grad:
+        raise RuntimeError("duo_fast: distill_kl was called with compute_grad=False; call it with compute_grad=True to differentiate")
+    return grad * grad_kl.unsqueeze(-1), None, None, None
+
+
+torch.library.register_autograd(
+    "duo_fast::distill_kl", _distill_kl_backward, setup_context=_distill_kl_setup_context
+)

@@ -74,9 +74,27 @@ std::tuple<at::Tensor, at::Tensor> sample_zt_cuda(const at::Tensor& x0, const at
   return {z_t, z_s};
 }
 
+std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                   int64_t direction, bool compute_grad) {
+  check_distill_args(student, teacher, direction);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const int64_t K = s.size(-1), rows = s.numel() / K;
+  auto batch_shape = s.sizes().vec();
+  batch_shape.pop_back();
+  at::Tensor kl = at::empty(batch_shape, s.options());
+  at::Tensor grad = compute_grad ? at::empty_like(s) : at::empty({0}, s.options());
+  check_launch(cuda::distill_kl(s.const_data_ptr<float>(), t.const_data_ptr<float>(), kl.mutable_data_ptr<float>(),
+                                compute_grad ? grad.mutable_data_ptr<float>() : nullptr, rows, K, int(direction),
+                                c10::cuda::getCurrentCUDAStream().stream()),
+               "distill_kl");
+  return {kl, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
+  m.impl("distill_kl", &distill_kl_cuda);
   m.impl("gamma_to_alpha", &gamma_to_alpha_cuda);
   m.impl("sample_zt", &sample_zt_cuda);
 }

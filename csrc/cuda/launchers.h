@@ -19,5 +19,10 @@ int gamma_to_alpha_f64(const double* gamma, double* alpha, double* dalpha, int64
 int sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s, int64_t n,
               int64_t vocab_size, uint64_t seed, uint64_t offset, void* stream);
 
+// Per-row KL (direction 0: KL(pS||pT), 1: KL(pT||pS)) of float32 [rows, K]
+// logits; grad (nullptr to skip) gets dKL/dstudent (distill.h).
+int distill_kl(const float* student, const float* teacher, float* kl, float* grad, int64_t rows, int64_t K,
+               int direction, void* stream);
+
 }  // namespace cuda
 }  // namespace duo_fast

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "duo_fast/cuda_compat.h"
+#include "duo_fast/distill.h"
 #include "duo_fast/latent.h"
 #include "duo_fast/philox.h"
 #include "duo_fast/random.h"
@@ -74,6 +75,11 @@ int df_emu_sample_zt(const int64_t* x0, const double* gamma_t, const double* gam
   return cuda::sample_zt(x0, gamma_t, gamma_s, z_t, z_s, n, vocab_size, seed, offset, nullptr);
 }
 
+int df_emu_distill_kl(const float* student, const float* teacher, float* kl, float* grad, int64_t rows, int64_t K,
+                      int direction) {
+  return cuda::distill_kl(student, teacher, kl, grad, rows, K, direction, nullptr);
+}
+
 }  // extern "C"
 
 #ifdef DUO_EMU_MAIN
@@ -115,6 +121,29 @@ int main() {
         std::printf("sample_zt mismatch K=%lld i=%lld\n", (long long)K, (long long)i);
         break;
       }
+    }
+  }
+  for (int64_t K : {2, 333}) {
+    const int64_t rows = 3;
+    std::vector<float> ls(rows * K), lt(rows * K), kl(rows), grad(rows * K);
+    for (int64_t i = 0; i < rows * K; ++i) {
+      ls[i] = float((i * 37) % 11) - 5.0f;
+      lt[i] = float((i * 53) % 7) - 3.0f;
+    }
+    for (int dir : {0, 1}) {
+      const int err = cuda::distill_kl(ls.data(), lt.data(), kl.data(), grad.data(), rows, K, dir, nullptr);
+      for (int64_t r = 0; r < rows && err == 0; ++r) {
+        double ms = -INFINITY, mt = -INFINITY, ss = 0, st = 0, acc = 0;
+        for (int64_t j = 0; j < K; ++j) ms = fmax(ms, ls[r * K + j]), mt = fmax(mt, lt[r * K + j]);
+        for (int64_t j = 0; j < K; ++j) ss += exp(ls[r * K + j] - ms), st += exp(lt[r * K + j] - mt);
+        for (int64_t j = 0; j < K; ++j)
+          acc += distill::kl_term<double>(dir, ls[r * K + j], lt[r * K + j], ms + log(ss), mt + log(st));
+        if (fabs(acc - kl[r]) > 1e-4 * (1 + fabs(acc))) {
+          ++failures;
+          std::printf("distill_kl mismatch K=%lld row=%lld\n", (long long)K, (long long)r);
+        }
+      }
+      if (err != 0) ++failures;
     }
   }
   std::printf("emulated kernels: %s\n", failures ? "FAILED" : "ok");

@@ -1,0 +1,136 @@
+"""duo_fast.distill_kl (SPEC 3) against the float64 reference: values and
+gradients (both directions, odd K, K=2, peaked and flat logits), gradcheck-style
+checks, opcheck, the emulated CUDA kernel, and bad inputs."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+import duo_fast
+from duo_fast import reference
+from conftest import ptr
+
+
+def _logits(shape, scale=3.0, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+CASES = [((2, 3, 7), 3.0), ((4, 1, 2), 1.0), ((3, 5, 257), 5.0), ((2, 2, 50257), 2.0), ((1, 3, 1000), 30.0)]
+
+
+@pytest.mark.parametrize("direction", ["bwd", "fwd"])
+@pytest.mark.parametrize("shape,scale", CASES)
+def test_value_and_gradient_match_reference(direction, shape, scale):
+    s = _logits(shape, scale, 1).requires_grad_()
+    t = _logits(shape, scale, 2)
+    kl = duo_fast.distill_kl(s, t, direction)
+    assert kl.shape == shape[:-1] and kl.dtype == torch.float32
+    s64 = s.detach().double().requires_grad_()
+    ref = reference.distill_kl(s64, t.double(), direction)
+    torch.testing.assert_close(kl.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    w = torch.randn(shape[:-1], generator=torch.Generator().manual_seed(3))
+    (kl * w).sum().backward()
+    (ref * w.double()).sum().backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("direction", ["bwd", "fwd"])
+def test_gradcheck_float32(direction):
+    """Finite differences on the public function (the op is float32-only, so the
+    step and tolerances are float32-sized; the float64 comparison above is tight)."""
+    s = _logits((2, 2, 5), 1.0, 11).requires_grad_()
+    t = _logits((2, 2, 5), 1.0, 12)
+    with pytest.warns(UserWarning):  # gradcheck warns about non-double inputs
+        assert torch.autograd.gradcheck(lambda x: duo_fast.distill_kl(x, t, direction), (s,), eps=1e-2, atol=2e-3, rtol=2e-2)
+
+
+def test_identical_distributions_give_zero():
+    s = _logits((3, 4, 100), 4.0)
+    for d in ("bwd", "fwd"):
+        kl = duo_fast.distill_kl(s, s.clone(), d)
+        assert kl.abs().max().item() < 1e-6
+    # Shifting logits by a constant changes nothing.
+    torch.testing.assert_close(duo_fast.distill_kl(s, s + 7.0, "bwd"), torch.zeros(3, 4), atol=1e-6, rtol=0)
+
+
+def test_teacher_gets_no_gradient_and_noncontiguous_inputs():
+    s = _logits((5, 3, 33), 2.0, 4).transpose(0, 1).requires_grad_()  # non-contiguous
+    t = _logits((5, 3, 33), 2.0, 5).transpose(0, 1).requires_grad_()
+    kl = duo_fast.distill_kl(s, t)
+    kl.sum().backward()
+    assert t.grad is None and s.grad.shape == s.shape
+    ref = reference.distill_kl(s.detach().double(), t.detach().double())
+    torch.testing.assert_close(kl.detach().double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_path_and_double_backward_error():
+    s = _logits((2, 3, 11))
+    t = _logits((2, 3, 11), seed=9)
+    with torch.no_grad():
+        kl = duo_fast.distill_kl(s.requires_grad_(), t)
+    assert not kl.requires_grad
+
+
+def test_opcheck():
+    s = _logits((2, 3, 9), 2.0, 6)
+    t = _logits((2, 3, 9), 2.0, 7)
+    for direction in (0, 1):
+        torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (s, t, direction, False))
+        torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (s.clone().requires_grad_(), t, direction, True))
+
+
+def test_bad_inputs_name_the_argument():
+    s, t = _logits((2, 5)), _logits((2, 5))
+    with pytest.raises(ValueError, match="teacher_logits has shape"):
+        duo_fast.distill_kl(s, _logits((2, 6)))
+    with pytest.raises(TypeError, match="student_logits has dtype float64"):
+        duo_fast.distill_kl(s.double(), t)
+    with pytest.raises(ValueError, match="direction must be 'bwd' or 'fwd'"):
+        duo_fast.distill_kl(s, t, "both")
+    with pytest.raises(ValueError, match="K >= 2"):
+        duo_fast.distill_kl(_logits((2, 1)), _logits((2, 1)))
+    with pytest.raises(RuntimeError, match="direction must be 0"):
+        torch.ops.duo_fast.distill_kl(s, t, 3, False)
+    with pytest.raises(RuntimeError, match="teacher_logits has shape"):
+        torch.ops.duo_fast.distill_kl(s, _logits((5, 2)), 0, False)
+
+
+# ---- the CUDA kernel's own source on the CPU ----
+
+
+@pytest.mark.parametrize("mode,seed", [("fiber", 0), ("fiber", 3), ("thread", 0)])
+@pytest.mark.parametrize("direction", [0, 1])
+def test_emulated_cuda_kernel_matches_cpu(harness, emulated, mode, seed, direction):
+    harness.configure_emulation(emulated, mode=mode, seed=seed)
+    try:
+        for rows, K in [(3, 2), (5, 1000), (2, 50257)]:
+            s = _logits((rows, K), 4.0, seed + K)
+            t = _logits((rows, K), 4.0, seed + K + 1)
+            kl, grad = torch.empty(rows), torch.empty(rows, K)
+            rc = emulated.df_emu_distill_kl(ptr(s), ptr(t), ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), direction)
+            assert rc == 0
+            ckl, cgrad = torch.ops.duo_fast.distill_kl(s, t, direction, True)
+            # float32 accumulation on the device path vs float64 on CPU.
+            torch.testing.assert_close(kl, ckl, rtol=1e-4, atol=2e-5)
+            torch.testing.assert_close(grad, cgrad, rtol=1e-4, atol=1e-6)
+    finally:
+        harness.configure_emulation(emulated, mode="fiber", seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernel_matches_cpu runs this kernel's source on the CPU")
+@pytest.mark.parametrize("direction", ["bwd", "fwd"])
+def test_cuda_device_matches_cpu(direction):
+    s = _logits((4, 8, 50257), 3.0, 1)
+    t = _logits((4, 8, 50257), 3.0, 2)
+    sc = s.cuda().requires_grad_()
+    kl = duo_fast.distill_kl(sc, t.cuda(), direction)
+    kl.sum().backward()
+    sr = s.clone().requires_grad_()
+    ref = duo_fast.distill_kl(sr, t, direction)
+    ref.sum().backward()
+    torch.testing.assert_close(kl.cpu(), ref, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(sc.grad.cpu(), sr.grad, rtol=1e-4, atol=1e-6)
+    torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (s[:1, :2].cuda(), t[:1, :2].cuda(), 0, False))
