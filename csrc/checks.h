@@ -72,4 +72,36 @@ inline void check_distill_args(const at::Tensor& student, const at::Tensor& teac
   check_same_device(student, "student_logits", teacher, "teacher_logits");
 }
 
+// usdm_loss: float32 logits [B, L, K] (any leading shape), z and x0 int64 ids of
+// the leading shape, alpha/dalpha float64 of the leading shape (the wrapper
+// broadcasts per-row levels) with 0 < alpha < 1 and dalpha <= 0.
+inline void check_usdm_loss_args(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0,
+                                 const at::Tensor& alpha, const at::Tensor& dalpha) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat, "duo_fast: logits has dtype ", logits.scalar_type(),
+              ", expected Float");
+  TORCH_CHECK(logits.dim() >= 2, "duo_fast: logits must be [..., K], got shape ", logits.sizes());
+  const int64_t K = logits.size(-1);
+  check_vocab(K, "logits.size(-1) (the vocabulary size)");
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{z, "z"}, {x0, "x0"}, {alpha, "alpha"},
+                                {dalpha, "dalpha"}}) {
+    TORCH_CHECK(t.sizes() == lead, "duo_fast: ", name, " has shape ", t.sizes(), ", expected logits' leading shape ",
+                lead);
+    check_same_device(logits, "logits", t, name);
+  }
+  TORCH_CHECK(alpha.scalar_type() == at::kDouble && dalpha.scalar_type() == at::kDouble,
+              "duo_fast: alpha and dalpha must be Double (the wrapper converts), got ", alpha.scalar_type(), " and ",
+              dalpha.scalar_type());
+  check_token_ids(z, "z", K);
+  check_token_ids(x0, "x0", K);
+  if (alpha.numel() > 0) {
+    auto [lo, hi] = at::aminmax(alpha);
+    const double mn = lo.item<double>(), mx = hi.item<double>();
+    TORCH_CHECK(mn > 0.0 && mx < 1.0, "duo_fast: alpha must be in (0, 1) for the loss, got values in [", mn, ", ",
+                mx, "]");
+    const double dmax = dalpha.max().item<double>();
+    TORCH_CHECK(dmax <= 0.0, "duo_fast: dalpha must be <= 0 (alpha decreases in t), got a value ", dmax);
+  }
+}
+
 }  // namespace duo_fast

@@ -31,6 +31,11 @@ TORCH_LIBRARY(duo_fast, m) {
   // SPEC 3: per-token KL of student vs teacher logits [..., K] (direction 0:
   // KL(pS||pT), 1: KL(pT||pS)); with compute_grad also dKL/dstudent_logits
   // (else the second output is empty). Backward scales it by grad_output.
+  // SPEC 3: per-token uniform-state NELBO from float32 logits [..., K]; z, x0
+  // int64 and alpha, dalpha float64 of the leading shape. With compute_grad also
+  // d loss / d logits (else the second output is empty); backward scales it.
+  m.def("usdm_loss(Tensor logits, Tensor z, Tensor x0, Tensor alpha, Tensor dalpha, bool compute_grad)"
+        " -> (Tensor, Tensor)");
   m.def("distill_kl(Tensor student_logits, Tensor teacher_logits, int direction, bool compute_grad)"
         " -> (Tensor, Tensor)");
 }

@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - only without a build
     ) from e
 
 from . import reference
-from .ops import distill_kl, gamma_to_alpha, sample_zt
+from .ops import distill_kl, gamma_to_alpha, sample_zt, usdm_loss
 
 __version__ = _C.build_info()["version"]
 
@@ -33,4 +33,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "distill_kl", "gamma_to_alpha", "reference", "sample_zt"]
+__all__ = ["build_info", "distill_kl", "gamma_to_alpha", "reference", "sample_zt", "usdm_loss"]

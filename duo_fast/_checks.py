@@ -38,12 +38,12 @@ def per_token_level(level, name: str, like: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"duo_fast: {name} must be a floating tensor, got {str(level.dtype).replace('torch.', '')}")
     check_same_device(like, "x0", level, name)
     shape = tuple(like.shape)
-    if level.dim() == 1 and like.dim() >= 1 and level.shape[0] == shape[0]:
-        level = level.reshape(level.shape[0], *([1] * (like.dim() - 1)))  # [B] -> [B, 1]
-    try:
-        out = torch.broadcast_to(level, shape)
-    except RuntimeError:
+    rows = shape[0] if shape else 1
+    if level.dim() == 1 and level.shape[0] == rows:
+        level = level.reshape(rows, *([1] * (like.dim() - 1)))  # [B] -> [B, 1, ...]
+    elif not (level.dim() == 0 or tuple(level.shape) == shape or tuple(level.shape) == (rows,) + (1,) * (like.dim() - 1)):
         raise ValueError(
             f"duo_fast: {name} has shape {tuple(level.shape)}; expected [B], [B, 1] or {list(shape)} for x0 of shape {list(shape)}"
-        ) from None
+        )
+    out = torch.broadcast_to(level, shape)
     return out.to(torch.float64).contiguous()

@@ -150,3 +150,63 @@ def _distill_kl_backward(ctx, grad_kl, grad_grad):
 torch.library.register_autograd(
     "duo_fast::distill_kl", _distill_kl_backward, setup_context=_distill_kl_setup_context
 )
+
+
+# --------------------------------------------------------------------------------------
+# SPEC section 3: the uniform-state diffusion loss
+# --------------------------------------------------------------------------------------
+
+
+def usdm_loss(
+    logits: torch.Tensor, z: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, dalpha: torch.Tensor
+) -> torch.Tensor:
+    """Per-token uniform-state diffusion NELBO (SPEC 3; ``DUO_BASE.nll_per_token``
+    on ``log_softmax(logits)``) from raw logits, fused: no ``[N, K]`` temporary.
+
+    ``logits``: ``[B, L, K]`` float32; ``z``, ``x0``: ``[B, L]`` int64 ids in
+    ``[0, K)``; ``alpha`` in (0, 1) and ``dalpha`` <= 0 (d alpha / d t) per row
+    (``[B]``, ``[B, 1]``) or per token (``[B, L]``). Returns ``[B, L]`` float32.
+    Differentiable w.r.t. ``logits``: when they require grad the gradient is
+    computed in the same call (three sweeps over each row: log-sum-exp,
+    reductions, gradient) and scaled by ``grad_output`` in backward, so the only
+    ``[N, K]`` memory is the gradient itself. The loss is evaluated in a form
+    where every term vanishes for a perfect model (see csrc/include/duo_fast/
+    usdm_loss.h), so small losses keep their relative accuracy.
+    """
+    check_tensor(logits, "logits", (torch.float32,))
+    check_tensor(z, "z", (torch.int64,))
+    check_tensor(x0, "x0", (torch.int64,))
+    if logits.dim() < 2:
+        raise ValueError(f"duo_fast: logits must be [..., K], got shape {tuple(logits.shape)}")
+    check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
+    lead = tuple(logits.shape[:-1])
+    for t, name in ((z, "z"), (x0, "x0")):
+        if tuple(t.shape) != lead:
+            raise ValueError(f"duo_fast: {name} has shape {tuple(t.shape)}, expected logits' leading shape {lead}")
+        check_same_device(logits, "logits", t, name)
+    a = per_token_level(alpha, "alpha", z)
+    d = per_token_level(dalpha, "dalpha", z)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, a, d, compute_grad)
+    return loss
+
+
+@torch.library.register_fake("duo_fast::usdm_loss")
+def _usdm_loss_fake(logits, z, x0, alpha, dalpha, compute_grad):
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
+    return logits.new_empty(logits.shape[:-1]), grad
+
+
+def _usdm_loss_setup_context(ctx, inputs, output):
+    ctx.compute_grad = inputs[-1]
+    ctx.save_for_backward(output[1])
+
+
+def _usdm_loss_backward(ctx, grad_loss, grad_grad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.compute_grad:
+        raise RuntimeError("duo_fast: usdm_loss was called with compute_grad=False; call it with compute_grad=True to differentiate")
+    return grad * grad_loss.unsqueeze(-1), None, None, None, None, None
+
+
+torch.library.register_autograd("duo_fast::usdm_loss", _usdm_loss_backward, setup_context=_usdm_loss_setup_context)

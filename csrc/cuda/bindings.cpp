@@ -91,9 +91,27 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, co
   return {kl, grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0,
+                                                  const at::Tensor& alpha, const at::Tensor& dalpha,
+                                                  bool compute_grad) {
+  check_usdm_loss_args(logits, z, x0, alpha, dalpha);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor l = logits.contiguous(), zc = z.contiguous(), xc = x0.contiguous();
+  const at::Tensor ac = alpha.contiguous(), dc = dalpha.contiguous();
+  at::Tensor loss = at::empty(zc.sizes(), l.options());
+  at::Tensor grad = compute_grad ? at::empty_like(l) : at::empty({0}, l.options());
+  check_launch(cuda::usdm_loss(l.const_data_ptr<float>(), zc.const_data_ptr<int64_t>(), xc.const_data_ptr<int64_t>(),
+                               ac.const_data_ptr<double>(), dc.const_data_ptr<double>(), loss.mutable_data_ptr<float>(),
+                               compute_grad ? grad.mutable_data_ptr<float>() : nullptr, zc.numel(), l.size(-1),
+                               c10::cuda::getCurrentCUDAStream().stream()),
+               "usdm_loss");
+  return {loss, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
+  m.impl("usdm_loss", &usdm_loss_cuda);
   m.impl("distill_kl", &distill_kl_cuda);
   m.impl("gamma_to_alpha", &gamma_to_alpha_cuda);
   m.impl("sample_zt", &sample_zt_cuda);

@@ -12,12 +12,12 @@ namespace cuda {
 __global__ void distill_kl_kernel(const float* __restrict__ student, const float* __restrict__ teacher,
                                   float* __restrict__ kl, float* __restrict__ grad, int64_t rows, int64_t K,
                                   int direction) {
-  __shared__ reduce::MaxSum scratch_ms[32];
+  __shared__ reduce::MaxSum<float> scratch_ms[32];
   __shared__ float scratch[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float* ls = student + r * K;
     const float* lt = teacher + r * K;
-    reduce::MaxSum s = reduce::max_sum_identity(), t = reduce::max_sum_identity();
+    reduce::MaxSum<float> s = reduce::max_sum_identity<float>(), t = reduce::max_sum_identity<float>();
     for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
       s = reduce::max_sum_push(s, ls[j]);
       t = reduce::max_sum_push(t, lt[j]);

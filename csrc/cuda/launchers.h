@@ -24,5 +24,10 @@ int sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, i
 int distill_kl(const float* student, const float* teacher, float* kl, float* grad, int64_t rows, int64_t K,
                int direction, void* stream);
 
+// Per-token loss of float32 [rows, K] logits (SPEC 3; usdm_loss.h); grad
+// (nullptr to skip) gets d loss / d logits. Ids must already be validated.
+int usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, const double* alpha, const double* dalpha,
+              float* loss, float* grad, int64_t rows, int64_t K, void* stream);
+
 }  // namespace cuda
 }  // namespace duo_fast

@@ -11,11 +11,11 @@ namespace test {
 __global__ void row_reductions_kernel(const float* __restrict__ x, int64_t rows, int64_t cols,
                                       float* __restrict__ out /* [rows, 3]: sum, max, lse */) {
   __shared__ float scratch_f[32];
-  __shared__ reduce::MaxSum scratch_ms[32];
+  __shared__ reduce::MaxSum<float> scratch_ms[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float* row = x + r * cols;
     float sum = 0.0f, mx = -INFINITY;
-    reduce::MaxSum ms = reduce::max_sum_identity();
+    reduce::MaxSum<float> ms = reduce::max_sum_identity<float>();
     for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
       const float v = row[j];
       sum += v;

@@ -51,36 +51,47 @@ __device__ __forceinline__ T block_reduce(T v, Op op, T identity, T* scratch) {
 }
 
 // Online-softmax state of a set of values x_j: m = max x_j, s = sum exp(x_j - m).
+// T = float, or double where a kernel needs the log-sum-exp to ~1e-16.
+template <class T>
 struct MaxSum {
-  float m;
-  float s;
+  T m;
+  T s;
 };
 
-DUO_HD MaxSum max_sum_identity() { return {-INFINITY, 0.0f}; }
+template <class T>
+DUO_HD MaxSum<T> max_sum_identity() {
+  return {T(-INFINITY), T(0)};
+}
 
 // Add one value.
-DUO_HD MaxSum max_sum_push(MaxSum a, float x) {
-  if (x <= a.m) return {a.m, a.s + expf(x - a.m)};
-  return {x, a.s * expf(a.m - x) + 1.0f};  // exp(-inf) = 0 for the identity
+template <class T>
+DUO_HD MaxSum<T> max_sum_push(MaxSum<T> a, T x) {
+  if (x <= a.m) return {a.m, a.s + exp(x - a.m)};
+  return {x, a.s * exp(a.m - x) + T(1)};  // exp(-inf) = 0 for the identity
 }
 
 // Merge two states (either may be the identity).
-DUO_HD MaxSum max_sum_merge(MaxSum a, MaxSum b) {
+template <class T>
+DUO_HD MaxSum<T> max_sum_merge(MaxSum<T> a, MaxSum<T> b) {
   if (a.m < b.m) {
-    const MaxSum t = a;
+    const MaxSum<T> t = a;
     a = b;
     b = t;
   }
-  if (b.m == -INFINITY) return a;
-  return {a.m, a.s + b.s * expf(b.m - a.m)};
+  if (b.m == T(-INFINITY)) return a;
+  return {a.m, a.s + b.s * exp(b.m - a.m)};
 }
 
-DUO_HD float max_sum_lse(MaxSum a) { return a.m + logf(a.s); }
+template <class T>
+DUO_HD T max_sum_lse(MaxSum<T> a) {
+  return a.m + log(a.s);
+}
 
-__device__ __forceinline__ MaxSum warp_reduce_max_sum(MaxSum v) {
+template <class T>
+__device__ __forceinline__ MaxSum<T> warp_reduce_max_sum(MaxSum<T> v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    MaxSum o;
+    MaxSum<T> o;
     o.m = __shfl_xor_sync(kFullMask, v.m, offset);
     o.s = __shfl_xor_sync(kFullMask, v.s, offset);
     v = max_sum_merge(v, o);
@@ -88,13 +99,14 @@ __device__ __forceinline__ MaxSum warp_reduce_max_sum(MaxSum v) {
   return v;
 }
 
-// Block-wide online-softmax merge; scratch: __shared__ MaxSum[32].
-__device__ __forceinline__ MaxSum block_reduce_max_sum(MaxSum v, MaxSum* scratch) {
+// Block-wide online-softmax merge; scratch: __shared__ MaxSum<T>[32].
+template <class T>
+__device__ __forceinline__ MaxSum<T> block_reduce_max_sum(MaxSum<T> v, MaxSum<T>* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   v = warp_reduce_max_sum(v);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  v = lane < warps ? scratch[lane] : max_sum_identity();
+  v = lane < warps ? scratch[lane] : max_sum_identity<T>();
   v = warp_reduce_max_sum(v);
   __syncthreads();
   return v;

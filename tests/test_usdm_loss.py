@@ -1,0 +1,228 @@
+"""duo_fast.usdm_loss (SPEC 3) against the float64 reference (DUO_BASE.nll_per_token
+on log_softmax(logits)): values (1e-5 relative + 1e-6 absolute, as the issue
+states for float32 logits) and gradients, across K (2, odd, 50257), alpha near 0
+and 1, peaked and flat logits, z == x0 and z != x0; perfect-model losses near 0;
+op conventions, errors, and the emulated CUDA kernel."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+import duo_fast
+from duo_fast import reference
+from conftest import ptr
+
+ALPHAS = torch.tensor([1e-6, 1e-3, 0.2, 0.5, 0.9, 1 - 1e-4, 1 - 1e-6], dtype=torch.float64)
+
+
+def _batch(K, L=6, scale=3.0, seed=0, alphas=ALPHAS):
+    g = torch.Generator().manual_seed(seed)
+    B = alphas.numel()
+    logits = torch.randn(B, L, K, generator=g) * scale
+    x0 = torch.randint(0, K, (B, L), generator=g)
+    noisy = torch.randint(0, K, (B, L), generator=g)
+    z = torch.where(torch.rand(B, L, generator=g) < 0.5, x0, noisy)  # both e = 1 and e = 0
+    dalpha = -(0.5 + torch.rand(B, generator=g, dtype=torch.float64))
+    return logits, z, x0, alphas, dalpha
+
+
+def _compare(logits, z, x0, alpha, dalpha):
+    lg = logits.clone().requires_grad_()
+    loss = duo_fast.usdm_loss(lg, z, x0, alpha, dalpha)
+    l64 = logits.double().requires_grad_()
+    ref = reference.usdm_loss(l64, z, x0, alpha, dalpha)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    w = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1))
+    (loss * w).sum().backward()
+    (ref * w.double()).sum().backward()
+    # float32 gradient: 1e-5 relative plus 1e-6 of the largest entry among the
+    # tokens sharing this alpha, plus the float64 reference's own rounding: its
+    # autograd of SPEC's form cancels terms of size |dalpha| (1 + r), r = K alpha/(1-alpha),
+    # so below ~1e-14 of that it has no correct digits (test_peaked_rows_match_exact_gradient
+    # checks such rows against mpmath instead).
+    lead = (-1, *([1] * (l64.dim() - 1)))
+    scale = l64.grad.abs().flatten(1).amax(1).view(lead)
+    a64 = torch.as_tensor(alpha, dtype=torch.float64)
+    d64 = torch.as_tensor(dalpha, dtype=torch.float64)
+    K = logits.shape[-1]
+    ref_err = 1e-14 * (d64.abs() * (1 + K * a64 / (1 - a64)))
+    ref_err = ref_err.flatten(1).amax(1).view(lead) if ref_err.dim() > 1 else ref_err.view(lead)
+    err = (lg.grad.double() - l64.grad).abs()
+    assert (err <= 1e-5 * l64.grad.abs() + 1e-6 * scale + ref_err).all(), (err / (l64.grad.abs() + scale)).max()
+
+
+@pytest.mark.parametrize("K", [2, 3, 7, 257, 1000, 50257])
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])  # flat, typical, peaked
+def test_matches_reference(K, scale):
+    L = 2 if K == 50257 else 6
+    _compare(*_batch(K, L=L, scale=scale, seed=K))
+
+
+def test_per_token_levels_and_noncontiguous_logits():
+    K = 33
+    logits, z, x0, _, _ = _batch(K, L=5, alphas=torch.zeros(4, dtype=torch.float64))
+    g = torch.Generator().manual_seed(3)
+    alpha = 0.01 + 0.98 * torch.rand(4, 5, generator=g, dtype=torch.float64)
+    dalpha = -torch.rand(4, 5, generator=g, dtype=torch.float64)
+    _compare(logits, z, x0, alpha, dalpha)
+    _compare(logits, z, x0, alpha.float(), dalpha.float())
+    lt = logits.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    assert not lt.is_contiguous()
+    _compare(lt, z, x0, alpha, dalpha)
+
+
+def test_peaked_rows_match_exact_gradient():
+    """Far below the batch's gradient scale the reference is not exact: check a few
+    peaked rows against mpmath (120 digits) through finite differences."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 120
+
+    def exact_loss(lg, zz, xx, a, da):
+        K = len(lg)
+        lg = [mp.mpf(v) for v in lg]
+        a, da = mp.mpf(a), mp.mpf(da)
+        m = max(lg)
+        lse = m + mp.log(sum(mp.e ** (v - m) for v in lg))
+        xb = [K * a * mp.e ** (v - lse) + (1 - a) for v in lg]
+        e = 1 if xx == zz else 0
+        c = (1 - a) / (K * a + 1 - a)
+        t1 = K * (1 / ((1 - a) + K * a * e) - 1 / xb[zz])
+        t2 = (-(c * e + (1 - e)) * (sum(mp.log(v) for v in xb) - K * mp.log(xb[zz]))
+              - (1 - e) * (K * a / (1 - a)) * (mp.log(xb[xx]) - mp.log(xb[zz]))
+              + ((K - 1) * c * e - (1 / c) * (1 - e)) * mp.log(c))
+        return da / (K * a) * (t1 - t2)
+
+    rows = [  # logits, z, x0, alpha: peaked (p ~ 1 - 1e-12 .. 1 - 1e-17), e = 0 and 1
+        ([-27.2, 10.36], 1, 1, 1e-6), ([-31.7, -3.57], 0, 0, 1e-6), ([-25.4, 15.8], 1, 0, 1e-3),
+        ([4.2, 33.6, 1.0], 0, 1, 0.2), ([13.9, -15.0, 0.5], 0, 0, 0.2),
+    ]
+    for lg, zz, xx, a in rows:
+        t = torch.tensor([lg]).unsqueeze(0).requires_grad_()
+        loss = duo_fast.usdm_loss(t, torch.tensor([[zz]]), torch.tensor([[xx]]), torch.tensor([a], dtype=torch.float64),
+                                  torch.tensor([-0.7], dtype=torch.float64))
+        loss.sum().backward()
+        h = mp.mpf("1e-40")
+        lg32 = [float(v) for v in t.detach()[0, 0]]
+        for i in range(len(lg)):
+            up = list(map(mp.mpf, lg32)); dn = list(map(mp.mpf, lg32))
+            up[i] += h
+            dn[i] -= h
+            exact = float((exact_loss(up, zz, xx, a, -0.7) - exact_loss(dn, zz, xx, a, -0.7)) / (2 * h))
+            assert abs(t.grad[0, 0, i].item() - exact) <= 1e-4 * abs(exact) + 1e-30, (lg, i, t.grad[0, 0, i].item(), exact)
+        assert loss.item() == pytest.approx(float(exact_loss(lg32, zz, xx, a, -0.7)), rel=1e-5, abs=1e-7)
+
+
+def test_perfect_model_has_vanishing_loss():
+    """p = onehot(x0) (logits +40 at x0): the KL rate is ~0 for every alpha, and the
+    fused form keeps it tiny instead of a difference of huge terms."""
+    K = 1000
+    logits, z, x0, alpha, dalpha = _batch(K, scale=0.0)
+    logits.scatter_(-1, x0.unsqueeze(-1), 40.0)
+    loss = duo_fast.usdm_loss(logits, z, x0, alpha, dalpha)
+    ref = reference.usdm_loss(logits.double(), z, x0, alpha, dalpha)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    assert (loss[z == x0].abs() < 1e-6).all()
+
+
+def test_loss_is_nonnegative_rate():
+    loss = duo_fast.usdm_loss(*_batch(50, scale=4.0, seed=9))
+    assert (loss > -1e-6).all()
+
+
+def test_gradcheck_float32():
+    logits, z, x0, alpha, dalpha = _batch(5, L=2, scale=1.0, seed=4, alphas=torch.tensor([0.3, 0.7], dtype=torch.float64))
+    lg = logits.clone().requires_grad_()
+    with pytest.warns(UserWarning):  # float32 inputs
+        assert torch.autograd.gradcheck(
+            lambda t: duo_fast.usdm_loss(t, z, x0, alpha, dalpha), (lg,), eps=1e-2, atol=5e-3, rtol=2e-2
+        )
+
+
+def test_no_grad_and_compile():
+    logits, z, x0, alpha, dalpha = _batch(17, L=3)
+    with torch.no_grad():
+        out = duo_fast.usdm_loss(logits.requires_grad_(), z, x0, alpha, dalpha)
+    assert not out.requires_grad
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(lg):
+        return duo_fast.usdm_loss(lg, z, x0, alpha, dalpha).sum()
+
+    lg = logits.detach().clone().requires_grad_()
+    f(lg).backward()
+    lg2 = logits.detach().clone().requires_grad_()
+    duo_fast.usdm_loss(lg2, z, x0, alpha, dalpha).sum().backward()
+    torch.testing.assert_close(lg.grad, lg2.grad)
+
+
+def test_opcheck():
+    logits, z, x0, alpha, dalpha = _batch(9, L=3, alphas=torch.tensor([0.2, 0.6], dtype=torch.float64))
+    a = alpha[:, None].expand(2, 3).contiguous()
+    d = dalpha[:, None].expand(2, 3).contiguous()
+    torch.library.opcheck(torch.ops.duo_fast.usdm_loss.default, (logits, z, x0, a, d, False))
+    torch.library.opcheck(torch.ops.duo_fast.usdm_loss.default, (logits.clone().requires_grad_(), z, x0, a, d, True))
+
+
+def test_bad_inputs_name_the_argument():
+    logits, z, x0, alpha, dalpha = _batch(10, L=3, alphas=torch.tensor([0.2, 0.6], dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"z holds token ids in \[.*\], outside \[0, vocab_size\) = \[0, 10\)"):
+        duo_fast.usdm_loss(logits, z + 10, x0, alpha, dalpha)
+    with pytest.raises(RuntimeError, match="x0 holds token ids"):
+        duo_fast.usdm_loss(logits, z, x0 - 11, alpha, dalpha)
+    with pytest.raises(RuntimeError, match=r"alpha must be in \(0, 1\)"):
+        duo_fast.usdm_loss(logits, z, x0, torch.tensor([0.0, 0.5], dtype=torch.float64), dalpha)
+    with pytest.raises(RuntimeError, match=r"alpha must be in \(0, 1\)"):
+        duo_fast.usdm_loss(logits, z, x0, torch.tensor([1.0, 0.5], dtype=torch.float64), dalpha)
+    with pytest.raises(RuntimeError, match="dalpha must be <= 0"):
+        duo_fast.usdm_loss(logits, z, x0, alpha, -dalpha)
+    with pytest.raises(ValueError, match=r"z has shape \(2, 4\)"):
+        duo_fast.usdm_loss(logits, torch.zeros(2, 4, dtype=torch.int64), x0, alpha, dalpha)
+    with pytest.raises(ValueError, match="alpha has shape"):
+        duo_fast.usdm_loss(logits, z, x0, torch.full((3,), 0.5), dalpha)
+    with pytest.raises(TypeError, match="logits has dtype float64"):
+        duo_fast.usdm_loss(logits.double(), z, x0, alpha, dalpha)
+    with pytest.raises(TypeError, match="z has dtype int32"):
+        duo_fast.usdm_loss(logits, z.int(), x0, alpha, dalpha)
+    with pytest.raises(ValueError, match="vocabulary size"):
+        duo_fast.usdm_loss(logits[..., :1], z * 0, x0 * 0, alpha, dalpha)
+
+
+# ---- the CUDA kernel's own source on the CPU ----
+
+
+@pytest.mark.parametrize("mode,seed", [("fiber", 0), ("fiber", 5), ("thread", 0)])
+def test_emulated_cuda_kernel_matches_cpu(harness, emulated, mode, seed):
+    harness.configure_emulation(emulated, mode=mode, seed=seed)
+    try:
+        for K, scale in [(2, 1.0), (1000, 3.0), (50257, 2.0)]:
+            logits, z, x0, alpha, dalpha = _batch(K, L=1 if K == 50257 else 3, scale=scale, seed=seed + K)
+            rows = z.numel()
+            a = alpha[:, None].expand(z.shape).contiguous()
+            d = dalpha[:, None].expand(z.shape).contiguous()
+            loss, grad = torch.empty(z.shape), torch.empty_like(logits)
+            rc = emulated.df_emu_usdm_loss(ptr(logits), ptr(z), ptr(x0), ptr(a), ptr(d), ptr(loss), ptr(grad),
+                                           ctypes.c_int64(rows), ctypes.c_int64(K))
+            assert rc == 0
+            closs, cgrad = torch.ops.duo_fast.usdm_loss(logits, z, x0, a, d, True)
+            # float entries + double sums on the device path, double entries on CPU.
+            torch.testing.assert_close(loss, closs, rtol=1e-4, atol=1e-5)
+            scale_g = cgrad.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+            assert ((grad - cgrad).abs() / scale_g).max().item() < 1e-4
+    finally:
+        harness.configure_emulation(emulated, mode="fiber", seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernel_matches_cpu runs this kernel's source on the CPU")
+def test_cuda_device_matches_cpu():
+    logits, z, x0, alpha, dalpha = _batch(50257, L=4, seed=2)
+    lc = logits.cuda().requires_grad_()
+    loss = duo_fast.usdm_loss(lc, z.cuda(), x0.cuda(), alpha.cuda(), dalpha.cuda())
+    loss.sum().backward()
+    lr = logits.clone().requires_grad_()
+    ref = duo_fast.usdm_loss(lr, z, x0, alpha, dalpha)
+    ref.sum().backward()
+    torch.testing.assert_close(loss.cpu(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lc.grad.cpu(), lr.grad, rtol=1e-4, atol=1e-4 * lr.grad.abs().max().item())
