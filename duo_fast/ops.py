@@ -134,22 +134,33 @@ def _distill_kl_fake(student, teacher, direction, compute_grad):
     return student.new_empty(student.shape[:-1]), grad
 
 
-def _distill_kl_setup_context(ctx, inputs, output):
-    student, _, _, compute_grad = inputs
-    ctx.compute_grad = compute_grad
+def _fused_grad_setup_context(ctx, inputs, output):
+    """Shared by the ops that return (value, d value / d input) with the
+    gradient computed in the forward (compute_grad is their last argument)."""
+    ctx.compute_grad = inputs[-1]
     ctx.save_for_backward(output[1])
+    # The second output is a by-product, never differentiated: do not make
+    # autograd allocate an [N, K] zero gradient for it.
+    ctx.set_materialize_grads(False)
+
+
+def _fused_grad_backward(ctx, grad_value, n_inputs):
+    """grad_input = saved gradient * grad_output (out of place: scaling the saved
+    tensor in place breaks gradcheck's repeated backward and AOT partitioning;
+    so backward holds two [N, K] tensors at its peak)."""
+    (grad,) = ctx.saved_tensors
+    if not ctx.compute_grad:
+        raise RuntimeError("duo_fast: the op was called with compute_grad=False; call it with compute_grad=True to differentiate")
+    if grad_value is None:
+        return (None,) * n_inputs
+    return (grad * grad_value.unsqueeze(-1),) + (None,) * (n_inputs - 1)
 
 
 def _distill_kl_backward(ctx, grad_kl, grad_grad):
-    (grad,) = ctx.saved_tensors
-    if not ctx.compute_grad:
-        raise RuntimeError("duo_fast: distill_kl was called with compute_grad=False; call it with compute_grad=True to differentiate")
-    return grad * grad_kl.unsqueeze(-1), None, None, None
+    return _fused_grad_backward(ctx, grad_kl, 4)
 
 
-torch.library.register_autograd(
-    "duo_fast::distill_kl", _distill_kl_backward, setup_context=_distill_kl_setup_context
-)
+torch.library.register_autograd("duo_fast::distill_kl", _distill_kl_backward, setup_context=_fused_grad_setup_context)
 
 
 # --------------------------------------------------------------------------------------
@@ -197,16 +208,8 @@ def _usdm_loss_fake(logits, z, x0, alpha, dalpha, compute_grad):
     return logits.new_empty(logits.shape[:-1]), grad
 
 
-def _usdm_loss_setup_context(ctx, inputs, output):
-    ctx.compute_grad = inputs[-1]
-    ctx.save_for_backward(output[1])
-
-
 def _usdm_loss_backward(ctx, grad_loss, grad_grad):
-    (grad,) = ctx.saved_tensors
-    if not ctx.compute_grad:
-        raise RuntimeError("duo_fast: usdm_loss was called with compute_grad=False; call it with compute_grad=True to differentiate")
-    return grad * grad_loss.unsqueeze(-1), None, None, None, None, None
+    return _fused_grad_backward(ctx, grad_loss, 6)
 
 
-torch.library.register_autograd("duo_fast::usdm_loss", _usdm_loss_backward, setup_context=_usdm_loss_setup_context)
+torch.library.register_autograd("duo_fast::usdm_loss", _usdm_loss_backward, setup_context=_fused_grad_setup_context)

@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> sample_zt_cpu(const at::Tensor& x0, const at:
   const double* gsp = gamma_s ? gs.const_data_ptr<double>() : nullptr;
   int64_t* ztp = z_t.mutable_data_ptr<int64_t>();
   int64_t* zsp = gamma_s ? z_s.mutable_data_ptr<int64_t>() : nullptr;
-  at::parallel_for(0, x.numel(), 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.numel(), 512, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const latent::Draw d = latent::draw(uint64_t(seed), uint64_t(offset), uint64_t(i), xp[i], vocab_size);
       ztp[i] = latent::select(d, xp[i], gtp[i]);
