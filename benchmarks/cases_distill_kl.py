@@ -1,0 +1,129 @@
+"""Benchmark cases of duo_fast.distill_kl (SPEC section 3, distillation KLs),
+forward + backward w.r.t. the student logits.
+
+No BASELINES.md target (informational rows: target "—").
+
+Sides (each in a fresh process, see benchmarks/README.md):
+
+  * duo:      duo_fast.distill_kl(student, teacher, "bwd").sum().backward()
+              (student float32 requiring grad; .grad dropped before each call).
+  * ref:      float32 eager: ls = log_softmax(student), lt = log_softmax(teacher)
+              (teacher detached), KL(pS || pT) = sum_j exp(ls_j) (ls_j - lt_j),
+              .sum().backward() (autograd).
+  * compiled: torch.compile of the same fwd+bwd function (--full only; compile time
+              is the warm-up call, not counted).
+
+Sizes as cases_usdm_loss: --quick N=256 (B=1, L=256) x K=50257 and N=2048
+(B=2, L=1024) x K=1024; --full N in {2048, 8192} x K in {1024, 50257}; reference
+sides whose estimated peak exceeds REF_LIMIT_GIB are left out (footnote).
+
+Inputs: student, teacher ~ N(0, 1) float32, independent.
+
+GB/s: duo_fast's three sweeps (both log-sum-exps, the KL, the gradient) read both
+logits three times and write the gradient once: 7 * N * K * 4 bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import duo_fast
+
+from .common import Case, Impl
+
+OP = "distill_kl"
+DIRECTION = "bwd"
+# Peak extra memory of the float32 reference fwd+bwd in units of one logits tensor's
+# bytes (N*K*4), measured here at N=2048, K=50257: eager 5.0 (ls, lt, exp(ls),
+# ls - lt, the gradients), compiled 1.0 (the gradient only); with some margin.
+# Sides whose estimate exceeds the limit are not run.
+REF_PEAK_UNITS = {"ref": 5.5, "compiled": 1.5}
+REF_LIMIT_GIB = {"cpu": 9.0, "cuda": 40.0}
+
+
+def _shape(N: int) -> tuple[int, int]:
+    if N >= 1024:
+        return N // 1024, 1024
+    return 1, N
+
+
+def _setup(N: int, K: int):
+    B, L = _shape(N)
+
+    def setup(device):
+        g = torch.Generator().manual_seed(3000 + N + K)
+        student = torch.randn(B, L, K, generator=g, dtype=torch.float32)
+        teacher = torch.randn(B, L, K, generator=g, dtype=torch.float32)
+        return {"student": student.to(device).requires_grad_(True), "teacher": teacher.to(device)}
+
+    return setup
+
+
+def eager_kl_bwd(student, teacher):
+    """KL(pS || pT) per token, float32 eager, gradient to the student only."""
+    ls = torch.log_softmax(student, dim=-1)
+    lt = torch.log_softmax(teacher.detach(), dim=-1)
+    return (ls.exp() * (ls - lt)).sum(-1)
+
+
+def _drop_grad(st):
+    st["student"].grad = None
+
+
+def duo_fwd_bwd(st):
+    duo_fast.distill_kl(st["student"], st["teacher"], DIRECTION).sum().backward()
+
+
+def ref_fwd_bwd(st):
+    eager_kl_bwd(st["student"], st["teacher"]).sum().backward()
+
+
+def ref_peak_gib(N: int, K: int, side: str) -> float:
+    return REF_PEAK_UNITS[side] * N * K * 4 / 2**30
+
+
+def _bytes(st) -> int:
+    return 7 * st["student"].numel() * 4  # 3 reads of student and teacher + 1 gradient write
+
+
+def cases(mode: str, device: str) -> list[Case]:
+    full = mode == "full"
+    dev_kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    limit = REF_LIMIT_GIB[dev_kind]
+    if full:
+        sizes = [(2048, 1024), (2048, 50257), (8192, 1024), (8192, 50257)]
+    else:
+        sizes = [(256, 50257), (2048, 1024)]
+    out = []
+    for N, K in sizes:
+        B, L = _shape(N)
+        notes = []
+        ref = compiled = None
+        est = ref_peak_gib(N, K, "ref")
+        if est <= limit:
+            ref = Impl(ref_fwd_bwd, before_each=_drop_grad,
+                       note="float32 eager: log_softmax of both, sum exp(ls)(ls - lt), autograd backward")
+        else:
+            notes.append(f"{OP} N={N} K={K}: eager reference not run: it would need ~{est:.1f} GiB "
+                         f"(~{REF_PEAK_UNITS['ref']:g} x one logits tensor) > {limit:g} GiB here")
+        if full:
+            est_c = ref_peak_gib(N, K, "compiled")
+            if est_c <= limit:
+                compiled = Impl(ref_fwd_bwd, before_each=_drop_grad, compile=True,
+                                note="torch.compile of the same fwd+bwd function (compile time not counted)")
+            else:
+                notes.append(f"{OP} N={N} K={K}: compiled reference not run: it would need ~{est_c:.1f} GiB "
+                             f"> {limit:g} GiB here")
+        out.append(Case(
+            op=OP, name=f"{DIRECTION}-fwd_bwd-N{N}-K{K}",
+            size=f"KL(pS||pT) fwd+bwd N={N} (B={B}, L={L}) K={K} fp32",
+            setup=_setup(N, K),
+            duo=Impl(duo_fwd_bwd, before_each=_drop_grad,
+                     note=f'duo_fast.distill_kl(student, teacher, "{DIRECTION}").sum().backward()'),
+            ref=ref, compiled=compiled,
+            bytes_moved=_bytes,
+            target=None,
+            notes=notes + ["no BASELINES target for distill_kl",
+                           "GB/s counts 3 reads of student and teacher + 1 write of the gradient (fp32)"],
+        ))
+    return out
