@@ -29,7 +29,7 @@ import torch
 
 import duo_fast
 
-from .common import Case, Impl
+from .common import Case, Impl, ref_limit_gib, token_sizes
 
 OP = "distill_kl"
 DIRECTION = "bwd"
@@ -88,12 +88,8 @@ def _bytes(st) -> int:
 
 def cases(mode: str, device: str) -> list[Case]:
     full = mode == "full"
-    dev_kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    limit = REF_LIMIT_GIB[dev_kind]
-    if full:
-        sizes = [(2048, 1024), (2048, 50257), (8192, 1024), (8192, 50257)]
-    else:
-        sizes = [(256, 50257), (2048, 1024)]
+    limit = ref_limit_gib(device, cpu_gib=REF_LIMIT_GIB["cpu"])
+    sizes = token_sizes(mode)
     out = []
     for N, K in sizes:
         B, L = _shape(N)

@@ -44,7 +44,7 @@ import torch
 import duo_fast
 from duo_fast import reference as R
 
-from .common import Case, Impl, Target
+from .common import Case, Impl, Target, ref_limit_gib, token_sizes
 
 OP = "usdm_loss"
 GAMMA_MIN, GAMMA_MAX = R.DUO_GAMMA_MIN, R.DUO_GAMMA_MAX  # Duo default training range
@@ -150,12 +150,8 @@ COMPILED_NOTE = "torch.compile of the same fwd+bwd function (compile time in the
 
 def cases(mode: str, device: str) -> list[Case]:
     full = mode == "full"
-    dev_kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    limit = REF_LIMIT_GIB[dev_kind]
-    if full:
-        sizes = [(2048, 1024), (2048, 50257), (8192, 1024), (8192, 50257)]
-    else:
-        sizes = [(256, 50257), (2048, 1024)]
+    limit = ref_limit_gib(device, cpu_gib=REF_LIMIT_GIB["cpu"])
+    sizes = token_sizes(mode)
     out = []
     for N, K in sizes:
         B, L = _shape(N)

@@ -555,3 +555,21 @@ def run_case(case: Case, mode: str = "quick", device: str = "cpu", threads: int 
                 log(f"  {case.id} [{side}]: {res['median_ms']:.4g} ms, {res['peak_mib']:.3g} MiB "
                     f"(process {res['process_wall_s']:.1f} s)")
     return combine(case, sides)
+
+
+# ---- size grid shared by the per-token-row ops (sample_zt, usdm_loss, distill_kl) ----
+
+# (N, K) pairs: BASELINES sizes for --full, a quick proxy otherwise.
+TOKEN_SIZES = {
+    "full": [(2048, 1024), (2048, 50257), (8192, 1024), (8192, 50257)],
+    "quick": [(256, 50257), (2048, 1024)],
+}
+
+
+def token_sizes(mode: str) -> list[tuple[int, int]]:
+    return TOKEN_SIZES["full" if mode == "full" else "quick"]
+
+
+def ref_limit_gib(device, cpu_gib: float = 9.0, cuda_gib: float = 40.0) -> float:
+    """Largest estimated reference peak a case runs (the machine has 24 GiB)."""
+    return cuda_gib if str(device).startswith("cuda") else cpu_gib
