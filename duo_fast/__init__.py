@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - only without a build
     ) from e
 
 from . import reference
-from .ops import distill_kl, gamma_to_alpha, sample_zt, usdm_loss
+from .ops import distill_kl, gamma_to_alpha, linear_usdm_loss, sample_zt, usdm_loss
 
 __version__ = _C.build_info()["version"]
 
@@ -33,4 +33,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "distill_kl", "gamma_to_alpha", "reference", "sample_zt", "usdm_loss"]
+__all__ = ["build_info", "distill_kl", "gamma_to_alpha", "linear_usdm_loss", "reference", "sample_zt", "usdm_loss"]

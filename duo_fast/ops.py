@@ -213,3 +213,116 @@ def _usdm_loss_backward(ctx, grad_loss, grad_grad):
 
 
 torch.library.register_autograd("duo_fast::usdm_loss", _usdm_loss_backward, setup_context=_fused_grad_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# SPEC section 3: fused linear + loss (full logits never exist)
+# --------------------------------------------------------------------------------------
+
+
+def _default_chunk_size(vocab_size: int, hidden_size: int) -> int:
+    """Tokens per chunk so that one chunk's float32 logits (and their gradient)
+    take about 64 MiB: large enough for efficient GEMMs, O(1) in N."""
+    return max(1, min(4096, (64 << 20) // (4 * vocab_size)))
+
+
+class _LinearUsdmLoss(torch.autograd.Function):
+    """loss = usdm_loss(hidden @ weight.T + bias, ...), chunk by chunk.
+
+    Forward: per chunk, the chunk's logits (GEMM) and the fused row kernel's
+    loss; nothing of size [N, K] is kept. Backward: per chunk, the logits are
+    recomputed, the kernel gives d loss / d logits, rows are scaled by
+    grad_output, and grad_hidden = G @ weight, grad_weight += G^T @ hidden,
+    grad_bias += sum of G's rows. Peak extra memory O(chunk_size * K); the
+    price is a second logits GEMM in backward (works for any grad_output)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, z, x0, alpha, dalpha, chunk_size):
+        N = z.numel()
+        h2 = hidden.reshape(N, hidden.shape[-1])
+        zf, xf, af, df = z.reshape(N), x0.reshape(N), alpha.reshape(N), dalpha.reshape(N)
+        loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        for s in range(0, N, chunk_size):
+            e = min(N, s + chunk_size)
+            logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
+            loss[s:e], _ = torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], False)
+        ctx.save_for_backward(hidden, weight, bias, z, x0, alpha, dalpha)
+        ctx.chunk_size = chunk_size
+        ctx.has_bias = bias is not None
+        return loss.view(z.shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, z, x0, alpha, dalpha = ctx.saved_tensors
+        N, cs = z.numel(), ctx.chunk_size
+        h2 = hidden.reshape(N, hidden.shape[-1])
+        zf, xf, af, df = z.reshape(N), x0.reshape(N), alpha.reshape(N), dalpha.reshape(N)
+        go = grad_loss.reshape(N)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(h2) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and ctx.has_bias else None
+        for s in range(0, N, cs):
+            e = min(N, s + cs)
+            logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
+            _, g = torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], True)
+            del logits
+            g.mul_(go[s:e].unsqueeze(-1))
+            if need_h:
+                grad_h[s:e] = (g @ weight.float()).to(h2.dtype)
+            if need_w:
+                grad_w.addmm_(g.t(), h2[s:e].float())
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        return (
+            grad_h.view(hidden.shape) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None, None, None, None, None,
+        )
+
+
+def linear_usdm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor,
+    x0: torch.Tensor,
+    alpha: torch.Tensor,
+    dalpha: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``usdm_loss(hidden @ weight.T + bias, z, x0, alpha, dalpha)`` without ever
+    holding the full ``[B, L, K]`` logits: tokens are processed in chunks of
+    ``chunk_size`` (default: ~64 MiB of float32 logits per chunk). ``hidden``:
+    ``[B, L, d]``; ``weight``: ``[K, d]``; ``bias``: ``[K]`` or None (float32,
+    or any float dtype: the chunk's logits are formed in it and the loss math
+    runs in float32/float64). Differentiable w.r.t. hidden, weight and bias.
+    Peak extra memory is O(chunk_size * K), independent of N."""
+    check_tensor(hidden, "hidden")
+    check_tensor(weight, "weight")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise TypeError("duo_fast: hidden and weight must be floating tensors")
+    if weight.dim() != 2 or hidden.dim() < 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"duo_fast: weight must be [K, d] with d = hidden.size(-1); got weight {tuple(weight.shape)}, hidden {tuple(hidden.shape)}"
+        )
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"duo_fast: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    check_tensor(z, "z", (torch.int64,))
+    check_tensor(x0, "x0", (torch.int64,))
+    lead = tuple(hidden.shape[:-1])
+    for t, name in ((z, "z"), (x0, "x0")):
+        if tuple(t.shape) != lead:
+            raise ValueError(f"duo_fast: {name} has shape {tuple(t.shape)}, expected hidden's leading shape {lead}")
+    K = check_vocab(weight.shape[0], "weight.size(0) (the vocabulary size)")
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(K, weight.shape[1])
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"duo_fast: chunk_size must be a positive int, got {chunk_size!r}")
+    a = per_token_level(alpha, "alpha", z)
+    d = per_token_level(dalpha, "dalpha", z)
+    return _LinearUsdmLoss.apply(hidden, weight, bias, z, x0, a, d, chunk_size)
