@@ -168,6 +168,15 @@ torch.library.register_autograd("duo_fast::distill_kl", _distill_kl_backward, se
 # --------------------------------------------------------------------------------------
 
 
+def _check_ids_like(t: torch.Tensor, t_name: str, z: torch.Tensor, x0: torch.Tensor) -> None:
+    """z and x0 must have t's leading shape ([..., K] or [..., d]) and device."""
+    lead = tuple(t.shape[:-1])
+    for ids, name in ((z, "z"), (x0, "x0")):
+        if tuple(ids.shape) != lead:
+            raise ValueError(f"duo_fast: {name} has shape {tuple(ids.shape)}, expected the leading shape of {t_name}, {lead}")
+        check_same_device(t, t_name, ids, name)
+
+
 def usdm_loss(
     logits: torch.Tensor, z: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, dalpha: torch.Tensor
 ) -> torch.Tensor:
@@ -190,11 +199,7 @@ def usdm_loss(
     if logits.dim() < 2:
         raise ValueError(f"duo_fast: logits must be [..., K], got shape {tuple(logits.shape)}")
     check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
-    lead = tuple(logits.shape[:-1])
-    for t, name in ((z, "z"), (x0, "x0")):
-        if tuple(t.shape) != lead:
-            raise ValueError(f"duo_fast: {name} has shape {tuple(t.shape)}, expected logits' leading shape {lead}")
-        check_same_device(logits, "logits", t, name)
+    _check_ids_like(logits, "logits", z, x0)
     a = per_token_level(alpha, "alpha", z)
     d = per_token_level(dalpha, "dalpha", z)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -314,10 +319,7 @@ def linear_usdm_loss(
             raise ValueError(f"duo_fast: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     check_tensor(z, "z", (torch.int64,))
     check_tensor(x0, "x0", (torch.int64,))
-    lead = tuple(hidden.shape[:-1])
-    for t, name in ((z, "z"), (x0, "x0")):
-        if tuple(t.shape) != lead:
-            raise ValueError(f"duo_fast: {name} has shape {tuple(t.shape)}, expected hidden's leading shape {lead}")
+    _check_ids_like(hidden, "hidden", z, x0)
     K = check_vocab(weight.shape[0], "weight.size(0) (the vocabulary size)")
     if chunk_size is None:
         chunk_size = _default_chunk_size(K, weight.shape[1])

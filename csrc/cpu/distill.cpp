@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "duo_fast/distill.h"
+#include "fused_outputs.h"
 
 namespace duo_fast {
 namespace {
@@ -17,10 +18,7 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cpu(const at::Tensor& student, con
   check_distill_args(student, teacher, direction);
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t K = s.size(-1), rows = s.numel() / K;
-  auto batch_shape = s.sizes().vec();
-  batch_shape.pop_back();
-  at::Tensor kl = at::empty(batch_shape, s.options());
-  at::Tensor grad = compute_grad ? at::empty_like(s) : at::empty({0}, s.options());
+  auto [kl, grad] = fused_grad_outputs(s, compute_grad);
   const float* sp = s.const_data_ptr<float>();
   const float* tp = t.const_data_ptr<float>();
   float* klp = kl.mutable_data_ptr<float>();

@@ -9,6 +9,7 @@
 
 #include "checks.h"
 #include "duo_fast/usdm_loss.h"
+#include "fused_outputs.h"
 
 namespace duo_fast {
 namespace {
@@ -20,8 +21,7 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cpu(const at::Tensor& logits, const
   const at::Tensor l = logits.contiguous(), zc = z.contiguous(), xc = x0.contiguous();
   const at::Tensor ac = alpha.contiguous(), dc = dalpha.contiguous();
   const int64_t K = l.size(-1), rows = zc.numel();
-  at::Tensor loss = at::empty(zc.sizes(), l.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty_like(l) : at::empty({0}, l.options());
+  auto [loss, grad] = fused_grad_outputs(l, compute_grad);
   const float* lp = l.const_data_ptr<float>();
   const int64_t* zp = zc.const_data_ptr<int64_t>();
   const int64_t* xp = xc.const_data_ptr<int64_t>();

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "checks.h"
+#include "fused_outputs.h"
 #include "duo_fast/schedule.h"
 #include "launchers.h"
 #include "schedule_table_cache.h"
@@ -80,10 +81,7 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, co
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t K = s.size(-1), rows = s.numel() / K;
-  auto batch_shape = s.sizes().vec();
-  batch_shape.pop_back();
-  at::Tensor kl = at::empty(batch_shape, s.options());
-  at::Tensor grad = compute_grad ? at::empty_like(s) : at::empty({0}, s.options());
+  auto [kl, grad] = fused_grad_outputs(s, compute_grad);
   check_launch(cuda::distill_kl(s.const_data_ptr<float>(), t.const_data_ptr<float>(), kl.mutable_data_ptr<float>(),
                                 compute_grad ? grad.mutable_data_ptr<float>() : nullptr, rows, K, int(direction),
                                 c10::cuda::getCurrentCUDAStream().stream()),
@@ -98,8 +96,7 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, cons
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor l = logits.contiguous(), zc = z.contiguous(), xc = x0.contiguous();
   const at::Tensor ac = alpha.contiguous(), dc = dalpha.contiguous();
-  at::Tensor loss = at::empty(zc.sizes(), l.options());
-  at::Tensor grad = compute_grad ? at::empty_like(l) : at::empty({0}, l.options());
+  auto [loss, grad] = fused_grad_outputs(l, compute_grad);
   check_launch(cuda::usdm_loss(l.const_data_ptr<float>(), zc.const_data_ptr<int64_t>(), xc.const_data_ptr<int64_t>(),
                                ac.const_data_ptr<double>(), dc.const_data_ptr<double>(), loss.mutable_data_ptr<float>(),
                                compute_grad ? grad.mutable_data_ptr<float>() : nullptr, zc.numel(), l.size(-1),
