@@ -128,10 +128,15 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direc
     return kl
 
 
+def _fused_grad_fake(logits, compute_grad):
+    """Fake outputs of the (value, d value / d logits) ops; mirrors csrc/fused_outputs.h."""
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
+    return logits.new_empty(logits.shape[:-1], dtype=torch.float32), grad
+
+
 @torch.library.register_fake("duo_fast::distill_kl")
 def _distill_kl_fake(student, teacher, direction, compute_grad):
-    grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
-    return student.new_empty(student.shape[:-1]), grad
+    return _fused_grad_fake(student, compute_grad)
 
 
 def _fused_grad_setup_context(ctx, inputs, output):
@@ -209,8 +214,7 @@ def usdm_loss(
 
 @torch.library.register_fake("duo_fast::usdm_loss")
 def _usdm_loss_fake(logits, z, x0, alpha, dalpha, compute_grad):
-    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
-    return logits.new_empty(logits.shape[:-1]), grad
+    return _fused_grad_fake(logits, compute_grad)
 
 
 def _usdm_loss_backward(ctx, grad_loss, grad_grad):
