@@ -50,11 +50,12 @@ def test_only_some_inputs_require_grad():
 
 
 def test_peak_memory_does_not_grow_with_tokens():
-    """Chunks of 128 tokens x K=20000 (10 MiB of logits each): the peak extra
-    memory of forward + backward stays ~flat from N=512 to N=4096 (full logits
-    would be 39 MiB and 312 MiB)."""
+    """Chunks of 128 tokens x K=10000 (5 MiB of logits each): going from N=512 to
+    N=8192 tokens, full logits (and their gradient) would add >= 293 MiB of peak
+    memory; the chunked op adds only allocator noise (measured 0-55 MiB here, at
+    any N), so the growth must stay well below the O(N K) amount."""
     def peak_mib(N):
-        hidden, weight, b, z, x0, alpha, dalpha = _problem(B=1, L=N, d=32, K=20000, seed=N)
+        hidden, weight, b, z, x0, alpha, dalpha = _problem(B=1, L=N, d=32, K=10000, seed=N)
         hidden.requires_grad_()
         weight.requires_grad_()
         with open("/proc/self/clear_refs", "w") as f:
@@ -64,8 +65,9 @@ def test_peak_memory_does_not_grow_with_tokens():
         hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
         return (int(hwm.split()[1]) * 1024 - base) / 2**20
 
-    small, large = peak_mib(512), peak_mib(4096)
-    assert large < small + 40, (small, large)  # full logits at N=4096 would add 312 MiB
+    full_logits_growth = (8192 - 512) * 10000 * 4 / 2**20  # 293 MiB
+    small, large = peak_mib(512), peak_mib(8192)
+    assert large - small < 0.4 * full_logits_growth, (small, large)
 
 
 def test_bad_inputs_name_the_argument():
