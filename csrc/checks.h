@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "duo_fast/common.h"
 
 namespace duo_fast {
@@ -102,6 +104,45 @@ inline void check_usdm_loss_args(const at::Tensor& logits, const at::Tensor& z, 
     const double dmax = dalpha.max().item<double>();
     TORCH_CHECK(dmax <= 0.0, "duo_fast: dalpha must be <= 0 (alpha decreases in t), got a value ", dmax);
   }
+}
+
+// sample_step / posterior: logits [..., K] float32/bfloat16/float16; z int64 ids
+// of the leading shape; alpha_t, alpha_s float64 of the leading shape with
+// 0 <= alpha_t <= alpha_s <= 1 and alpha_t < 1; kappa in [0, 1]; temperature
+// > 0; top_p in (0, 1].
+inline void check_sample_step_args(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
+                                   const at::Tensor& alpha_s, double kappa, double temperature, double top_p) {
+  check_floating(logits, "logits", {at::kFloat, at::kBFloat16, at::kHalf});
+  TORCH_CHECK(logits.dim() >= 1, "duo_fast: logits must be [..., K], got a 0-dim tensor");
+  const int64_t K = logits.size(-1);
+  check_vocab(K, "logits.size(-1) (the vocabulary size)");
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{z, "z"}, {alpha_t, "alpha_t"},
+                                {alpha_s, "alpha_s"}}) {
+    TORCH_CHECK(t.sizes() == lead, "duo_fast: ", name, " has shape ", t.sizes(), ", expected logits' leading shape ",
+                lead);
+    check_same_device(logits, "logits", t, name);
+  }
+  TORCH_CHECK(alpha_t.scalar_type() == at::kDouble && alpha_s.scalar_type() == at::kDouble,
+              "duo_fast: alpha_t and alpha_s must be Double (the wrapper converts), got ", alpha_t.scalar_type(),
+              " and ", alpha_s.scalar_type());
+  TORCH_CHECK(kappa >= 0.0 && kappa <= 1.0, "duo_fast: kappa must be in [0, 1], got ", kappa);
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "duo_fast: temperature must be finite and > 0, got ",
+              temperature);
+  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "duo_fast: top_p must be in (0, 1], got ", top_p);
+  check_token_ids(z, "z", K);
+  if (z.numel() == 0) return;
+  auto [tlo, thi] = at::aminmax(alpha_t);
+  auto [slo, shi] = at::aminmax(alpha_s);
+  const double t_min = tlo.item<double>(), t_max = thi.item<double>();
+  const double s_min = slo.item<double>(), s_max = shi.item<double>();
+  TORCH_CHECK(t_min >= 0.0 && t_max < 1.0, "duo_fast: alpha_t must be in [0, 1), got values in [", t_min, ", ",
+              t_max, "]");
+  TORCH_CHECK(s_min > 0.0 && s_max <= 1.0, "duo_fast: alpha_s must be in (0, 1], got values in [", s_min, ", ",
+              s_max, "]");
+  const double gap = (alpha_s - alpha_t).min().item<double>();
+  TORCH_CHECK(gap >= 0.0, "duo_fast: alpha_s must be >= alpha_t (s is the earlier, less noisy time), got alpha_s - "
+              "alpha_t = ", gap);
 }
 
 }  // namespace duo_fast

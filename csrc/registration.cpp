@@ -38,6 +38,15 @@ TORCH_LIBRARY(duo_fast, m) {
         " -> (Tensor, Tensor)");
   m.def("distill_kl(Tensor student_logits, Tensor teacher_logits, int direction, bool compute_grad)"
         " -> (Tensor, Tensor)");
+  // SPEC 4: one reverse step z -> z_s from logits [..., K] (float32, bfloat16,
+  // float16); alpha_t, alpha_s float64 of z's shape; kappa < 1 mixes in the
+  // Psi-sampler's predictor-corrector part; top_p < 1 filters p to the nucleus.
+  // Philox key `seed`, position `offset` of stream token (sampling.h).
+  m.def("sample_step(Tensor logits, Tensor z, Tensor alpha_t, Tensor alpha_s, float kappa, float temperature,"
+        " float top_p, int seed, int offset) -> Tensor");
+  // SPEC 4: the dense q(z_s) [..., K] float32 that sample_step draws from.
+  m.def("posterior(Tensor logits, Tensor z, Tensor alpha_t, Tensor alpha_s, float kappa, float temperature,"
+        " float top_p) -> Tensor");
 }
 
 namespace {

@@ -20,8 +20,9 @@ except ImportError as e:  # pragma: no cover - only without a build
         f"Original error: {e}"
     ) from e
 
-from . import reference
-from .ops import distill_kl, gamma_to_alpha, linear_usdm_loss, sample_zt, usdm_loss
+from . import reference, sampling
+from .ops import distill_kl, gamma_to_alpha, linear_usdm_loss, posterior, sample_step, sample_zt, usdm_loss
+from .sampling import generate
 
 __version__ = _C.build_info()["version"]
 
@@ -33,4 +34,16 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "distill_kl", "gamma_to_alpha", "linear_usdm_loss", "reference", "sample_zt", "usdm_loss"]
+__all__ = [
+    "build_info",
+    "distill_kl",
+    "gamma_to_alpha",
+    "generate",
+    "linear_usdm_loss",
+    "posterior",
+    "reference",
+    "sample_step",
+    "sample_zt",
+    "sampling",
+    "usdm_loss",
+]

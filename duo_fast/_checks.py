@@ -30,20 +30,32 @@ def check_same_device(a: torch.Tensor, name_a: str, b: torch.Tensor, name_b: str
         raise ValueError(f"duo_fast: {name_a} is on {a.device} but {name_b} is on {b.device}")
 
 
-def per_token_level(level, name: str, like: torch.Tensor) -> torch.Tensor:
+def per_token_level(level, name: str, like: torch.Tensor, like_name: str = "x0") -> torch.Tensor:
     """A per-row ([B], [B, 1]) or per-token ([B, L]) level as a contiguous float64
     tensor of ``like``'s shape (O(N) bytes; the kernels read one value per token)."""
     check_tensor(level, name)
     if not level.is_floating_point():
         raise TypeError(f"duo_fast: {name} must be a floating tensor, got {str(level.dtype).replace('torch.', '')}")
-    check_same_device(like, "x0", level, name)
+    check_same_device(like, like_name, level, name)
     shape = tuple(like.shape)
     rows = shape[0] if shape else 1
     if level.dim() == 1 and level.shape[0] == rows:
         level = level.reshape(rows, *([1] * (like.dim() - 1)))  # [B] -> [B, 1, ...]
     elif not (level.dim() == 0 or tuple(level.shape) == shape or tuple(level.shape) == (rows,) + (1,) * (like.dim() - 1)):
         raise ValueError(
-            f"duo_fast: {name} has shape {tuple(level.shape)}; expected [B], [B, 1] or {list(shape)} for x0 of shape {list(shape)}"
+            f"duo_fast: {name} has shape {tuple(level.shape)}; expected [B], [B, 1] or {list(shape)} for {like_name} of shape {list(shape)}"
         )
     out = torch.broadcast_to(level, shape)
     return out.to(torch.float64).contiguous()
+
+
+def check_real(value, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    """A Python real in [lo, hi] (open ends where asked), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"duo_fast: {name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"duo_fast: {name} must be in {interval}, got {value}")
+    return v

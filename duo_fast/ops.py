@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
-from ._checks import check_same_device, check_tensor, check_vocab, per_token_level
+from ._checks import check_real, check_same_device, check_tensor, check_vocab, per_token_level
 from ._random import philox_seed
 
 _FLOAT_LEVELS = (torch.float32, torch.float64)
@@ -205,8 +205,8 @@ def usdm_loss(
         raise ValueError(f"duo_fast: logits must be [..., K], got shape {tuple(logits.shape)}")
     check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
     _check_ids_like(logits, "logits", z, x0)
-    a = per_token_level(alpha, "alpha", z)
-    d = per_token_level(dalpha, "dalpha", z)
+    a = per_token_level(alpha, "alpha", z, "z")
+    d = per_token_level(dalpha, "dalpha", z, "z")
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _ = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, a, d, compute_grad)
     return loss
@@ -329,6 +329,99 @@ def linear_usdm_loss(
         chunk_size = _default_chunk_size(K, weight.shape[1])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"duo_fast: chunk_size must be a positive int, got {chunk_size!r}")
-    a = per_token_level(alpha, "alpha", z)
-    d = per_token_level(dalpha, "dalpha", z)
+    a = per_token_level(alpha, "alpha", z, "z")
+    d = per_token_level(dalpha, "dalpha", z, "z")
     return _LinearUsdmLoss.apply(hidden, weight, bias, z, x0, a, d, chunk_size)
+
+
+# --------------------------------------------------------------------------------------
+# SPEC section 4: the reverse-process step
+# --------------------------------------------------------------------------------------
+
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):
+    check_tensor(logits, "logits", _LOGIT_DTYPES)
+    check_tensor(z, "z", (torch.int64,))
+    if logits.dim() < 1:
+        raise ValueError("duo_fast: logits must be [..., K], got a 0-dim tensor")
+    check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
+    if tuple(z.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"duo_fast: z has shape {tuple(z.shape)}, expected the leading shape of logits, {tuple(logits.shape[:-1])}")
+    check_same_device(logits, "logits", z, "z")
+    a_t = per_token_level(alpha_t, "alpha_t", z, "z")
+    a_s = per_token_level(alpha_s, "alpha_s", z, "z")
+    kappa = check_real(kappa, "kappa", 0.0, 1.0)
+    temperature = check_real(temperature, "temperature", 0.0, float("inf"), lo_open=True, hi_open=True)
+    top_p = check_real(top_p, "top_p", 0.0, 1.0, lo_open=True)
+    return a_t, a_s, kappa, temperature, top_p
+
+
+def sample_step(
+    logits: torch.Tensor,
+    z: torch.Tensor,
+    alpha_t,
+    alpha_s,
+    *,
+    kappa: float = 1.0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """One reverse step of a uniform-state model: ``z_s ~ q(z_s | z_t, p)`` with
+    ``p = softmax(logits / temperature)`` (SPEC 4, ``_ancestral_update`` /
+    ``_psi_update`` + ``sample_categorical`` of the reference), without any
+    ``[N, K]`` temporary.
+
+    ``logits``: ``[B, L, K]`` (any leading shape) float32, bfloat16 or float16,
+    read in float32; ``z``: int64 ids of the leading shape; ``alpha_t``,
+    ``alpha_s``: levels per row or per token with ``0 <= alpha_t <= alpha_s <= 1``
+    and ``alpha_t < 1`` (``alpha_s = 1`` is the noise-removal step). ``kappa``
+    in [0, 1]: ``kappa < 1`` is the Psi-sampler mix ``kappa q_post + (1 - kappa)
+    (alpha_s q_post(alpha_s=1) + (1 - alpha_s)/K)``. ``top_p`` in (0, 1]: nucleus
+    filtering of ``p`` as ``utils.top_k_top_p_filtering`` (ties ranked by lower
+    id; the boundary found by a radix select, not a sort).
+
+    The draw is exact: the posterior is a mixture of ``p``, the uniform law and
+    a point mass at ``z`` with weights that need only ``p_z``; one 53-bit
+    uniform picks the part and another draws from ``p`` by inverse CDF against
+    float64 running sums (no truncated tail). Per row: the max, the sum of
+    ``exp((x - max)/T)``, then for the model part a scan of about half the row.
+    Randomness per ``duo_fast._random``: with ``seed`` the tokens are identical
+    on CPU (any thread count) and CUDA except where rounding of the sums moves
+    the uniform across a token boundary (probability ~1e-15 per token).
+    Rows whose logits hold NaN or only -inf give an unspecified valid id.
+    """
+    a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
+    key = philox_seed(logits.device, generator, seed)
+    return torch.ops.duo_fast.sample_step.default(logits, z, a_t, a_s, kappa, temperature, top_p, key, 0)
+
+
+@torch.library.register_fake("duo_fast::sample_step")
+def _sample_step_fake(logits, z, alpha_t, alpha_s, kappa, temperature, top_p, seed, offset):
+    return z.new_empty(z.shape)
+
+
+def posterior(
+    logits: torch.Tensor,
+    z: torch.Tensor,
+    alpha_t,
+    alpha_s,
+    *,
+    kappa: float = 1.0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """The dense law ``q(z_s)`` ``[..., K]`` (float32) that :func:`sample_step`
+    draws from, for analysis and tests (SPEC 4, ``_posterior_from_x0`` with
+    ``x0 = p``, and the Psi mix for ``kappa < 1``). Same arguments as
+    :func:`sample_step`. Not differentiable."""
+    a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
+    return torch.ops.duo_fast.posterior.default(logits, z, a_t, a_s, kappa, temperature, top_p)
+
+
+@torch.library.register_fake("duo_fast::posterior")
+def _posterior_fake(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):
+    return logits.new_empty(logits.shape, dtype=torch.float32)

@@ -105,6 +105,44 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, cons
   return {loss, grad};
 }
 
+// dtype code of the sampling launchers (launchers.h).
+int logits_dtype_code(const at::Tensor& logits) {
+  switch (logits.scalar_type()) {
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: return 0;  // float32 (check_sample_step_args allows only these three)
+  }
+}
+
+at::Tensor sample_step_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
+                            const at::Tensor& alpha_s, double kappa, double temperature, double top_p, int64_t seed,
+                            int64_t offset) {
+  check_sample_step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor l = logits.contiguous(), zc = z.contiguous(), at_ = alpha_t.contiguous(), as_ = alpha_s.contiguous();
+  at::Tensor out = at::empty_like(zc);
+  check_launch(cuda::sample_step(l.const_data_ptr(), logits_dtype_code(l), zc.const_data_ptr<int64_t>(),
+                                 at_.const_data_ptr<double>(), as_.const_data_ptr<double>(),
+                                 out.mutable_data_ptr<int64_t>(), zc.numel(), l.size(-1), kappa, temperature, top_p,
+                                 uint64_t(seed), uint64_t(offset), c10::cuda::getCurrentCUDAStream().stream()),
+               "sample_step");
+  return out;
+}
+
+at::Tensor posterior_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
+                          const at::Tensor& alpha_s, double kappa, double temperature, double top_p) {
+  check_sample_step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor l = logits.contiguous(), zc = z.contiguous(), at_ = alpha_t.contiguous(), as_ = alpha_s.contiguous();
+  at::Tensor q = at::empty(l.sizes(), l.options().dtype(at::kFloat));
+  check_launch(cuda::posterior(l.const_data_ptr(), logits_dtype_code(l), zc.const_data_ptr<int64_t>(),
+                               at_.const_data_ptr<double>(), as_.const_data_ptr<double>(), q.mutable_data_ptr<float>(),
+                               zc.numel(), l.size(-1), kappa, temperature, top_p,
+                               c10::cuda::getCurrentCUDAStream().stream()),
+               "posterior");
+  return q;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
@@ -112,6 +150,8 @@ TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
   m.impl("distill_kl", &distill_kl_cuda);
   m.impl("gamma_to_alpha", &gamma_to_alpha_cuda);
   m.impl("sample_zt", &sample_zt_cuda);
+  m.impl("sample_step", &sample_step_cuda);
+  m.impl("posterior", &posterior_cuda);
 }
 
 }  // namespace duo_fast

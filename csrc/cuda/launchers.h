@@ -29,5 +29,14 @@ int distill_kl(const float* student, const float* teacher, float* kl, float* gra
 int usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, const double* alpha, const double* dalpha,
               float* loss, float* grad, int64_t rows, int64_t K, void* stream);
 
+// Reverse-process step (SPEC 4; sampling.h) over [rows, K] logits of dtype code
+// `dtype` (0 float32, 1 bfloat16, 2 float16): z_s per row into out, or the dense
+// posterior into q [rows, K]. Arguments must already be validated.
+int sample_step(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
+                int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
+                uint64_t offset, void* stream);
+int posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s, float* q,
+              int64_t rows, int64_t K, double kappa, double temperature, double top_p, void* stream);
+
 }  // namespace cuda
 }  // namespace duo_fast

@@ -28,6 +28,10 @@ struct Max {
   template <class T>
   DUO_HD T operator()(T a, T b) const { return a > b ? a : b; }  // NaN-free inputs
 };
+struct Min {
+  template <class T>
+  DUO_HD T operator()(T a, T b) const { return a < b ? a : b; }
+};
 
 // Butterfly reduction: every lane gets the warp's result.
 template <class T, class Op>
@@ -108,6 +112,34 @@ __device__ __forceinline__ MaxSum<T> block_reduce_max_sum(MaxSum<T> v, MaxSum<T>
   __syncthreads();
   v = lane < warps ? scratch[lane] : max_sum_identity<T>();
   v = warp_reduce_max_sum(v);
+  __syncthreads();
+  return v;
+}
+
+// Inclusive prefix sum over the block in thread order; scratch: __shared__ T[32].
+// (Warp scans by shuffles, then a scan of the warp totals by warp 0.) Ends with
+// __syncthreads(), like the reductions.
+template <class T>
+__device__ __forceinline__ T block_inclusive_scan(T v, T* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const T n = __shfl_up_sync(kFullMask, v, offset);
+    if (lane >= offset) v += n;
+  }
+  if (lane == 31) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T t = lane < warps ? scratch[lane] : T(0);
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const T n = __shfl_up_sync(kFullMask, t, offset);
+      if (lane >= offset) t += n;
+    }
+    if (lane < warps) scratch[lane] = t;
+  }
+  __syncthreads();
+  if (warp > 0) v += scratch[warp - 1];
   __syncthreads();
   return v;
 }

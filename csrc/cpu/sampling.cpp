@@ -1,0 +1,174 @@
+// CPU kernels of the reverse-process step (SPEC section 4; math in sampling.h):
+// sample_step draws z_s per token, posterior writes the dense q(z_s). Per row:
+// the max, then the weights w_j = exp((x_j - max)/T) into a per-thread scratch
+// row (K floats, cache-resident) with their sum, the nucleus boundary when
+// top_p < 1 (radix passes over the scratch), then the mixture choice and, for
+// the model part, the inverse-CDF scan of the scratch.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "duo_fast/sampling.h"
+
+namespace duo_fast {
+namespace {
+
+using sampling::Nucleus;
+
+// Per-row state shared by the two ops.
+struct Row {
+  bool filter;      // top_p < 1
+  Nucleus nucleus;  // the boundary when filtering
+  double kept;      // mass of the kept weights (all of them without filtering)
+};
+
+template <class T>
+Row prepare_row(const T* x, int64_t K, float inv_temperature, double top_p, float* w) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < K; ++j) {
+    const float v = to_float(x[j]);
+    m = v > m ? v : m;
+  }
+  double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: the adds do not wait on each other
+  int64_t j = 0;
+  for (; j + 4 <= K; j += 4) {
+    for (int e = 0; e < 4; ++e) {
+      w[j + e] = sampling::weight(to_float(x[j + e]), m, inv_temperature);
+      s[e] += w[j + e];
+    }
+  }
+  for (; j < K; ++j) {
+    w[j] = sampling::weight(to_float(x[j]), m, inv_temperature);
+    s[0] += w[j];
+  }
+  const double total = (s[0] + s[1]) + (s[2] + s[3]);
+  Row row{top_p < 1.0, sampling::nucleus_start(top_p, total), total};
+  if (!row.filter) return row;
+  double hist[sampling::kRadixBins];
+  uint32_t count[sampling::kRadixBins];
+  Nucleus& nu = row.nucleus;
+  while (!nu.done) {
+    for (int d = 0; d < sampling::kRadixBins; ++d) hist[d] = 0.0, count[d] = 0;
+    for (int64_t i = 0; i < K; ++i) {
+      const uint64_t key = sampling::rank_key(to_float(x[i]), i);
+      if (!sampling::nucleus_match(nu, key)) continue;
+      const int d = sampling::nucleus_digit(nu, key);
+      hist[d] += w[i];
+      count[d] += 1;
+    }
+    sampling::choose_digit(nu, hist, count);
+  }
+  row.kept = nu.kept;
+  return row;
+}
+
+template <class T>
+bool kept(const Row& row, const T* x, int64_t j) {
+  return !row.filter || sampling::nucleus_kept(row.nucleus, sampling::rank_key(to_float(x[j]), j));
+}
+
+template <class T>
+sampling::Mixture row_mixture(const Row& row, const T* x, const float* w, int64_t K, int64_t z, double alpha_t,
+                              double alpha_s, double kappa) {
+  const double p_z = kept(row, x, z) ? double(w[z]) / row.kept : 0.0;
+  return sampling::mixture(alpha_t, alpha_s, kappa, double(K), p_z);
+}
+
+template <class T>
+int64_t sample_row(const T* x, int64_t K, int64_t z, double alpha_t, double alpha_s, double kappa,
+                   float inv_temperature, double top_p, uint64_t seed, uint64_t offset, uint64_t token, float* w) {
+  const Row row = prepare_row(x, K, inv_temperature, top_p, w);
+  const sampling::Mixture mix = row_mixture(row, x, w, K, z, alpha_t, alpha_s, kappa);
+  const sampling::StepDraw draw = sampling::step_draw(seed, offset, token);
+  switch (sampling::choose_part(mix, draw.u_part)) {
+    case sampling::kPointZ: return z;
+    case sampling::kUniform: return int64_t(uniform_index(draw.hi, draw.lo, uint32_t(K)));
+    case sampling::kModel: break;
+  }
+  // Inverse CDF: the first j whose inclusive running sum exceeds u * kept.
+  const double target = draw.u_cat * row.kept;
+  double run = 0.0;
+  int64_t last = -1;
+  for (int64_t j = 0; j < K; ++j) {
+    if (!(w[j] > 0.0f) || !kept(row, x, j)) continue;
+    run += w[j];
+    last = j;
+    if (run > target) return j;
+  }
+  return last >= 0 ? last : z;  // rounding left u * kept at the total (or no positive weight: NaN row)
+}
+
+template <class T>
+void posterior_row(const T* x, int64_t K, int64_t z, double alpha_t, double alpha_s, double kappa,
+                   float inv_temperature, double top_p, float* w, float* q) {
+  const Row row = prepare_row(x, K, inv_temperature, top_p, w);
+  const sampling::Mixture mix = row_mixture(row, x, w, K, z, alpha_t, alpha_s, kappa);
+  const double scale = mix.p / row.kept, uniform = mix.u / double(K);
+  for (int64_t j = 0; j < K; ++j) q[j] = float((kept(row, x, j) ? scale * w[j] : 0.0) + uniform);
+  q[z] = float(double(q[z]) + mix.z);
+}
+
+// Runs fn(typed logits pointer) for float32 / bfloat16 / float16 logits.
+template <class Fn>
+void dispatch_logits(const at::Tensor& logits, Fn&& fn) {
+  switch (logits.scalar_type()) {
+    case at::kFloat: fn(logits.const_data_ptr<float>()); break;
+    case at::kBFloat16: fn(reinterpret_cast<const bf16_bits*>(logits.const_data_ptr<at::BFloat16>())); break;
+    case at::kHalf: fn(reinterpret_cast<const f16_bits*>(logits.const_data_ptr<at::Half>())); break;
+    default: TORCH_CHECK(false, "duo_fast: logits has dtype ", logits.scalar_type(), ", expected Float, BFloat16 or Half");
+  }
+}
+
+at::Tensor sample_step_cpu(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
+                           const at::Tensor& alpha_s, double kappa, double temperature, double top_p, int64_t seed,
+                           int64_t offset) {
+  check_sample_step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p);
+  const at::Tensor l = logits.contiguous(), zc = z.contiguous(), at_ = alpha_t.contiguous(), as_ = alpha_s.contiguous();
+  const int64_t K = l.size(-1), rows = zc.numel();
+  at::Tensor out = at::empty_like(zc);
+  const int64_t* zp = zc.const_data_ptr<int64_t>();
+  const double *atp = at_.const_data_ptr<double>(), *asp = as_.const_data_ptr<double>();
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  const float inv_t = float(1.0 / temperature);
+  dispatch_logits(l, [&](auto* xp) {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> w(static_cast<size_t>(K));
+      for (int64_t r = begin; r < end; ++r)
+        op[r] = sample_row(xp + r * K, K, zp[r], atp[r], asp[r], kappa, inv_t, top_p, uint64_t(seed),
+                           uint64_t(offset), uint64_t(r), w.data());
+    });
+  });
+  return out;
+}
+
+at::Tensor posterior_cpu(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
+                         const at::Tensor& alpha_s, double kappa, double temperature, double top_p) {
+  check_sample_step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p);
+  const at::Tensor l = logits.contiguous(), zc = z.contiguous(), at_ = alpha_t.contiguous(), as_ = alpha_s.contiguous();
+  const int64_t K = l.size(-1), rows = zc.numel();
+  at::Tensor q = at::empty(l.sizes(), l.options().dtype(at::kFloat));
+  const int64_t* zp = zc.const_data_ptr<int64_t>();
+  const double *atp = at_.const_data_ptr<double>(), *asp = as_.const_data_ptr<double>();
+  float* qp = q.mutable_data_ptr<float>();
+  const float inv_t = float(1.0 / temperature);
+  dispatch_logits(l, [&](auto* xp) {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> w(static_cast<size_t>(K));
+      for (int64_t r = begin; r < end; ++r)
+        posterior_row(xp + r * K, K, zp[r], atp[r], asp[r], kappa, inv_t, top_p, w.data(), qp + r * K);
+    });
+  });
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(duo_fast, CPU, m) {
+  m.impl("sample_step", &sample_step_cpu);
+  m.impl("posterior", &posterior_cpu);
+}
+
+}  // namespace duo_fast

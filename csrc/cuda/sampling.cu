@@ -1,0 +1,246 @@
+// CUDA kernels of the reverse-process step (SPEC section 4; math in sampling.h):
+// one block per row (grid-stride over rows). Sweeps: the row max; the sum of
+// the weights w_j = exp((x_j - max)/T); with top_p < 1 the radix-select passes
+// (256-bin shared histograms); then thread 0 picks the mixture part and, for
+// the model part, the block scans tiles of 4 entries per thread until the
+// running sum passes u * kept (about half a row on average). Same weights,
+// Philox stream and selection rule as the CPU kernel, so tokens agree except
+// where a different summation order moves u * kept across a boundary.
+#include "duo_fast/cuda_compat.h"
+#include "duo_fast/reduce.h"
+#include "duo_fast/sampling.h"
+#include "launchers.h"
+
+namespace duo_fast {
+namespace cuda {
+namespace {
+
+constexpr unsigned kThreads = 256;
+constexpr int kPerThread = 4;  // entries per thread per scan tile
+
+struct Shared {
+  float scratch_f[32];
+  double scratch_d[32];
+  int scratch_i[32];
+  int64_t scratch_l[32];
+  double hist[sampling::kRadixBins];
+  uint32_t count[sampling::kRadixBins];
+  sampling::Nucleus nucleus;
+  double tile_total;
+  int64_t found;
+  int part;
+};
+
+struct Row {
+  float m;
+  bool filter;
+  sampling::Nucleus nucleus;
+  double kept;
+};
+
+template <class T>
+__device__ bool kept(const Row& row, const T* x, int64_t j) {
+  return !row.filter || sampling::nucleus_kept(row.nucleus, sampling::rank_key(to_float(x[j]), j));
+}
+
+// Max, weight sum and nucleus boundary of row x; every thread gets the result.
+template <class T>
+__device__ Row prepare_row(const T* x, int64_t K, float inv_temperature, double top_p, Shared& sh) {
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+    const float v = to_float(x[j]);
+    m = v > m ? v : m;
+  }
+  m = reduce::block_reduce(m, reduce::Max(), float(-INFINITY), sh.scratch_f);
+  double s = 0.0;
+  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) s += sampling::weight(to_float(x[j]), m, inv_temperature);
+  const double total = reduce::block_reduce(s, reduce::Sum(), 0.0, sh.scratch_d);
+  Row row{m, top_p < 1.0, sampling::nucleus_start(top_p, total), total};
+  if (!row.filter) return row;
+  if (threadIdx.x == 0) sh.nucleus = row.nucleus;
+  __syncthreads();
+  while (true) {
+    const sampling::Nucleus nu = sh.nucleus;
+    if (nu.done) break;
+    for (int d = threadIdx.x; d < sampling::kRadixBins; d += blockDim.x) sh.hist[d] = 0.0, sh.count[d] = 0;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+      const float v = to_float(x[j]);
+      const uint64_t key = sampling::rank_key(v, j);
+      if (!sampling::nucleus_match(nu, key)) continue;
+      const int d = sampling::nucleus_digit(nu, key);
+      atomicAdd(&sh.hist[d], double(sampling::weight(v, m, inv_temperature)));
+      atomicAdd(&sh.count[d], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) sampling::choose_digit(sh.nucleus, sh.hist, sh.count);
+    __syncthreads();
+  }
+  row.nucleus = sh.nucleus;
+  row.kept = row.nucleus.kept;
+  __syncthreads();  // sh.nucleus is read before the next row overwrites it
+  return row;
+}
+
+template <class T>
+__device__ sampling::Mixture row_mixture(const Row& row, const T* x, int64_t K, int64_t z, double alpha_t,
+                                         double alpha_s, double kappa, float inv_temperature) {
+  const double p_z =
+      kept(row, x, z) ? double(sampling::weight(to_float(x[z]), row.m, inv_temperature)) / row.kept : 0.0;
+  return sampling::mixture(alpha_t, alpha_s, kappa, double(K), p_z);
+}
+
+// Inverse CDF over the kept weights: the first j whose inclusive running sum
+// exceeds target. Tiles of kPerThread * blockDim entries; within a tile the
+// owner is the first thread whose (block-scanned) inclusive sum passes the
+// target, and it finishes with a sequential scan of its own entries.
+template <class T>
+__device__ int64_t inverse_cdf(const Row& row, const T* x, int64_t K, float inv_temperature, double target,
+                               Shared& sh) {
+  const int64_t tile = int64_t(kPerThread) * blockDim.x;
+  double run = 0.0;
+  for (int64_t base = 0; base < K; base += tile) {
+    float w[kPerThread];
+    double own = 0.0;
+    const int64_t j0 = base + int64_t(kPerThread) * threadIdx.x;
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int64_t j = j0 + e;
+      w[e] = (j < K && kept(row, x, j)) ? sampling::weight(to_float(x[j]), row.m, inv_temperature) : 0.0f;
+      own += w[e];
+    }
+    const double incl = reduce::block_inclusive_scan(own, sh.scratch_d);
+    if (threadIdx.x == blockDim.x - 1) sh.tile_total = incl;
+    const int passed = run + incl > target ? int(threadIdx.x) : int(blockDim.x);
+    const int owner = reduce::block_reduce(passed, reduce::Min(), int(blockDim.x), sh.scratch_i);
+    if (owner < int(blockDim.x)) {
+      if (int(threadIdx.x) == owner) {
+        double c = run + (incl - own);
+        int64_t pick = -1, last = -1;
+        for (int e = 0; e < kPerThread && pick < 0; ++e) {
+          if (!(w[e] > 0.0f)) continue;
+          c += w[e];
+          last = j0 + e;
+          if (c > target) pick = last;
+        }
+        sh.found = pick >= 0 ? pick : last;
+      }
+      __syncthreads();
+      const int64_t found = sh.found;
+      __syncthreads();
+      if (found >= 0) return found;
+    }
+    run += sh.tile_total;
+    __syncthreads();  // tile_total is rewritten by the next tile
+  }
+  // Rounding left the target at or above the scanned total: the last positive kept weight.
+  int64_t last = -1;
+  for (int64_t j = threadIdx.x; j < K; j += blockDim.x)
+    if (kept(row, x, j) && sampling::weight(to_float(x[j]), row.m, inv_temperature) > 0.0f) last = j;
+  return reduce::block_reduce(last, reduce::Max(), int64_t(-1), sh.scratch_l);
+}
+
+template <class T>
+__global__ void sample_step_kernel(const T* __restrict__ logits, const int64_t* __restrict__ z,
+                                   const double* __restrict__ alpha_t, const double* __restrict__ alpha_s,
+                                   int64_t* __restrict__ out, int64_t rows, int64_t K, double kappa,
+                                   float inv_temperature, double top_p, uint64_t seed, uint64_t offset) {
+  __shared__ Shared sh;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* x = logits + r * K;
+    const Row row = prepare_row(x, K, inv_temperature, top_p, sh);
+    const sampling::StepDraw draw = sampling::step_draw(seed, offset, uint64_t(r));
+    if (threadIdx.x == 0) {
+      const sampling::Mixture mix = row_mixture(row, x, K, z[r], alpha_t[r], alpha_s[r], kappa, inv_temperature);
+      const sampling::Part part = sampling::choose_part(mix, draw.u_part);
+      if (part == sampling::kPointZ) out[r] = z[r];
+      if (part == sampling::kUniform) out[r] = int64_t(uniform_index(draw.hi, draw.lo, uint32_t(K)));
+      sh.part = int(part);
+    }
+    __syncthreads();
+    const int part = sh.part;
+    __syncthreads();
+    if (part != sampling::kModel) continue;
+    const int64_t j = inverse_cdf(row, x, K, inv_temperature, draw.u_cat * row.kept, sh);
+    if (threadIdx.x == 0) out[r] = j >= 0 ? j : z[r];
+  }
+}
+
+template <class T>
+__global__ void posterior_kernel(const T* __restrict__ logits, const int64_t* __restrict__ z,
+                                 const double* __restrict__ alpha_t, const double* __restrict__ alpha_s,
+                                 float* __restrict__ q, int64_t rows, int64_t K, double kappa, float inv_temperature,
+                                 double top_p) {
+  __shared__ Shared sh;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* x = logits + r * K;
+    const Row row = prepare_row(x, K, inv_temperature, top_p, sh);
+    const int64_t zr = z[r];
+    const sampling::Mixture mix = row_mixture(row, x, K, zr, alpha_t[r], alpha_s[r], kappa, inv_temperature);
+    const double scale = mix.p / row.kept, uniform = mix.u / double(K);
+    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+      const double pj = kept(row, x, j) ? scale * sampling::weight(to_float(x[j]), row.m, inv_temperature) : 0.0;
+      q[r * K + j] = float(pj + uniform + (j == zr ? mix.z : 0.0));
+    }
+  }
+}
+
+unsigned row_blocks(int64_t rows) { return rows < 65535 ? unsigned(rows) : 65535u; }
+
+template <class T>
+int launch_sample_step(const T* logits, const int64_t* z, const double* alpha_t, const double* alpha_s, int64_t* out,
+                       int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
+                       uint64_t offset, void* stream) {
+  if (rows == 0) return 0;
+  return int(launch_kernel(sample_step_kernel<T>, dim3(row_blocks(rows)), dim3(kThreads), 0,
+                           static_cast<cudaStream_t>(stream), logits, z, alpha_t, alpha_s, out, rows, K, kappa,
+                           float(1.0 / temperature), top_p, seed, offset));
+}
+
+template <class T>
+int launch_posterior(const T* logits, const int64_t* z, const double* alpha_t, const double* alpha_s, float* q,
+                     int64_t rows, int64_t K, double kappa, double temperature, double top_p, void* stream) {
+  if (rows == 0) return 0;
+  return int(launch_kernel(posterior_kernel<T>, dim3(row_blocks(rows)), dim3(kThreads), 0,
+                           static_cast<cudaStream_t>(stream), logits, z, alpha_t, alpha_s, q, rows, K, kappa,
+                           float(1.0 / temperature), top_p));
+}
+
+}  // namespace
+
+// dtype codes as in launchers.h: 0 float32, 1 bfloat16, 2 float16.
+int sample_step(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
+                int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
+                uint64_t offset, void* stream) {
+  switch (dtype) {
+    case 0:
+      return launch_sample_step(static_cast<const float*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
+                                temperature, top_p, seed, offset, stream);
+    case 1:
+      return launch_sample_step(static_cast<const bf16_bits*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
+                                temperature, top_p, seed, offset, stream);
+    case 2:
+      return launch_sample_step(static_cast<const f16_bits*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
+                                temperature, top_p, seed, offset, stream);
+  }
+  return int(cudaErrorInvalidValue);
+}
+
+int posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s, float* q,
+              int64_t rows, int64_t K, double kappa, double temperature, double top_p, void* stream) {
+  switch (dtype) {
+    case 0:
+      return launch_posterior(static_cast<const float*>(logits), z, alpha_t, alpha_s, q, rows, K, kappa, temperature,
+                              top_p, stream);
+    case 1:
+      return launch_posterior(static_cast<const bf16_bits*>(logits), z, alpha_t, alpha_s, q, rows, K, kappa,
+                              temperature, top_p, stream);
+    case 2:
+      return launch_posterior(static_cast<const f16_bits*>(logits), z, alpha_t, alpha_s, q, rows, K, kappa,
+                              temperature, top_p, stream);
+  }
+  return int(cudaErrorInvalidValue);
+}
+
+}  // namespace cuda
+}  // namespace duo_fast
