@@ -581,6 +581,39 @@ def schedule_alpha(t, schedule="loglinear", *, vocab_size=None,
   raise ValueError(schedule)
 
 
+def psi_kappas(mode, alphas):
+  """trainer_base._mode_to_psi_kappas for one segment covering the whole grid:
+  kappa for each step i (levels alphas[i] -> alphas[i + 1]), float64 of length
+  len(alphas) - 1 (the reference appends a trailing 1 for the grid's last
+  point, which no step uses). Written per step with Python floats."""
+  a = [float(v) for v in _f64(alphas).flatten()]
+  n = len(a) - 1
+  if not isinstance(mode, str):
+    k = _f64(mode).flatten()
+    return (k.expand(n) if k.numel() == 1 else k).clone()
+  if mode == "pure-posterior":
+    return torch.ones(n, dtype=_F64)
+  if mode == "pure-pc":
+    return torch.zeros(n, dtype=_F64)
+  eta = float(mode.split("-")[-1])
+  if mode.startswith("constant-") and not mode.startswith("constant-remdm"):
+    return torch.full((n,), eta, dtype=_F64)
+  out = []
+  for i in range(n):
+    at, as_ = a[i], a[i + 1]
+    cap = min(eta, (1 - as_) / at) if at != 0 else eta
+    if mode.startswith("max-capped-"):
+      sigma = eta if at == 0 else cap
+    elif mode.startswith("max-rescale-"):
+      sigma = (cap if at > 0 else 1.0) * eta
+    elif mode.startswith("constant-remdm"):
+      sigma = eta
+    else:
+      raise ValueError(mode)
+    out.append(min(max(1 - sigma / (1 - as_), 0.0), 1.0))
+  return torch.tensor(out, dtype=_F64)
+
+
 @torch.no_grad()
 def generate(denoiser, batch_size, length, vocab_size, *, steps,
              schedule="loglinear", sampler="ancestral",
@@ -601,18 +634,20 @@ def generate(denoiser, batch_size, length, vocab_size, *, steps,
   time_input="sigma" passes -log(alpha(t)) instead (what the reference's
   backbone receives). alpha(t) is the schedule ("loglinear", "cosine",
   "duo") with its own eps = schedule_eps (configs/noise: 1e-3).
-  sampler="ancestral" (kappa ignored) or "psi": kappa is a float or a
-  length-`steps` sequence; the final noise-removal step is ancestral.
+  sampler="ancestral" (kappa ignored) or "psi": kappa is a float, a
+  length-`steps` sequence or a mode string of psi_kappas; the final
+  noise-removal step is ancestral.
   """
   K = int(vocab_size)
   if sampler not in ("ancestral", "psi"):
     raise ValueError(sampler)
   if noise_removal not in ("ancestral", "greedy", "none"):
     raise ValueError(noise_removal)
+  ts = torch.linspace(1.0, eps, steps + 1, dtype=_F64)
   kappas = torch.ones(steps, dtype=_F64)
   if sampler == "psi":
-    kappas = _f64(kappa).expand(steps).clone()
-  ts = torch.linspace(1.0, eps, steps + 1, dtype=_F64)
+    kappas = psi_kappas(kappa, torch.stack(
+      [schedule_alpha(t.reshape(1), schedule, vocab_size=K, eps=schedule_eps)[0] for t in ts]))
 
   def alpha(t):
     return schedule_alpha(torch.full((batch_size,), float(t), dtype=_F64),

@@ -16,6 +16,7 @@
 #include "duo_fast/latent.h"
 #include "duo_fast/philox.h"
 #include "duo_fast/random.h"
+#include "duo_fast/sampling.h"
 #include "duo_fast/schedule.h"
 #include "duo_fast/schedule_table.h"
 #include "duo_fast/special.h"
@@ -85,6 +86,22 @@ int df_emu_usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, c
                      const double* dalpha, float* loss, float* grad, int64_t rows, int64_t K) {
   return cuda::usdm_loss(logits, z, x0, alpha, dalpha, loss, grad, rows, K, nullptr);
 }
+
+// dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h).
+int df_emu_sample_step(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
+                       int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p,
+                       uint64_t seed, uint64_t offset) {
+  return cuda::sample_step(logits, dtype, z, alpha_t, alpha_s, out, rows, K, kappa, temperature, top_p, seed, offset,
+                           nullptr);
+}
+
+int df_emu_posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
+                     float* q, int64_t rows, int64_t K, double kappa, double temperature, double top_p) {
+  return cuda::posterior(logits, dtype, z, alpha_t, alpha_s, q, rows, K, kappa, temperature, top_p, nullptr);
+}
+
+// rank_key of sampling.h (ties by lower id; -0 like +0).
+uint64_t df_rank_key(float x, int64_t j) { return sampling::rank_key(x, j); }
 
 }  // extern "C"
 
@@ -176,6 +193,33 @@ int main() {
         ++failures;
         std::printf("usdm_loss check failed K=%lld row=%lld loss=%g gradsum=%g\n", (long long)K, (long long)r,
                     double(loss[r]), sum);
+      }
+    }
+  }
+  for (int64_t K : {2, 7, 1000}) {
+    // posterior: rows are laws (>= 0, sum 1); sample_step: ids in range, and with
+    // top_p < 1, kappa = 1 and alpha_s = 1 only the point mass at z or ids of the
+    // posterior's support are drawn. Ties in the logits exercise the id tie-break.
+    const int64_t rows = 5;
+    std::vector<float> logits(rows * K), q(rows * K);
+    std::vector<int64_t> z(rows), out(rows);
+    std::vector<double> at(rows), as(rows, 1.0);
+    for (int64_t i = 0; i < rows * K; ++i) logits[i] = float((i * 17) % 11) * 0.7f - 3.0f;
+    for (int64_t r = 0; r < rows; ++r) z[r] = (r * 3) % K, at[r] = 0.15 * double(r);
+    for (double top_p : {1.0, 0.6}) {
+      int err = cuda::posterior(logits.data(), 0, z.data(), at.data(), as.data(), q.data(), rows, K, 1.0, 0.8, top_p,
+                                nullptr);
+      err |= cuda::sample_step(logits.data(), 0, z.data(), at.data(), as.data(), out.data(), rows, K, 1.0, 0.8, top_p,
+                               3, 0, nullptr);
+      for (int64_t r = 0; r < rows; ++r) {
+        double sum = 0.0, mn = 1.0;
+        for (int64_t j = 0; j < K; ++j) sum += q[r * K + j], mn = fmin(mn, q[r * K + j]);
+        const bool in_support = out[r] >= 0 && out[r] < K && q[r * K + out[r]] > 0.0f;
+        if (err != 0 || fabs(sum - 1.0) > 1e-5 || mn < 0.0 || !in_support) {
+          ++failures;
+          std::printf("sample_step/posterior check failed K=%lld row=%lld sum=%g min=%g out=%lld\n", (long long)K,
+                      (long long)r, sum, mn, (long long)out[r]);
+        }
       }
     }
   }
