@@ -130,7 +130,7 @@ setup(
     ext_modules=[CMakeExtension("duo_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
+    install_requires=["torch>=2.6", "tqdm"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "scipy", "mpmath"]},
     zip_safe=False,
 )

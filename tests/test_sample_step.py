@@ -220,7 +220,10 @@ def test_seed_reproducible_across_threads_and_generator():
 def test_emulated_cuda_kernels_match_cpu(harness, emulated, mode, seed):
     harness.configure_emulation(emulated, mode=mode, seed=seed)
     try:
-        for K, rows, dtype in [(7, 300, torch.float32), (1000, 40, torch.bfloat16), (2053, 24, torch.float16), (50257, 3, torch.float32)]:
+        cases = [(7, 300, torch.float32), (1000, 40, torch.bfloat16), (2053, 24, torch.float16), (50257, 3, torch.float32)]
+        if mode == "thread":  # real threads and barriers (for TSan-style interleavings): ~100x slower, fewer rows
+            cases = [(7, 8, torch.float32), (1000, 2, torch.bfloat16)]
+        for K, rows, dtype in cases:
             x = _logits(rows, K, K + seed, ties=True).to(dtype)
             z = torch.randint(0, K, (rows,), generator=torch.Generator().manual_seed(seed))
             a_t, a_s = _levels(rows, seed)
