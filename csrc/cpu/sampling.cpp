@@ -18,6 +18,13 @@ namespace {
 
 using sampling::Nucleus;
 
+// Per-thread scratch rows: the weights, and the nucleus candidates (top_p < 1).
+struct Scratch {
+  std::vector<float> w;
+  std::vector<int32_t> candidates;
+  Scratch(int64_t K, double top_p) : w(static_cast<size_t>(K)), candidates(top_p < 1.0 ? static_cast<size_t>(K) : 0) {}
+};
+
 // Per-row state shared by the two ops.
 struct Row {
   bool filter;      // top_p < 1
@@ -26,7 +33,7 @@ struct Row {
 };
 
 template <class T>
-Row prepare_row(const T* x, int64_t K, float inv_temperature, double top_p, float* w) {
+Row prepare_row(const T* x, int64_t K, float inv_temperature, double top_p, float* w, int32_t* candidates) {
   float m = -INFINITY;
   for (int64_t j = 0; j < K; ++j) {
     const float v = to_float(x[j]);
@@ -47,41 +54,50 @@ Row prepare_row(const T* x, int64_t K, float inv_temperature, double top_p, floa
   const double total = (s[0] + s[1]) + (s[2] + s[3]);
   Row row{top_p < 1.0, sampling::nucleus_start(top_p, total), total};
   if (!row.filter) return row;
+  // Radix passes over the candidates only: entries sharing the decided prefix,
+  // compacted after every pass (all K at the first pass, a few percent after it).
   double hist[sampling::kRadixBins];
   uint32_t count[sampling::kRadixBins];
   Nucleus& nu = row.nucleus;
+  int64_t n = K;
+  for (int64_t i = 0; i < K; ++i) candidates[i] = int32_t(i);
   while (!nu.done) {
     for (int d = 0; d < sampling::kRadixBins; ++d) hist[d] = 0.0, count[d] = 0;
-    for (int64_t i = 0; i < K; ++i) {
-      const uint64_t key = sampling::rank_key(to_float(x[i]), i);
-      if (!sampling::nucleus_match(nu, key)) continue;
-      const int d = sampling::nucleus_digit(nu, key);
+    for (int64_t c = 0; c < n; ++c) {
+      const int32_t i = candidates[c];
+      const int d = sampling::nucleus_digit(nu, sampling::rank_key(to_float(x[i]), i));
       hist[d] += w[i];
       count[d] += 1;
     }
     sampling::choose_digit(nu, hist, count);
+    int64_t kept_n = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      const int32_t i = candidates[c];
+      candidates[kept_n] = i;  // branch-free compaction
+      kept_n += sampling::nucleus_match(nu, sampling::rank_key(to_float(x[i]), i)) ? 1 : 0;
+    }
+    n = kept_n;
   }
   row.kept = nu.kept;
+  // Zero the weights outside the nucleus: from here on w is the filtered p (unnormalized).
+  // (A multiply, not a select: kept ids are scattered, a branch mispredicts.)
+  for (int64_t i = 0; i < K; ++i)
+    w[i] *= float(sampling::nucleus_kept(nu, sampling::rank_key(to_float(x[i]), i)));
   return row;
 }
 
-template <class T>
-bool kept(const Row& row, const T* x, int64_t j) {
-  return !row.filter || sampling::nucleus_kept(row.nucleus, sampling::rank_key(to_float(x[j]), j));
-}
-
-template <class T>
-sampling::Mixture row_mixture(const Row& row, const T* x, const float* w, int64_t K, int64_t z, double alpha_t,
-                              double alpha_s, double kappa) {
-  const double p_z = kept(row, x, z) ? double(w[z]) / row.kept : 0.0;
+sampling::Mixture row_mixture(const Row& row, const float* w, int64_t K, int64_t z, double alpha_t, double alpha_s,
+                              double kappa) {
+  const double p_z = double(w[z]) / row.kept;
   return sampling::mixture(alpha_t, alpha_s, kappa, double(K), p_z);
 }
 
 template <class T>
 int64_t sample_row(const T* x, int64_t K, int64_t z, double alpha_t, double alpha_s, double kappa,
-                   float inv_temperature, double top_p, uint64_t seed, uint64_t offset, uint64_t token, float* w) {
-  const Row row = prepare_row(x, K, inv_temperature, top_p, w);
-  const sampling::Mixture mix = row_mixture(row, x, w, K, z, alpha_t, alpha_s, kappa);
+                   float inv_temperature, double top_p, uint64_t seed, uint64_t offset, uint64_t token, float* w,
+                   int32_t* candidates) {
+  const Row row = prepare_row(x, K, inv_temperature, top_p, w, candidates);
+  const sampling::Mixture mix = row_mixture(row, w, K, z, alpha_t, alpha_s, kappa);
   const sampling::StepDraw draw = sampling::step_draw(seed, offset, token);
   switch (sampling::choose_part(mix, draw.u_part)) {
     case sampling::kPointZ: return z;
@@ -91,23 +107,23 @@ int64_t sample_row(const T* x, int64_t K, int64_t z, double alpha_t, double alph
   // Inverse CDF: the first j whose inclusive running sum exceeds u * kept.
   const double target = draw.u_cat * row.kept;
   double run = 0.0;
-  int64_t last = -1;
   for (int64_t j = 0; j < K; ++j) {
-    if (!(w[j] > 0.0f) || !kept(row, x, j)) continue;
-    run += w[j];
-    last = j;
+    run += w[j];  // zero weights never pass: the sum did not move
     if (run > target) return j;
   }
-  return last >= 0 ? last : z;  // rounding left u * kept at the total (or no positive weight: NaN row)
+  // Rounding left u * kept at the total: the last positive weight (none: a NaN row).
+  for (int64_t j = K - 1; j >= 0; --j)
+    if (w[j] > 0.0f) return j;
+  return z;
 }
 
 template <class T>
 void posterior_row(const T* x, int64_t K, int64_t z, double alpha_t, double alpha_s, double kappa,
-                   float inv_temperature, double top_p, float* w, float* q) {
-  const Row row = prepare_row(x, K, inv_temperature, top_p, w);
-  const sampling::Mixture mix = row_mixture(row, x, w, K, z, alpha_t, alpha_s, kappa);
+                   float inv_temperature, double top_p, float* w, int32_t* candidates, float* q) {
+  const Row row = prepare_row(x, K, inv_temperature, top_p, w, candidates);
+  const sampling::Mixture mix = row_mixture(row, w, K, z, alpha_t, alpha_s, kappa);
   const double scale = mix.p / row.kept, uniform = mix.u / double(K);
-  for (int64_t j = 0; j < K; ++j) q[j] = float((kept(row, x, j) ? scale * w[j] : 0.0) + uniform);
+  for (int64_t j = 0; j < K; ++j) q[j] = float(scale * w[j] + uniform);
   q[z] = float(double(q[z]) + mix.z);
 }
 
@@ -135,10 +151,10 @@ at::Tensor sample_step_cpu(const at::Tensor& logits, const at::Tensor& z, const 
   const float inv_t = float(1.0 / temperature);
   dispatch_logits(l, [&](auto* xp) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> w(static_cast<size_t>(K));
+      Scratch sc(K, top_p);
       for (int64_t r = begin; r < end; ++r)
         op[r] = sample_row(xp + r * K, K, zp[r], atp[r], asp[r], kappa, inv_t, top_p, uint64_t(seed),
-                           uint64_t(offset), uint64_t(r), w.data());
+                           uint64_t(offset), uint64_t(r), sc.w.data(), sc.candidates.data());
     });
   });
   return out;
@@ -156,9 +172,10 @@ at::Tensor posterior_cpu(const at::Tensor& logits, const at::Tensor& z, const at
   const float inv_t = float(1.0 / temperature);
   dispatch_logits(l, [&](auto* xp) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> w(static_cast<size_t>(K));
+      Scratch sc(K, top_p);
       for (int64_t r = begin; r < end; ++r)
-        posterior_row(xp + r * K, K, zp[r], atp[r], asp[r], kappa, inv_t, top_p, w.data(), qp + r * K);
+        posterior_row(xp + r * K, K, zp[r], atp[r], asp[r], kappa, inv_t, top_p, sc.w.data(), sc.candidates.data(),
+                      qp + r * K);
     });
   });
   return q;

@@ -47,8 +47,9 @@ DUO_HD float weight(float x, float m, float inv_temperature) { return expf((x - 
 
 // Unique rank key: higher key = higher logit, ties broken by lower id.
 DUO_HD uint64_t rank_key(float x, int64_t j) {
-  const uint32_t b = bits_from_float(x == 0.0f ? 0.0f : x);  // -0 ranks like +0
-  const uint32_t ordered = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  const uint32_t b = bits_from_float(x + 0.0f);  // -0 + 0 = +0: -0 ranks like +0
+  // Negative: flip all bits; else flip the sign bit (branch-free: signs are random).
+  const uint32_t ordered = b ^ (uint32_t(int32_t(b) >> 31) | 0x80000000u);
   return (uint64_t(ordered) << 32) | uint64_t(0xffffffffu - uint32_t(j));
 }
 
