@@ -145,4 +145,57 @@ inline void check_sample_step_args(const at::Tensor& logits, const at::Tensor& z
               "alpha_t = ", gap);
 }
 
+// Levels of the curriculum ops: float64 of x0's shape (the wrapper converts),
+// gamma finite, inv_tau finite and > 0.
+inline void check_curriculum_levels(const at::Tensor& x0, const at::Tensor& gamma, const at::Tensor& inv_tau) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{gamma, "gamma"}, {inv_tau, "inv_tau"}}) {
+    TORCH_CHECK(t.scalar_type() == at::kDouble, "duo_fast: ", name, " has dtype ", t.scalar_type(),
+                ", expected Double (the wrapper converts)");
+    TORCH_CHECK(t.sizes() == x0.sizes(), "duo_fast: ", name, " has shape ", t.sizes(), ", expected x0's shape ",
+                x0.sizes());
+    check_same_device(x0, "x0", t, name);
+  }
+  if (x0.numel() == 0) return;
+  TORCH_CHECK(at::isfinite(gamma).all().item<bool>(), "duo_fast: gamma must be finite");
+  auto [lo, hi] = at::aminmax(inv_tau);
+  const double mn = lo.item<double>(), mx = hi.item<double>();
+  TORCH_CHECK(mn > 0.0 && std::isfinite(mx), "duo_fast: inv_tau must be finite and > 0, got values in [", mn, ", ",
+              mx, "]");
+}
+
+// curriculum_topk: 1 <= k <= K - 1, zt_rule 0 (exact) or 1 (reference).
+inline void check_topk_args(const at::Tensor& x0, const at::Tensor& gamma, const at::Tensor& inv_tau, int64_t k,
+                            int64_t vocab_size, int64_t zt_rule) {
+  check_vocab(vocab_size);
+  TORCH_CHECK(k >= 1 && k <= vocab_size - 1, "duo_fast: k must be in [1, vocab_size - 1] = [1, ", vocab_size - 1,
+              "], got ", k);
+  TORCH_CHECK(zt_rule == 0 || zt_rule == 1, "duo_fast: zt_rule must be 0 (exact) or 1 (reference), got ", zt_rule);
+  check_token_ids(x0, "x0", vocab_size);
+  check_curriculum_levels(x0, gamma, inv_tau);
+}
+
+// embedding [K, d] float32/bfloat16/float16 on x0's device.
+inline void check_embedding(const at::Tensor& embedding, const at::Tensor& x0) {
+  check_floating(embedding, "embedding", {at::kFloat, at::kBFloat16, at::kHalf});
+  TORCH_CHECK(embedding.dim() == 2 && embedding.size(1) >= 1, "duo_fast: embedding must be [vocab_size, d], got shape ",
+              embedding.sizes());
+  check_same_device(x0, "x0", embedding, "embedding");
+}
+
+// topk_bag_backward: grad_h [..., d], ids int64 [..., k] in [0, K), weights float32 [..., k].
+inline void check_bag_backward_args(const at::Tensor& grad_h, const at::Tensor& ids, const at::Tensor& weights,
+                                    int64_t vocab_size) {
+  check_vocab(vocab_size);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
+              "duo_fast: ids must be Long and weights Float, got ", ids.scalar_type(), " and ", weights.scalar_type());
+  TORCH_CHECK(ids.dim() >= 1 && ids.sizes() == weights.sizes(), "duo_fast: ids and weights must have one shape, got ",
+              ids.sizes(), " and ", weights.sizes());
+  TORCH_CHECK(grad_h.dim() == ids.dim() && grad_h.sizes().slice(0, grad_h.dim() - 1) == ids.sizes().slice(0, ids.dim() - 1),
+              "duo_fast: grad_h has shape ", grad_h.sizes(), ", expected ids' leading shape ",
+              ids.sizes().slice(0, ids.dim() - 1), " + [d]");
+  check_same_device(ids, "ids", weights, "weights");
+  check_same_device(ids, "ids", grad_h, "grad_h");
+  check_token_ids(ids, "ids", vocab_size);
+}
+
 }  // namespace duo_fast

@@ -38,6 +38,17 @@ TORCH_LIBRARY(duo_fast, m) {
         " -> (Tensor, Tensor)");
   m.def("distill_kl(Tensor student_logits, Tensor teacher_logits, int direction, bool compute_grad)"
         " -> (Tensor, Tensor)");
+  // SPEC 2e: Duo++ top-k curriculum input per token: ids [..., k] int64, weights
+  // [..., k] float32, z_t; gamma, inv_tau float64 of x0's shape; zt_rule 0 exact,
+  // 1 the reference's rule. Philox key `seed`, positions offset.. of stream token.
+  m.def("curriculum_topk(Tensor x0, Tensor gamma, Tensor inv_tau, int k, int vocab_size, int zt_rule, int seed,"
+        " int offset) -> (Tensor, Tensor, Tensor)");
+  // SPEC 2e fused with the embedding bag: (h [..., d] in embedding's dtype, z_t,
+  // ids, weights) -- ids/weights are kept for the backward.
+  m.def("curriculum_topk_embed(Tensor x0, Tensor gamma, Tensor inv_tau, int k, Tensor embedding, int zt_rule,"
+        " int seed, int offset) -> (Tensor, Tensor, Tensor, Tensor)");
+  // d embedding [K, d] float32 of the bag h = sum_i w_i E[id_i]: scatter of w_i grad_h.
+  m.def("topk_bag_backward(Tensor grad_h, Tensor ids, Tensor weights, int vocab_size, bool deterministic) -> Tensor");
   // SPEC 4: one reverse step z -> z_s from logits [..., K] (float32, bfloat16,
   // float16); alpha_t, alpha_s float64 of z's shape; kappa < 1 mixes in the
   // Psi-sampler's predictor-corrector part; top_p < 1 filters p to the nucleus.

@@ -21,7 +21,17 @@ except ImportError as e:  # pragma: no cover - only without a build
     ) from e
 
 from . import reference, sampling
-from .ops import distill_kl, gamma_to_alpha, linear_usdm_loss, posterior, sample_step, sample_zt, usdm_loss
+from .ops import (
+    curriculum_topk,
+    curriculum_topk_embed,
+    distill_kl,
+    gamma_to_alpha,
+    linear_usdm_loss,
+    posterior,
+    sample_step,
+    sample_zt,
+    usdm_loss,
+)
 from .sampling import generate
 
 __version__ = _C.build_info()["version"]
@@ -36,6 +46,8 @@ def build_info() -> dict:
 
 __all__ = [
     "build_info",
+    "curriculum_topk",
+    "curriculum_topk_embed",
     "distill_kl",
     "gamma_to_alpha",
     "generate",

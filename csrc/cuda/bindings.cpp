@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -143,6 +144,91 @@ at::Tensor posterior_cuda(const at::Tensor& logits, const at::Tensor& z, const a
   return q;
 }
 
+struct TopKScratch {
+  at::Tensor map, kept;
+  int64_t slots;
+  TopKScratch(const at::Tensor& like, int64_t n, int64_t k, bool per_block) {
+    slots = cuda::topk_scratch_slots(n, k, per_block);
+    map = at::full({slots * 2 * cuda::topk_map_capacity(k)}, -1, like.options().dtype(at::kInt));
+    kept = at::empty({slots * k}, like.options().dtype(at::kDouble));
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_topk_cuda(const at::Tensor& x0, const at::Tensor& gamma,
+                                                                    const at::Tensor& inv_tau, int64_t k,
+                                                                    int64_t vocab_size, int64_t zt_rule, int64_t seed,
+                                                                    int64_t offset) {
+  check_topk_args(x0, gamma, inv_tau, k, vocab_size, zt_rule);
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.push_back(k);
+  at::Tensor ids = at::empty(sizes, x.options()), weights = at::empty(sizes, x.options().dtype(at::kFloat));
+  at::Tensor z = at::empty_like(x);
+  TopKScratch sc(x, x.numel(), k, false);
+  check_launch(cuda::curriculum_topk(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
+                                     it.const_data_ptr<double>(), ids.mutable_data_ptr<int64_t>(),
+                                     weights.mutable_data_ptr<float>(), z.mutable_data_ptr<int64_t>(), x.numel(), k,
+                                     vocab_size, int(zt_rule), uint64_t(seed), uint64_t(offset),
+                                     sc.map.mutable_data_ptr<int32_t>(), sc.kept.mutable_data_ptr<double>(), sc.slots,
+                                     c10::cuda::getCurrentCUDAStream().stream()),
+               "curriculum_topk");
+  return {ids, weights, z};
+}
+
+int embedding_dtype_code(const at::Tensor& e) {
+  return e.scalar_type() == at::kBFloat16 ? 1 : e.scalar_type() == at::kHalf ? 2 : 0;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> curriculum_topk_embed_cuda(
+    const at::Tensor& x0, const at::Tensor& gamma, const at::Tensor& inv_tau, int64_t k, const at::Tensor& embedding,
+    int64_t zt_rule, int64_t seed, int64_t offset) {
+  check_embedding(embedding, x0);
+  const int64_t vocab_size = embedding.size(0), d = embedding.size(1);
+  check_topk_args(x0, gamma, inv_tau, k, vocab_size, zt_rule);
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous(), emb = embedding.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.push_back(k);
+  at::Tensor ids = at::empty(sizes, x.options()), weights = at::empty(sizes, x.options().dtype(at::kFloat));
+  sizes.back() = d;
+  at::Tensor h = at::empty(sizes, x.options().dtype(at::kFloat));
+  at::Tensor z = at::empty_like(x);
+  TopKScratch sc(x, x.numel(), k, true);
+  check_launch(cuda::curriculum_topk_embed(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
+                                           it.const_data_ptr<double>(), emb.const_data_ptr(), embedding_dtype_code(emb),
+                                           d, h.mutable_data_ptr<float>(), ids.mutable_data_ptr<int64_t>(),
+                                           weights.mutable_data_ptr<float>(), z.mutable_data_ptr<int64_t>(), x.numel(),
+                                           k, vocab_size, int(zt_rule), uint64_t(seed), uint64_t(offset),
+                                           sc.map.mutable_data_ptr<int32_t>(), sc.kept.mutable_data_ptr<double>(),
+                                           sc.slots, c10::cuda::getCurrentCUDAStream().stream()),
+               "curriculum_topk_embed");
+  return {h.to(emb.scalar_type()), z, ids, weights};
+}
+
+at::Tensor topk_bag_backward_cuda(const at::Tensor& grad_h, const at::Tensor& ids, const at::Tensor& weights,
+                                  int64_t vocab_size, bool deterministic) {
+  check_bag_backward_args(grad_h, ids, weights, vocab_size);
+  const c10::cuda::CUDAGuard guard(ids.device());
+  const at::Tensor gh = grad_h.contiguous().to(at::kFloat), ic = ids.contiguous(), wc = weights.contiguous();
+  const int64_t d = gh.size(-1), k = ic.size(-1), tokens = ic.numel() / std::max<int64_t>(k, 1);
+  at::Tensor grad = at::zeros({vocab_size, d}, gh.options());
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (!deterministic) {
+    check_launch(cuda::topk_bag_backward_atomic(gh.const_data_ptr<float>(), ic.const_data_ptr<int64_t>(),
+                                                wc.const_data_ptr<float>(), grad.mutable_data_ptr<float>(), tokens, k,
+                                                d, stream),
+                 "topk_bag_backward");
+    return grad;
+  }
+  auto [sorted, order] = at::sort(ic.reshape(-1), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  check_launch(cuda::topk_bag_backward_sorted(gh.const_data_ptr<float>(), sorted.const_data_ptr<int64_t>(),
+                                              order.const_data_ptr<int64_t>(), wc.const_data_ptr<float>(),
+                                              grad.mutable_data_ptr<float>(), sorted.numel(), k, d, stream),
+               "topk_bag_backward");
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
@@ -152,6 +238,9 @@ TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
   m.impl("sample_zt", &sample_zt_cuda);
   m.impl("sample_step", &sample_step_cuda);
   m.impl("posterior", &posterior_cuda);
+  m.impl("curriculum_topk", &curriculum_topk_cuda);
+  m.impl("curriculum_topk_embed", &curriculum_topk_embed_cuda);
+  m.impl("topk_bag_backward", &topk_bag_backward_cuda);
 }
 
 }  // namespace duo_fast

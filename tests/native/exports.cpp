@@ -6,6 +6,7 @@
 // With -DDUO_EMU_MAIN it is also a program that runs every emulated kernel on
 // small inputs (for the AddressSanitizer + UBSan run), exiting non-zero on a
 // mismatch with the host evaluation of the same header math.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +21,7 @@
 #include "duo_fast/schedule.h"
 #include "duo_fast/schedule_table.h"
 #include "duo_fast/special.h"
+#include "duo_fast/topk.h"
 #include "duo_fast/usdm_loss.h"
 #include "launchers.h"
 
@@ -98,6 +100,48 @@ int df_emu_sample_step(const void* logits, int dtype, const int64_t* z, const do
 int df_emu_posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
                      float* q, int64_t rows, int64_t K, double kappa, double temperature, double top_p) {
   return cuda::posterior(logits, dtype, z, alpha_t, alpha_s, q, rows, K, kappa, temperature, top_p, nullptr);
+}
+
+// The random inputs of the top-k curriculum for token `stream` (topk.h), for
+// the float64 reference: u[k], xi, ranks[k] (distinct ids != x, rank order).
+void df_topk_draws(uint64_t seed, uint64_t offset, uint64_t stream, int64_t k, int64_t vocab_size, int64_t x,
+                   double* u, double* xi, int64_t* ranks) {
+  std::vector<int32_t> keys(topk::swap_map_capacity(k), -1), vals(keys.size());
+  topk::draw_uniforms(seed, offset, stream, k, u);
+  *xi = topk::draw_xi(seed, offset, stream);
+  topk::draw_ranks(seed, offset, stream, k, vocab_size, x, {keys.data(), vals.data(), uint32_t(keys.size() - 1)},
+                   ranks);
+}
+
+int df_emu_curriculum_topk(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t* ids,
+                           float* weights, int64_t* z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule,
+                           uint64_t seed, uint64_t offset) {
+  const int64_t slots = cuda::topk_scratch_slots(n, k, false);
+  std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
+  std::vector<double> kept(size_t(slots * k));
+  return cuda::curriculum_topk(x0, gamma, inv_tau, ids, weights, z, n, k, vocab_size, zt_rule, seed, offset,
+                               map.data(), kept.data(), slots, nullptr);
+}
+
+int df_emu_curriculum_topk_embed(const int64_t* x0, const double* gamma, const double* inv_tau,
+                                 const void* embedding, int emb_dtype, int64_t d, float* h, int64_t* ids,
+                                 float* weights, int64_t* z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule,
+                                 uint64_t seed, uint64_t offset) {
+  const int64_t slots = cuda::topk_scratch_slots(n, k, true);
+  std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
+  std::vector<double> kept(size_t(slots * k));
+  return cuda::curriculum_topk_embed(x0, gamma, inv_tau, embedding, emb_dtype, d, h, ids, weights, z, n, k,
+                                     vocab_size, zt_rule, seed, offset, map.data(), kept.data(), slots, nullptr);
+}
+
+int df_emu_topk_bag_backward_atomic(const float* grad_h, const int64_t* ids, const float* weights, float* grad,
+                                    int64_t tokens, int64_t k, int64_t d) {
+  return cuda::topk_bag_backward_atomic(grad_h, ids, weights, grad, tokens, k, d, nullptr);
+}
+
+int df_emu_topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, const int64_t* order,
+                                    const float* weights, float* grad, int64_t entries, int64_t k, int64_t d) {
+  return cuda::topk_bag_backward_sorted(grad_h, sorted_ids, order, weights, grad, entries, k, d, nullptr);
 }
 
 // rank_key of sampling.h (ties by lower id; -0 like +0).
@@ -220,6 +264,60 @@ int main() {
           std::printf("sample_step/posterior check failed K=%lld row=%lld sum=%g min=%g out=%lld\n", (long long)K,
                       (long long)r, sum, mn, (long long)out[r]);
         }
+      }
+    }
+  }
+  for (int64_t K : {2, 9, 1000}) {
+    // curriculum_topk / _embed vs the host evaluation of topk::token; bag backward
+    // (atomic and sorted) vs a host scatter.
+    const int64_t n = 37, d = 5;
+    for (int64_t k : {int64_t(1), K - 1, std::min<int64_t>(K - 1, 7)}) {
+      std::vector<int64_t> x(n), ids(n * k), z(n), hid(n * k), hz(n), ids2(n * k), z2(n);
+      std::vector<double> g(n), it(n), kept(k);
+      std::vector<float> w(n * k), hw(n * k), w2(n * k), emb(K * d), h(n * d), gh(n * d), ga(K * d, 0.f), gs(K * d, 0.f);
+      for (int64_t t = 0; t < n; ++t) x[t] = (t * 7) % K, g[t] = -4.0 + 0.2 * double(t), it[t] = t % 3 ? 1.0 : 50.0;
+      for (int64_t i = 0; i < K * d; ++i) emb[i] = float((i * 13) % 17) - 8.0f;
+      for (int64_t i = 0; i < n * d; ++i) gh[i] = float((i * 5) % 7) - 3.0f;
+      int err = cuda::topk_scratch_slots(n, k, false) > 0 ? 0 : 1;
+      {
+        const int64_t slots = cuda::topk_scratch_slots(n, k, false);
+        std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
+        std::vector<double> ks(size_t(slots * k));
+        err |= cuda::curriculum_topk(x.data(), g.data(), it.data(), ids.data(), w.data(), z.data(), n, k, K, 0, 5, 0,
+                                     map.data(), ks.data(), slots, nullptr);
+        const int64_t bslots = cuda::topk_scratch_slots(n, k, true);
+        std::vector<int32_t> bmap(size_t(bslots * 2 * cuda::topk_map_capacity(k)), -1);
+        std::vector<double> bks(size_t(bslots * k));
+        err |= cuda::curriculum_topk_embed(x.data(), g.data(), it.data(), emb.data(), 0, d, h.data(), ids2.data(),
+                                           w2.data(), z2.data(), n, k, K, 0, 5, 0, bmap.data(), bks.data(), bslots,
+                                           nullptr);
+      }
+      std::vector<int32_t> keys(topk::swap_map_capacity(k), -1), vals(keys.size());
+      bool ok = err == 0;
+      for (int64_t t = 0; t < n; ++t) {
+        std::fill(keys.begin(), keys.end(), -1);
+        hz[t] = topk::token(5, 0, uint64_t(t), x[t], g[t], it[t], k, K, 0,
+                            {keys.data(), vals.data(), uint32_t(keys.size() - 1)}, hid.data() + t * k,
+                            hw.data() + t * k, kept.data()).z;
+        ok = ok && hz[t] == z[t] && hz[t] == z2[t];
+        for (int64_t i = 0; i < k; ++i) {
+          ok = ok && hid[t * k + i] == ids[t * k + i] && hw[t * k + i] == w[t * k + i] && ids2[t * k + i] == ids[t * k + i];
+          for (int64_t c = 0; c < d; ++c) ga[ids[t * k + i] * d + c] += w[t * k + i] * gh[t * d + c];
+        }
+      }
+      std::vector<float> gatomic(K * d, 0.f), gsorted(K * d, 0.f);
+      std::vector<int64_t> order(n * k), sorted(n * k);
+      for (int64_t e = 0; e < n * k; ++e) order[e] = e;
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+      for (int64_t e = 0; e < n * k; ++e) sorted[e] = ids[order[e]];
+      err |= cuda::topk_bag_backward_atomic(gh.data(), ids.data(), w.data(), gatomic.data(), n, k, d, nullptr);
+      err |= cuda::topk_bag_backward_sorted(gh.data(), sorted.data(), order.data(), w.data(), gsorted.data(), n * k, k,
+                                            d, nullptr);
+      for (int64_t i = 0; i < K * d; ++i)
+        ok = ok && fabs(gatomic[i] - ga[i]) <= 1e-3f * (1.f + fabs(ga[i])) && fabs(gsorted[i] - ga[i]) <= 1e-3f * (1.f + fabs(ga[i]));
+      if (!ok || err != 0) {
+        ++failures;
+        std::printf("curriculum_topk check failed K=%lld k=%lld\n", (long long)K, (long long)k);
       }
     }
   }

@@ -1,0 +1,310 @@
+"""curriculum_topk / curriculum_topk_embed (SPEC 2e): outputs against the
+float64 reference fed with the kernel's own random inputs (exported test hook
+df_topk_draws), the law of z_t against pt(gamma) (z-scores < 5), ids uniform at
+every rank (chi-square p > 1e-4) and distinct, the reference rule's bias, the
+embedding bag and its backward against F.embedding_bag, the emulated CUDA
+kernels token-for-token, reproducibility, op conventions and errors."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import pytest
+import scipy.stats as st
+import torch
+import torch.nn.functional as F
+
+import duo_fast
+from duo_fast import reference
+from conftest import ptr
+
+
+def _inputs(n, K, seed, gamma_lo=-4.0, gamma_hi=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, K, (n,), generator=g)
+    gamma = gamma_lo + (gamma_hi - gamma_lo) * torch.rand(n, generator=g, dtype=torch.float64)
+    return x0, gamma
+
+
+def _draws(emulated, seed, x0, k, K):
+    n = x0.numel()
+    u = torch.empty(n, k, dtype=torch.float64)
+    xi = torch.empty(n, dtype=torch.float64)
+    ranks = torch.empty(n, k, dtype=torch.int64)
+    for t in range(n):
+        emulated.df_topk_draws(
+            ctypes.c_uint64(seed), ctypes.c_uint64(0), ctypes.c_uint64(t), ctypes.c_int64(k), ctypes.c_int64(K),
+            ctypes.c_int64(int(x0[t])), ptr(u[t]), ptr(xi[t:t + 1]), ptr(ranks[t]),
+        )
+    return reference.TopKDraws(u, xi, ranks)
+
+
+@pytest.mark.parametrize(
+    "K,k", [(2, 1), (3, 2), (50, 1), (50, 7), (50, 49), (1000, 32), (50257, 1), (50257, 128)]
+)
+@pytest.mark.parametrize("inv_tau", [1.0, 10.0, 1e4])
+def test_matches_reference_given_the_same_draws(emulated, K, k, inv_tau):
+    n, seed = 64, 1000 + K + k
+    x0, gamma = _inputs(n, K, seed)
+    ids, w, z = duo_fast.curriculum_topk(x0, gamma, inv_tau, k, K, seed=seed)
+    _, _, z_ref_rule = duo_fast.curriculum_topk(x0, gamma, inv_tau, k, K, zt_rule="reference", seed=seed)
+    draws = _draws(emulated, seed, x0, k, K)
+    r_ids, r_w, r_z = reference.curriculum_topk(x0, gamma, inv_tau, k, K, draws=draws)
+    _, _, r_zr = reference.curriculum_topk(x0, gamma, inv_tau, k, K, zt_rule="reference", draws=draws)
+    assert ids.shape == (n, k) and w.dtype == torch.float32
+    assert torch.equal(ids, r_ids)
+    assert torch.equal(z, r_z) and torch.equal(z_ref_rule, r_zr)
+    # float32 weights from float64 math: 1e-6 relative (+ float32 underflow).
+    torch.testing.assert_close(w.double(), r_w, rtol=1e-6, atol=1e-30)
+
+
+def test_all_weights_underflow_gives_one_hot_on_the_largest(emulated):
+    # Very low temperature and a tiny tail: exp(kept/tau - log Z) can underflow for all
+    # but the largest; at inv_tau = 1e4 with gamma high the weights concentrate.
+    K, k, n, seed = 1000, 16, 32, 77
+    x0, gamma = _inputs(n, K, seed, 2.0, 6.0)
+    ids, w, z = duo_fast.curriculum_topk(x0, gamma, 1e4, k, K, seed=seed)
+    r_ids, r_w, _ = reference.curriculum_topk(x0, gamma, 1e4, k, K, draws=_draws(emulated, seed, x0, k, K))
+    torch.testing.assert_close(w.double(), r_w, rtol=1e-6, atol=1e-30)
+    assert torch.allclose(w.sum(-1), torch.ones(n), atol=1e-5) or bool((w.sum(-1) <= 1 + 1e-5).all())
+
+
+@pytest.mark.parametrize("K", [2, 27, 1000, 50257])
+def test_z_marginal_is_exact(K):
+    # P(z_t = x) = pt(gamma) for the exact rule, at several gammas (z-score < 5).
+    n, k = 60_000, min(16, K - 1)
+    for gamma in (-5.0, -3.0, -1.75, 0.5):
+        x0 = torch.randint(0, K, (n,), generator=torch.Generator().manual_seed(K))
+        _, _, z = duo_fast.curriculum_topk(x0, torch.full((n,), gamma, dtype=torch.float64), 1.0, k, K, seed=int(K - 10 * gamma))
+        p_hat = float((z == x0).double().mean())
+        p = float(reference.pt_from_gamma(torch.tensor([gamma], dtype=torch.float64), K)[0])
+        zscore = abs(p_hat - p) / math.sqrt(max(p * (1 - p), 1e-12) / n)
+        assert zscore < 5, (K, gamma, p_hat, p)
+
+
+def test_reference_rule_reproduces_the_reference_bias():
+    # zt_rule="reference": z = x iff in top-k; matches reference.curriculum_topk's
+    # frequency (two-sample z < 5) and exceeds pt(gamma) for k >= 2.
+    K, k, n, gamma = 1000, 32, 40_000, -1.0
+    x0 = torch.randint(0, K, (n,), generator=torch.Generator().manual_seed(0))
+    g = torch.full((n,), gamma, dtype=torch.float64)
+    _, _, z = duo_fast.curriculum_topk(x0, g, 1.0, k, K, zt_rule="reference", seed=3)
+    _, _, zr = reference.curriculum_topk(x0, g, 1.0, k, K, zt_rule="reference", generator=torch.Generator().manual_seed(4))
+    a, b = float((z == x0).double().mean()), float((zr == x0).double().mean())
+    pooled = (a + b) / 2
+    assert abs(a - b) / math.sqrt(2 * pooled * (1 - pooled) / n) < 5
+    p = float(reference.pt_from_gamma(torch.tensor([gamma], dtype=torch.float64), K)[0])
+    assert a > p + 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_ids_uniform_at_every_rank_and_distinct():
+    K, k, n, x = 50, 10, 60_000, 7
+    x0 = torch.full((n,), x)
+    ids, w, z = duo_fast.curriculum_topk(x0, torch.full((n,), 1.0, dtype=torch.float64), 1.0, k, K, seed=11)
+    in_topk = ids[:, -1] == x
+    # distinct in every row, never x except the in-top-k slot
+    s, _ = ids.sort(-1)
+    assert bool((s[:, 1:] != s[:, :-1]).all())
+    assert not bool((ids[:, :-1] == x).any())
+    others = torch.tensor([j for j in range(K) if j != x])
+    for rank in range(k):
+        col = ids[:, rank] if rank < k - 1 else ids[~in_topk, rank]
+        counts = torch.bincount(col, minlength=K)[others].numpy()
+        assert st.chisquare(counts).pvalue > 1e-4, rank
+    # the top ids appear as z too (no gap: the reference's Floyd order never gives z > K-k-1)
+    assert int(z[z != x].max()) == K - 1
+
+
+def test_k_equals_vocab_minus_one_is_a_permutation():
+    K, n = 13, 200
+    x0 = torch.randint(0, K, (n,), generator=torch.Generator().manual_seed(1))
+    ids, w, z = duo_fast.curriculum_topk(x0, torch.zeros(n, dtype=torch.float64), 2.0, K - 1, K, seed=2)
+    for t in range(n):
+        row = set(ids[t].tolist())
+        assert len(row) == K - 1 and (int(x0[t]) not in row or int(ids[t, -1]) == int(x0[t]))
+    # Weights are a tempered softmax with one entry (the k-th order statistic or
+    # the x-entry) left to the tail / normalizer: they sum to < 1.
+    total = w.sum(-1).double()
+    assert bool((total < 1).all()) and bool((total > 0.5).all())
+
+
+def test_reproducible_across_threads_and_generator():
+    K, k = 50257, 64
+    x0, gamma = _inputs(3000, K, 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = duo_fast.curriculum_topk(x0, gamma, 3.0, k, K, seed=9)
+        torch.set_num_threads(2)
+        b = duo_fast.curriculum_topk(x0, gamma, 3.0, k, K, seed=9)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    torch.manual_seed(1)
+    c = duo_fast.curriculum_topk(x0, gamma, 3.0, k, K)
+    d = duo_fast.curriculum_topk(x0, gamma, 3.0, k, K)
+    torch.manual_seed(1)
+    assert torch.equal(duo_fast.curriculum_topk(x0, gamma, 3.0, k, K)[0], c[0])
+    assert not torch.equal(c[0], d[0])
+
+
+# ---------------------------------------------------------------------------------------
+# the fused embedding bag
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_matches_embedding_bag_forward_and_backward(dtype):
+    K, k, d, B, L = 300, 16, 24, 3, 40
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, K, (B, L), generator=g)
+    gamma = torch.rand(B, generator=g, dtype=torch.float64) * 3 - 3
+    E = torch.randn(K, d, generator=g).to(dtype).requires_grad_(True)
+    h, z = duo_fast.curriculum_topk_embed(x0, gamma, 2.0, k, E, seed=4)
+    ids, w, z2 = duo_fast.curriculum_topk(x0, gamma, 2.0, k, K, seed=4)
+    assert torch.equal(z, z2) and h.dtype == dtype and h.shape == (B, L, d)
+    E_ref = E.detach().float().requires_grad_(True)
+    h_ref = F.embedding_bag(ids.reshape(-1, k), E_ref, per_sample_weights=w.reshape(-1, k), mode="sum").reshape(B, L, d)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(h.float(), h_ref, **tol)
+    dh = torch.randn(B, L, d, generator=g)
+    (h.float() * dh).sum().backward()
+    (h_ref * dh).sum().backward()
+    assert E.grad.dtype == dtype
+    torch.testing.assert_close(E.grad.float(), E_ref.grad, **tol)
+
+
+def test_embed_backward_is_deterministic():
+    K, k, d = 64, 32, 16
+    x0, gamma = _inputs(512, K, 3)
+    E = torch.randn(K, d).requires_grad_(True)
+    grads = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        E.grad = None
+        h, _ = duo_fast.curriculum_topk_embed(x0, gamma, 1.0, k, E, seed=1)
+        h.sum().backward()
+        grads.append(E.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_opcheck():
+    K, k, d = 40, 5, 8
+    x0, gamma = _inputs(12, K, 0)
+    x0, gamma = x0.reshape(3, 4), gamma.reshape(3, 4)
+    it = torch.full((3, 4), 2.0, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.duo_fast.curriculum_topk.default, (x0, gamma, it, k, K, 0, 5, 0))
+    E = torch.randn(K, d, requires_grad=True)
+    torch.library.opcheck(torch.ops.duo_fast.curriculum_topk_embed.default, (x0, gamma, it, k, E, 0, 5, 0))
+    ids, w, _ = duo_fast.curriculum_topk(x0, gamma, it, k, K, seed=5)
+    torch.library.opcheck(torch.ops.duo_fast.topk_bag_backward.default, (torch.randn(3, 4, d), ids, w, K, True))
+
+
+# ---------------------------------------------------------------------------------------
+# emulated CUDA kernels
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,seed", [("fiber", 0), ("fiber", 4), ("thread", 0)])
+def test_emulated_cuda_kernels_match_cpu(harness, emulated, mode, seed):
+    harness.configure_emulation(emulated, mode=mode, seed=seed)
+    try:
+        cases = [(2, 1, 300), (50, 49, 40), (50257, 128, 300)] if mode == "fiber" else [(50, 7, 20)]
+        for K, k, n in cases:
+            x0, gamma = _inputs(n, K, seed + K)
+            it = torch.linspace(0.5, 100.0, n, dtype=torch.float64)
+            for rule in (0, 1):
+                ids, w, z = torch.empty(n, k, dtype=torch.int64), torch.empty(n, k), torch.empty(n, dtype=torch.int64)
+                rc = emulated.df_emu_curriculum_topk(
+                    ptr(x0), ptr(gamma), ptr(it), ptr(ids), ptr(w), ptr(z), ctypes.c_int64(n), ctypes.c_int64(k),
+                    ctypes.c_int64(K), ctypes.c_int(rule), ctypes.c_uint64(21), ctypes.c_uint64(0),
+                )
+                assert rc == 0
+                c_ids, c_w, c_z = torch.ops.duo_fast.curriculum_topk(x0, gamma, it, k, K, rule, 21, 0)
+                assert torch.equal(ids, c_ids) and torch.equal(z, c_z) and torch.equal(w, c_w)
+            d = 12
+            E = torch.randn(K, d, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+            h = torch.empty(n, d)
+            ids, w, z = torch.empty(n, k, dtype=torch.int64), torch.empty(n, k), torch.empty(n, dtype=torch.int64)
+            rc = emulated.df_emu_curriculum_topk_embed(
+                ptr(x0), ptr(gamma), ptr(it), ptr(E), ctypes.c_int(1), ctypes.c_int64(d), ptr(h), ptr(ids), ptr(w),
+                ptr(z), ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_int64(K), ctypes.c_int(0), ctypes.c_uint64(21),
+                ctypes.c_uint64(0),
+            )
+            assert rc == 0
+            c_h, c_z, c_ids, c_w = torch.ops.duo_fast.curriculum_topk_embed(x0, gamma, it, k, E, 0, 21, 0)
+            assert torch.equal(ids, c_ids) and torch.equal(z, c_z)
+            torch.testing.assert_close(h.bfloat16(), c_h, rtol=0, atol=0)
+            gh = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
+            expected = torch.ops.duo_fast.topk_bag_backward(gh, ids, w, K, True)
+            got = torch.zeros(K, d)
+            assert emulated.df_emu_topk_bag_backward_atomic(ptr(gh), ptr(ids), ptr(w), ptr(got), ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_int64(d)) == 0
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            flat = ids.reshape(-1)
+            sorted_ids, order = torch.sort(flat, stable=True)
+            got = torch.zeros(K, d)
+            assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(got), ctypes.c_int64(n * k), ctypes.c_int64(k), ctypes.c_int64(d)) == 0
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        harness.configure_emulation(emulated, mode="fiber", seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernels_match_cpu runs these kernels' source on the CPU")
+def test_cuda_device_matches_cpu():
+    K, k, d = 50257, 128, 64
+    x0, gamma = _inputs(4096, K, 0)
+    a = duo_fast.curriculum_topk(x0.cuda(), gamma.cuda(), 3.0, k, K, seed=2)
+    b = duo_fast.curriculum_topk(x0, gamma, 3.0, k, K, seed=2)
+    assert torch.equal(a[0].cpu(), b[0]) and torch.equal(a[2].cpu(), b[2])
+    torch.testing.assert_close(a[1].cpu(), b[1], rtol=1e-5, atol=1e-7)
+    E = torch.randn(K, d)
+    Ec = E.cuda().requires_grad_(True)
+    h, _ = duo_fast.curriculum_topk_embed(x0.cuda(), gamma.cuda(), 3.0, k, Ec, seed=2)
+    h.sum().backward()
+    Er = E.clone().requires_grad_(True)
+    hr, _ = duo_fast.curriculum_topk_embed(x0, gamma, 3.0, k, Er, seed=2)
+    hr.sum().backward()
+    torch.testing.assert_close(h.cpu(), hr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(Ec.grad.cpu(), Er.grad, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0), r"k must be in \[1, vocab_size - 1\] = \[1, 9\], got 0"),
+        (dict(k=10), r"k must be in \[1, vocab_size - 1\]"),
+        (dict(zt_rule="floyd"), r"zt_rule must be 'exact' or 'reference'"),
+        (dict(gamma=torch.tensor([math.inf, 0.0])), r"gamma must be finite"),
+        (dict(inv_tau=0.0), r"inv_tau must be finite and > 0"),
+        (dict(inv_tau=torch.tensor([[1.0, -1.0]])), r"inv_tau must be finite and > 0"),
+        (dict(x0=torch.tensor([[0, 10]])), r"x0 holds token ids in \[0, 10\], outside \[0, vocab_size\)"),
+        (dict(x0=torch.tensor([[0, 1]], dtype=torch.int32)), r"x0 has dtype int32"),
+        (dict(gamma=torch.zeros(3)), r"gamma has shape"),
+        (dict(seed=1, generator=torch.Generator()), r"either seed or generator"),
+    ],
+)
+def test_bad_inputs_name_the_argument(kwargs, match):
+    args = dict(x0=torch.tensor([[0, 1]]), gamma=torch.tensor([[0.0, 0.0]]), inv_tau=1.0, k=3)
+    kw = {}
+    for key, v in kwargs.items():
+        (args if key in args else kw)[key] = v
+    if "gamma" in kwargs and kwargs["gamma"].shape == (2,):
+        args["gamma"] = kwargs["gamma"][None]
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        duo_fast.curriculum_topk(args["x0"], args["gamma"], args["inv_tau"], args["k"], 10, **kw)
+
+
+def test_embed_bad_embedding():
+    x0 = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match=r"embedding must be \[vocab_size, d\]"):
+        duo_fast.curriculum_topk_embed(x0, 0.0, 1.0, 2, torch.zeros(10))
+    with pytest.raises(TypeError, match=r"embedding has dtype int64"):
+        duo_fast.curriculum_topk_embed(x0, 0.0, 1.0, 2, torch.zeros(10, 3, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"x0 holds token ids"):
+        duo_fast.curriculum_topk_embed(torch.tensor([[0, 12]]), 0.0, 1.0, 2, torch.zeros(10, 3))
