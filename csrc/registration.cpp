@@ -38,6 +38,14 @@ TORCH_LIBRARY(duo_fast, m) {
         " -> (Tensor, Tensor)");
   m.def("distill_kl(Tensor student_logits, Tensor teacher_logits, int direction, bool compute_grad)"
         " -> (Tensor, Tensor)");
+  // SPEC 2c/2d: exact curriculum input h = softmax((a~ onehot(x0) + s~ eps) * inv_tau) E
+  // with eps regenerated from Philox (stream token, position offset + j/4); returns
+  // (h [..., d] in embedding's dtype, z_t = argmax, row log-sum-exp float64 for backward).
+  m.def("curriculum_embed(Tensor x0, Tensor gamma, Tensor inv_tau, Tensor embedding, int seed, int offset)"
+        " -> (Tensor, Tensor, Tensor)");
+  // d embedding [K, d] float32 = P^T grad_h, P regenerated from the saved log-sum-exp.
+  m.def("curriculum_embed_backward(Tensor grad_h, Tensor x0, Tensor gamma, Tensor inv_tau, Tensor lse,"
+        " int vocab_size, int seed, int offset) -> Tensor");
   // SPEC 2e: Duo++ top-k curriculum input per token: ids [..., k] int64, weights
   // [..., k] float32, z_t; gamma, inv_tau float64 of x0's shape; zt_rule 0 exact,
   // 1 the reference's rule. Philox key `seed`, positions offset.. of stream token.

@@ -22,6 +22,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 from . import reference, sampling
 from .ops import (
+    curriculum_embed,
     curriculum_topk,
     curriculum_topk_embed,
     distill_kl,
@@ -46,6 +47,7 @@ def build_info() -> dict:
 
 __all__ = [
     "build_info",
+    "curriculum_embed",
     "curriculum_topk",
     "curriculum_topk_embed",
     "distill_kl",

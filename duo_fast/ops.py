@@ -562,3 +562,78 @@ torch.library.register_autograd(
 @torch.library.register_fake("duo_fast::topk_bag_backward")
 def _topk_bag_backward_fake(grad_h, ids, weights, vocab_size, deterministic):
     return grad_h.new_empty((vocab_size, grad_h.shape[-1]), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# SPEC sections 2c, 2d: the exact curriculum input
+# --------------------------------------------------------------------------------------
+
+
+def curriculum_embed(
+    x0: torch.Tensor,
+    gamma,
+    inv_tau,
+    embedding: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+):
+    """The exact curriculum soft input of Duo (SPEC 2d): ``h = softmax(w * inv_tau)
+    @ embedding`` with the Gaussian latent ``w = a~ onehot(x0) + s~ eps`` over all
+    K entries, and ``z_t = argmax w``. Returns ``(h [B, L, d], z_t [B, L])``,
+    ``h`` in ``embedding``'s dtype (float32, bfloat16 or float16; math in
+    float32 with scores in float64), differentiable w.r.t. ``embedding``.
+
+    ``eps[token, j]`` is generated inside the kernel from Philox (SPEC 2c) and
+    never stored: forward and backward regenerate it, like FlashAttention's
+    scores (online softmax over tiles of K; CPU: BLAS GEMMs on tiles of
+    P; backward from the saved row log-sum-exp). Memory O(N d + K d) (the
+    embedding's float32 copy when it is not float32), never O(N K).
+    ``gamma`` finite and ``inv_tau`` > 0 per row, per token or a float;
+    ``inv_tau`` from 1 to 1e4 and beyond stay finite. With ``seed`` the
+    outputs are identical on CPU (any thread count) and CUDA up to float
+    rounding of the sums (z_t except at exact near-ties).
+    """
+    check_tensor(x0, "x0", (torch.int64,))
+    check_tensor(embedding, "embedding", _EMBEDDING_DTYPES)
+    if embedding.dim() != 2:
+        raise ValueError(f"duo_fast: embedding must be [vocab_size, d], got shape {tuple(embedding.shape)}")
+    check_same_device(x0, "x0", embedding, "embedding")
+    check_vocab(embedding.shape[0], "embedding.shape[0] (the vocabulary size)")
+    g, it = _curriculum_levels(x0, gamma, inv_tau)
+    key = philox_seed(x0.device, generator, seed)
+    h, z_t, _ = torch.ops.duo_fast.curriculum_embed.default(x0, g, it, embedding, key, 0)
+    return h, z_t
+
+
+@torch.library.register_fake("duo_fast::curriculum_embed")
+def _curriculum_embed_fake(x0, gamma, inv_tau, embedding, seed, offset):
+    h = embedding.new_empty((*x0.shape, embedding.shape[1]))
+    return h, x0.new_empty(x0.shape), x0.new_empty(x0.shape, dtype=torch.float64)
+
+
+def _curriculum_embed_setup_context(ctx, inputs, output):
+    x0, gamma, inv_tau, embedding, seed, offset = inputs
+    ctx.save_for_backward(x0, gamma, inv_tau, output[2])
+    ctx.vocab_size, ctx.embedding_dtype, ctx.seed, ctx.offset = embedding.shape[0], embedding.dtype, seed, offset
+    ctx.set_materialize_grads(False)
+
+
+def _curriculum_embed_backward(ctx, grad_h, grad_z, grad_lse):
+    if grad_h is None or not ctx.needs_input_grad[3]:
+        return None, None, None, None, None, None
+    x0, gamma, inv_tau, lse = ctx.saved_tensors
+    grad = torch.ops.duo_fast.curriculum_embed_backward.default(
+        grad_h, x0, gamma, inv_tau, lse, ctx.vocab_size, ctx.seed, ctx.offset
+    )
+    return None, None, None, grad.to(ctx.embedding_dtype), None, None
+
+
+torch.library.register_autograd(
+    "duo_fast::curriculum_embed", _curriculum_embed_backward, setup_context=_curriculum_embed_setup_context
+)
+
+
+@torch.library.register_fake("duo_fast::curriculum_embed_backward")
+def _curriculum_embed_backward_fake(grad_h, x0, gamma, inv_tau, lse, vocab_size, seed, offset):
+    return grad_h.new_empty((vocab_size, grad_h.shape[-1]), dtype=torch.float32)

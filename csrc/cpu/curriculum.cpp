@@ -1,4 +1,15 @@
-// CPU kernels of the Duo++ top-k curriculum input (SPEC 2e; row math in topk.h):
+// CPU kernels of the curriculum soft inputs.
+//
+// Exact (SPEC 2c, 2d; row math in curriculum.h): curriculum_embed is attention
+// with one query per token whose scores are generated noise and whose values
+// are E. Each thread takes a chunk of tokens and walks K in tiles: generate the
+// tile's scores, update the online softmax (row max m, sum l; rescale the
+// accumulator when m grows), then acc += P_tile E_tile by a BLAS GEMM. h =
+// acc / l; the row log-sum-exp is kept for the backward, which walks K-tiles
+// per thread (so each dE tile has one writer), regenerates P = exp(y - lse)
+// for token chunks and does dE_tile += P^T dh. Memory O(N d + tile).
+//
+// Top-k (SPEC 2e; row math in topk.h):
 // curriculum_topk (ids, weights, z_t per token), curriculum_topk_embed (the same
 // plus the weighted embedding bag h = sum_i w_i E[id_i], in the same pass over
 // the tokens) and the bag's backward dE[id_i] += w_i dh (columns split among
@@ -11,6 +22,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "duo_fast/curriculum.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/topk.h"
 
@@ -149,12 +161,148 @@ at::Tensor topk_bag_backward_cpu(const at::Tensor& grad_h, const at::Tensor& ids
   return grad;
 }
 
+// ---- exact curriculum input ----
+
+constexpr int64_t kTokenChunk = 256;  // tokens per GEMM (rows of P)
+constexpr int64_t kVocabTile = 512;   // entries per GEMM (columns of P); a multiple of 4
+
+struct CurriculumArgs {
+  const int64_t* x0;
+  const double* gamma;
+  const double* inv_tau;
+  int64_t vocab_size;
+  uint64_t seed, offset;
+};
+
+// Scores y_j (double) of token t for j in [j0, j0 + n), n a multiple of 4 or the tail.
+void token_scores(const CurriculumArgs& a, int64_t t, int64_t j0, int64_t n, double* y) {
+  const topk::Scales sc = topk::scales(a.gamma[t]);
+  const double inv_tau = a.inv_tau[t];
+  const int64_t x = a.x0[t];
+  float eps[curriculum::kNoisePerBlock];
+  for (int64_t j = j0; j < j0 + n; j += curriculum::kNoisePerBlock) {
+    curriculum::noise4(a.seed, a.offset, uint64_t(t), j / curriculum::kNoisePerBlock, eps);
+    for (int e = 0; e < curriculum::kNoisePerBlock && j + e < j0 + n; ++e)
+      y[j - j0 + e] = curriculum::latent(eps[e], j + e == x, sc.a, sc.s) * inv_tau;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cpu(const at::Tensor& x0, const at::Tensor& gamma,
+                                                                    const at::Tensor& inv_tau,
+                                                                    const at::Tensor& embedding, int64_t seed,
+                                                                    int64_t offset) {
+  check_embedding(embedding, x0);
+  const int64_t K = embedding.size(0), d = embedding.size(1);
+  check_vocab(K, "embedding.size(0) (the vocabulary size)");
+  check_token_ids(x0, "x0", K);
+  check_curriculum_levels(x0, gamma, inv_tau);
+  const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous();
+  const at::Tensor E = embedding.contiguous().to(at::kFloat);  // [K, d] float32 once (O(K d), not O(N K))
+  const int64_t n = x.numel();
+  at::Tensor h = at::empty({n, d}, E.options());
+  at::Tensor z = at::empty_like(x);
+  at::Tensor lse = at::empty(x.sizes(), x.options().dtype(at::kDouble));
+  const CurriculumArgs a{x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(), it.const_data_ptr<double>(), K,
+                         uint64_t(seed), uint64_t(offset)};
+  int64_t* zp = z.mutable_data_ptr<int64_t>();
+  double* lp = lse.mutable_data_ptr<double>();
+  at::parallel_for(0, (n + kTokenChunk - 1) / kTokenChunk, 1, [&](int64_t c0, int64_t c1) {
+    at::Tensor P = at::empty({kTokenChunk, kVocabTile}, E.options());
+    std::vector<double> y(kVocabTile), m(kTokenChunk), l(kTokenChunk), best(kTokenChunk);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t0 = c * kTokenChunk, T = std::min(kTokenChunk, n - t0);
+      at::Tensor acc = h.narrow(0, t0, T);
+      acc.zero_();
+      float* accp = acc.mutable_data_ptr<float>();
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.0);
+      for (int64_t j0 = 0; j0 < K; j0 += kVocabTile) {
+        const int64_t kt = std::min(kVocabTile, K - j0);
+        float* pp = P.mutable_data_ptr<float>();
+        for (int64_t r = 0; r < T; ++r) {
+          const int64_t t = t0 + r;
+          token_scores(a, t, j0, kt, y.data());
+          double tile_max = -INFINITY;
+          int64_t arg = 0;
+          for (int64_t j = 0; j < kt; ++j) {
+            if (y[j] > tile_max) tile_max = y[j], arg = j;
+          }
+          if (j0 == 0 || tile_max > best[r]) best[r] = tile_max, zp[t] = j0 + arg;  // argmax w = argmax y
+          if (tile_max > m[r]) {  // online softmax: rescale what was summed under the old max
+            const double scale = std::exp(m[r] - tile_max);
+            if (j0 > 0) {
+              for (int64_t col = 0; col < d; ++col) accp[r * d + col] *= float(scale);
+            }
+            l[r] *= scale;
+            m[r] = tile_max;
+          }
+          float* prow = pp + r * kVocabTile;
+          double sum = 0.0;
+          for (int64_t j = 0; j < kt; ++j) {
+            prow[j] = std::exp(float(y[j] - m[r]));
+            sum += prow[j];
+          }
+          l[r] += sum;
+        }
+        acc.addmm_(P.narrow(0, 0, T).narrow(1, 0, kt), E.narrow(0, j0, kt));
+      }
+      for (int64_t r = 0; r < T; ++r) {
+        const float inv_l = float(1.0 / l[r]);
+        for (int64_t col = 0; col < d; ++col) accp[r * d + col] *= inv_l;
+        lp[t0 + r] = m[r] + std::log(l[r]);
+      }
+    }
+  });
+  auto out_sizes = x.sizes().vec();
+  out_sizes.push_back(d);
+  return {h.reshape(out_sizes).to(embedding.scalar_type()), z, lse};
+}
+
+// dE [K, d] float32 = P^T grad_h with P = exp(y - lse) regenerated tile by tile.
+at::Tensor curriculum_embed_backward_cpu(const at::Tensor& grad_h, const at::Tensor& x0, const at::Tensor& gamma,
+                                         const at::Tensor& inv_tau, const at::Tensor& lse, int64_t vocab_size,
+                                         int64_t seed, int64_t offset) {
+  check_vocab(vocab_size);
+  check_token_ids(x0, "x0", vocab_size);
+  check_curriculum_levels(x0, gamma, inv_tau);
+  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.sizes() == x0.sizes(), "duo_fast: lse must be Double of x0's shape");
+  TORCH_CHECK(grad_h.dim() == x0.dim() + 1 && grad_h.sizes().slice(0, x0.dim()) == x0.sizes(),
+              "duo_fast: grad_h has shape ", grad_h.sizes(), ", expected x0's shape + [d]");
+  const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous(), ls = lse.contiguous();
+  const int64_t n = x.numel(), K = vocab_size, d = grad_h.size(-1);
+  const at::Tensor dh = grad_h.reshape({n, d}).contiguous().to(at::kFloat);
+  at::Tensor dE = at::zeros({K, d}, dh.options());
+  const CurriculumArgs a{x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(), it.const_data_ptr<double>(), K,
+                         uint64_t(seed), uint64_t(offset)};
+  const double* lp = ls.const_data_ptr<double>();
+  at::parallel_for(0, (K + kVocabTile - 1) / kVocabTile, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor P = at::empty({kTokenChunk, kVocabTile}, dh.options());
+    std::vector<double> y(kVocabTile);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kVocabTile, kt = std::min(kVocabTile, K - j0);
+      at::Tensor dE_tile = dE.narrow(0, j0, kt);
+      for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
+        const int64_t T = std::min(kTokenChunk, n - t0);
+        float* pp = P.mutable_data_ptr<float>();
+        for (int64_t r = 0; r < T; ++r) {
+          token_scores(a, t0 + r, j0, kt, y.data());
+          for (int64_t j = 0; j < kt; ++j) pp[r * kVocabTile + j] = std::exp(float(y[j] - lp[t0 + r]));
+        }
+        dE_tile.addmm_(P.narrow(0, 0, T).narrow(1, 0, kt).t(), dh.narrow(0, t0, T));
+      }
+    }
+  });
+  return dE;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(duo_fast, CPU, m) {
   m.impl("curriculum_topk", &curriculum_topk_cpu);
   m.impl("curriculum_topk_embed", &curriculum_topk_embed_cpu);
   m.impl("topk_bag_backward", &topk_bag_backward_cpu);
+  m.impl("curriculum_embed", &curriculum_embed_cpu);
+  m.impl("curriculum_embed_backward", &curriculum_embed_backward_cpu);
 }
 
 }  // namespace duo_fast

@@ -144,6 +144,54 @@ at::Tensor posterior_cuda(const at::Tensor& logits, const at::Tensor& z, const a
   return q;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cuda(const at::Tensor& x0, const at::Tensor& gamma,
+                                                                     const at::Tensor& inv_tau,
+                                                                     const at::Tensor& embedding, int64_t seed,
+                                                                     int64_t offset) {
+  check_embedding(embedding, x0);
+  const int64_t K = embedding.size(0), d = embedding.size(1);
+  check_vocab(K, "embedding.size(0) (the vocabulary size)");
+  check_token_ids(x0, "x0", K);
+  check_curriculum_levels(x0, gamma, inv_tau);
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous();
+  const at::Tensor E = embedding.contiguous().to(at::kFloat);
+  auto sizes = x.sizes().vec();
+  sizes.push_back(d);
+  at::Tensor h = at::empty(sizes, E.options()), z = at::empty_like(x);
+  at::Tensor lse = at::empty(x.sizes(), x.options().dtype(at::kDouble));
+  check_launch(cuda::curriculum_embed(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
+                                      it.const_data_ptr<double>(), E.const_data_ptr<float>(), x.numel(), K, d,
+                                      uint64_t(seed), uint64_t(offset), h.mutable_data_ptr<float>(),
+                                      z.mutable_data_ptr<int64_t>(), lse.mutable_data_ptr<double>(),
+                                      c10::cuda::getCurrentCUDAStream().stream()),
+               "curriculum_embed");
+  return {h.to(embedding.scalar_type()), z, lse};
+}
+
+at::Tensor curriculum_embed_backward_cuda(const at::Tensor& grad_h, const at::Tensor& x0, const at::Tensor& gamma,
+                                          const at::Tensor& inv_tau, const at::Tensor& lse, int64_t vocab_size,
+                                          int64_t seed, int64_t offset) {
+  check_vocab(vocab_size);
+  check_token_ids(x0, "x0", vocab_size);
+  check_curriculum_levels(x0, gamma, inv_tau);
+  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.sizes() == x0.sizes(), "duo_fast: lse must be Double of x0's shape");
+  TORCH_CHECK(grad_h.dim() == x0.dim() + 1 && grad_h.sizes().slice(0, x0.dim()) == x0.sizes(),
+              "duo_fast: grad_h has shape ", grad_h.sizes(), ", expected x0's shape + [d]");
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous(), ls = lse.contiguous();
+  const int64_t d = grad_h.size(-1);
+  const at::Tensor dh = grad_h.contiguous().to(at::kFloat);
+  at::Tensor dE = at::empty({vocab_size, d}, dh.options());
+  check_launch(cuda::curriculum_embed_backward(dh.const_data_ptr<float>(), x.const_data_ptr<int64_t>(),
+                                               g.const_data_ptr<double>(), it.const_data_ptr<double>(),
+                                               ls.const_data_ptr<double>(), x.numel(), vocab_size, d, uint64_t(seed),
+                                               uint64_t(offset), dE.mutable_data_ptr<float>(),
+                                               c10::cuda::getCurrentCUDAStream().stream()),
+               "curriculum_embed_backward");
+  return dE;
+}
+
 struct TopKScratch {
   at::Tensor map, kept;
   int64_t slots;
@@ -241,6 +289,8 @@ TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
   m.impl("curriculum_topk", &curriculum_topk_cuda);
   m.impl("curriculum_topk_embed", &curriculum_topk_embed_cuda);
   m.impl("topk_bag_backward", &topk_bag_backward_cuda);
+  m.impl("curriculum_embed", &curriculum_embed_cuda);
+  m.impl("curriculum_embed_backward", &curriculum_embed_backward_cuda);
 }
 
 }  // namespace duo_fast

@@ -1,4 +1,14 @@
-// CUDA kernels of the Duo++ top-k curriculum input (SPEC 2e; row math in topk.h).
+// CUDA kernels of the curriculum soft inputs.
+//   * curriculum_embed (SPEC 2c, 2d; curriculum.h), flash-attention style on
+//     the portable path: a block takes 16 tokens and walks K in tiles of 64;
+//     each thread generates one Philox block of noise (4 entries) per tile, a
+//     warp per two tokens updates the online softmax (max, argmax, sum;
+//     rescale factor), then each thread accumulates 16 tokens x 4 columns of
+//     acc += P_tile E_tile in registers. Columns beyond 1024 are done in
+//     further passes (noise regenerated). Backward: a block owns 16 ids and
+//     walks the tokens in groups of 16, regenerating P = exp(y - lse), and
+//     accumulates dE rows in registers (one writer per row, deterministic).
+// Duo++ top-k curriculum input (SPEC 2e; row math in topk.h):
 //   * curriculum_topk: one thread per token (grid-stride); each thread owns a
 //     slice of the scratch (swap map + kept values), so the launch is capped at
 //     topk_scratch_threads(n, k) threads.
@@ -9,6 +19,8 @@
 //     over ids sorted by the caller (stable): the block whose chunk holds a
 //     run's first entry sums the whole run in order and writes the row.
 #include "duo_fast/cuda_compat.h"
+#include "duo_fast/curriculum.h"
+#include "duo_fast/reduce.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/topk.h"
 #include "launchers.h"
@@ -112,9 +124,192 @@ __global__ void bag_backward_sorted_kernel(const float* __restrict__ grad_h, con
   }
 }
 
+// ---- exact curriculum input ----
+
+constexpr unsigned kEmbedThreads = 256;
+constexpr int kTokens = 16;     // tokens per block (forward) / per step (backward)
+constexpr int kTile = 64;       // vocabulary entries per forward tile
+constexpr int kIds = 16;        // ids per backward block
+constexpr int kCols = 4;        // columns per thread per pass
+constexpr int64_t kColsPerPass = int64_t(kEmbedThreads) * kCols;
+
+struct Levels {
+  double a, s, inv_tau;
+  int64_t x;
+};
+
+DUO_DEVICE Levels levels(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t t) {
+  const topk::Scales sc = topk::scales(gamma[t]);
+  return {sc.a, sc.s, inv_tau[t], x0[t]};
+}
+
+__global__ void embed_forward_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma,
+                                     const double* __restrict__ inv_tau, const float* __restrict__ E, int64_t n,
+                                     int64_t K, int64_t d, uint64_t seed, uint64_t offset, float* __restrict__ h,
+                                     int64_t* __restrict__ z, double* __restrict__ lse) {
+  __shared__ double y[kTokens][kTile];
+  __shared__ float P[kTokens][kTile];
+  __shared__ double m[kTokens], l[kTokens], best[kTokens];
+  __shared__ float scale[kTokens];
+  __shared__ int64_t arg[kTokens];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int64_t t0 = int64_t(blockIdx.x) * kTokens; t0 < n; t0 += int64_t(gridDim.x) * kTokens) {
+    for (int64_t c0 = 0; c0 < d; c0 += kColsPerPass) {
+      float acc[kTokens][kCols];
+#pragma unroll
+      for (int r = 0; r < kTokens; ++r)
+#pragma unroll
+        for (int q = 0; q < kCols; ++q) acc[r][q] = 0.0f;
+      if (threadIdx.x < kTokens) m[threadIdx.x] = -INFINITY, l[threadIdx.x] = 0.0, best[threadIdx.x] = -INFINITY;
+      __syncthreads();
+      for (int64_t j0 = 0; j0 < K; j0 += kTile) {
+        {  // noise: thread -> (token r, Philox block of 4 entries)
+          const int r = threadIdx.x / (kTile / 4), q = threadIdx.x % (kTile / 4);
+          const int64_t t = t0 + r, j = j0 + 4 * q;
+          float eps[4];
+          if (t < n) {
+            const Levels lv = levels(x0, gamma, inv_tau, t);
+            curriculum::noise4(seed, offset, uint64_t(t), j / 4, eps);
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              y[r][4 * q + e] = j + e < K ? curriculum::latent(eps[e], j + e == lv.x, lv.a, lv.s) * lv.inv_tau : -INFINITY;
+          } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) y[r][4 * q + e] = -INFINITY;
+          }
+        }
+        __syncthreads();
+        for (int r = warp; r < kTokens; r += kEmbedThreads / 32) {  // online softmax, a warp per row
+          double v0 = y[r][lane], v1 = y[r][lane + 32];
+          double mx = v0 >= v1 ? v0 : v1;
+          int64_t ax = v0 >= v1 ? j0 + lane : j0 + lane + 32;
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) {
+            const double om = __shfl_xor_sync(reduce::kFullMask, mx, o);
+            const int64_t oa = __shfl_xor_sync(reduce::kFullMask, ax, o);
+            if (om > mx || (om == mx && oa < ax)) mx = om, ax = oa;  // first index among ties
+          }
+          const double m_old = m[r], m_new = mx > m_old ? mx : m_old;
+          const float p0 = expf(float(v0 - m_new)), p1 = expf(float(v1 - m_new));
+          P[r][lane] = p0;
+          P[r][lane + 32] = p1;
+          const double sum = reduce::warp_reduce(double(p0) + double(p1), reduce::Sum());
+          __syncwarp();
+          if (lane == 0) {
+            const double sc = m_old == -INFINITY ? 0.0 : exp(m_old - m_new);
+            scale[r] = float(sc);
+            l[r] = l[r] * sc + sum;
+            m[r] = m_new;
+            if (mx > best[r]) best[r] = mx, arg[r] = ax;
+          }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < kTokens; ++r)
+#pragma unroll
+          for (int q = 0; q < kCols; ++q) acc[r][q] *= scale[r];
+        const int64_t jn = K - j0 < kTile ? K - j0 : kTile;
+        for (int j = 0; j < jn; ++j) {
+#pragma unroll
+          for (int q = 0; q < kCols; ++q) {
+            const int64_t c = c0 + threadIdx.x + int64_t(q) * kEmbedThreads;
+            const float e = c < d ? E[(j0 + j) * d + c] : 0.0f;
+#pragma unroll
+            for (int r = 0; r < kTokens; ++r) acc[r][q] += P[r][j] * e;
+          }
+        }
+        __syncthreads();  // y, P and scale are rewritten by the next tile
+      }
+      for (int r = 0; r < kTokens && t0 + r < n; ++r) {
+        const float inv_l = float(1.0 / l[r]);
+#pragma unroll
+        for (int q = 0; q < kCols; ++q) {
+          const int64_t c = c0 + threadIdx.x + int64_t(q) * kEmbedThreads;
+          if (c < d) h[(t0 + r) * d + c] = acc[r][q] * inv_l;
+        }
+      }
+      if (c0 == 0 && threadIdx.x < kTokens && t0 + threadIdx.x < n) {
+        z[t0 + threadIdx.x] = arg[threadIdx.x];
+        lse[t0 + threadIdx.x] = m[threadIdx.x] + log(l[threadIdx.x]);
+      }
+      __syncthreads();  // m, l, arg are reset by the next pass
+    }
+  }
+}
+
+__global__ void embed_backward_kernel(const float* __restrict__ dh, const int64_t* __restrict__ x0,
+                                      const double* __restrict__ gamma, const double* __restrict__ inv_tau,
+                                      const double* __restrict__ lse, int64_t n, int64_t K, int64_t d, uint64_t seed,
+                                      uint64_t offset, float* __restrict__ dE) {
+  __shared__ float P[kTokens][kIds];
+  for (int64_t j0 = int64_t(blockIdx.x) * kIds; j0 < K; j0 += int64_t(gridDim.x) * kIds) {
+    for (int64_t c0 = 0; c0 < d; c0 += kColsPerPass) {
+      float acc[kIds][kCols];
+#pragma unroll
+      for (int j = 0; j < kIds; ++j)
+#pragma unroll
+        for (int q = 0; q < kCols; ++q) acc[j][q] = 0.0f;
+      for (int64_t t0 = 0; t0 < n; t0 += kTokens) {
+        if (threadIdx.x < kTokens * (kIds / 4)) {  // noise: thread -> (token r, 4 ids)
+          const int r = threadIdx.x / (kIds / 4), q = threadIdx.x % (kIds / 4);
+          const int64_t t = t0 + r, j = j0 + 4 * q;
+          float eps[4];
+          if (t < n) {
+            const Levels lv = levels(x0, gamma, inv_tau, t);
+            curriculum::noise4(seed, offset, uint64_t(t), j / 4, eps);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const double yv = curriculum::latent(eps[e], j + e == lv.x, lv.a, lv.s) * lv.inv_tau;
+              P[r][4 * q + e] = j + e < K ? expf(float(yv - lse[t])) : 0.0f;
+            }
+          } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) P[r][4 * q + e] = 0.0f;
+          }
+        }
+        __syncthreads();
+        for (int r = 0; r < kTokens && t0 + r < n; ++r) {
+#pragma unroll
+          for (int q = 0; q < kCols; ++q) {
+            const int64_t c = c0 + threadIdx.x + int64_t(q) * kEmbedThreads;
+            const float g = c < d ? dh[(t0 + r) * d + c] : 0.0f;
+#pragma unroll
+            for (int j = 0; j < kIds; ++j) acc[j][q] += P[r][j] * g;
+          }
+        }
+        __syncthreads();  // P is rewritten by the next token group
+      }
+      for (int j = 0; j < kIds && j0 + j < K; ++j) {
+#pragma unroll
+        for (int q = 0; q < kCols; ++q) {
+          const int64_t c = c0 + threadIdx.x + int64_t(q) * kEmbedThreads;
+          if (c < d) dE[(j0 + j) * d + c] = acc[j][q];
+        }
+      }
+    }
+  }
+}
+
 unsigned blocks_for(int64_t n, int64_t cap) { return unsigned(n < cap ? (n > 0 ? n : 1) : cap); }
 
 }  // namespace
+
+int curriculum_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const float* embedding,
+                     int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h, int64_t* z,
+                     double* lse, void* stream) {
+  if (n == 0) return 0;
+  return int(launch_kernel(embed_forward_kernel, dim3(blocks_for((n + kTokens - 1) / kTokens, 65535)),
+                           dim3(kEmbedThreads), 0, static_cast<cudaStream_t>(stream), x0, gamma, inv_tau, embedding,
+                           n, vocab_size, d, seed, offset, h, z, lse));
+}
+
+int curriculum_embed_backward(const float* grad_h, const int64_t* x0, const double* gamma, const double* inv_tau,
+                              const double* lse, int64_t n, int64_t vocab_size, int64_t d, uint64_t seed,
+                              uint64_t offset, float* grad_embedding, void* stream) {
+  return int(launch_kernel(embed_backward_kernel, dim3(blocks_for((vocab_size + kIds - 1) / kIds, 65535)),
+                           dim3(kEmbedThreads), 0, static_cast<cudaStream_t>(stream), grad_h, x0, gamma, inv_tau, lse,
+                           n, vocab_size, d, seed, offset, grad_embedding));
+}
 
 int64_t topk_scratch_slots(int64_t n, int64_t k, bool per_block) {
   // ~32 MiB of swap maps at most; a slot per thread (topk) or per block (embed).

@@ -38,6 +38,16 @@ int sample_step(const void* logits, int dtype, const int64_t* z, const double* a
 int posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s, float* q,
               int64_t rows, int64_t K, double kappa, double temperature, double top_p, void* stream);
 
+// Exact curriculum input (SPEC 2c, 2d; curriculum.h) for n tokens over a float32
+// [vocab_size, d] embedding: h [n, d] float32, z, row log-sum-exp (double);
+// backward writes every row of grad_embedding [vocab_size, d].
+int curriculum_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const float* embedding,
+                     int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h, int64_t* z,
+                     double* lse, void* stream);
+int curriculum_embed_backward(const float* grad_h, const int64_t* x0, const double* gamma, const double* inv_tau,
+                              const double* lse, int64_t n, int64_t vocab_size, int64_t d, uint64_t seed,
+                              uint64_t offset, float* grad_embedding, void* stream);
+
 // Duo++ top-k curriculum input (SPEC 2e; topk.h). The caller allocates
 // `slots` = topk_scratch_slots(n, k, per_block) scratch slots: map_scratch of
 // slots * 2 * topk_map_capacity(k) int32 filled with -1, kept_scratch of

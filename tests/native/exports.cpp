@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "duo_fast/cuda_compat.h"
+#include "duo_fast/curriculum.h"
 #include "duo_fast/distill.h"
 #include "duo_fast/latent.h"
 #include "duo_fast/philox.h"
@@ -142,6 +143,29 @@ int df_emu_topk_bag_backward_atomic(const float* grad_h, const int64_t* ids, con
 int df_emu_topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, const int64_t* order,
                                     const float* weights, float* grad, int64_t entries, int64_t k, int64_t d) {
   return cuda::topk_bag_backward_sorted(grad_h, sorted_ids, order, weights, grad, entries, k, d, nullptr);
+}
+
+// eps[token, 0..K) of the exact curriculum input (curriculum.h): the test hook
+// that makes the noise visible.
+void df_curriculum_noise(uint64_t seed, uint64_t offset, uint64_t token, int64_t vocab_size, float* out) {
+  float eps[curriculum::kNoisePerBlock];
+  for (int64_t j = 0; j < vocab_size; j += curriculum::kNoisePerBlock) {
+    curriculum::noise4(seed, offset, token, j / curriculum::kNoisePerBlock, eps);
+    for (int e = 0; e < curriculum::kNoisePerBlock && j + e < vocab_size; ++e) out[j + e] = eps[e];
+  }
+}
+
+int df_emu_curriculum_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const float* embedding,
+                            int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h,
+                            int64_t* z, double* lse) {
+  return cuda::curriculum_embed(x0, gamma, inv_tau, embedding, n, vocab_size, d, seed, offset, h, z, lse, nullptr);
+}
+
+int df_emu_curriculum_embed_backward(const float* grad_h, const int64_t* x0, const double* gamma,
+                                     const double* inv_tau, const double* lse, int64_t n, int64_t vocab_size,
+                                     int64_t d, uint64_t seed, uint64_t offset, float* grad_embedding) {
+  return cuda::curriculum_embed_backward(grad_h, x0, gamma, inv_tau, lse, n, vocab_size, d, seed, offset,
+                                         grad_embedding, nullptr);
 }
 
 // rank_key of sampling.h (ties by lower id; -0 like +0).

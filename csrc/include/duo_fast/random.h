@@ -20,7 +20,8 @@ constexpr double kTwoPi = 6.28318530717958647693;
 // always finite.
 DUO_HD double uniform53(uint32_t hi, uint32_t lo) {
   const uint64_t k = ((uint64_t(hi) << 32) | uint64_t(lo)) >> 11;
-  return fmin((double(k) + 0.5) * 0x1.0p-53, 0x1.fffffffffffffp-1);
+  const double u = (double(k) + 0.5) * 0x1.0p-53;
+  return u < 0x1.fffffffffffffp-1 ? u : 0x1.fffffffffffffp-1;  // a compare, not a libm call
 }
 
 // Two uniforms (0,1) from one Philox block.
