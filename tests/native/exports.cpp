@@ -345,6 +345,38 @@ int main() {
       }
     }
   }
+  {
+    // curriculum_embed: z in range, h a convex combination of rows of E (so inside
+    // their column range), lse finite; backward: sum_j dE[j] = sum_t dh[t] (rows of
+    // P sum to 1). Odd sizes: a partial token group, a partial tile, two column passes.
+    const int64_t K = 67, d = 1030, n = 19;
+    std::vector<int64_t> x(n), z(n);
+    std::vector<double> g(n), it(n), lse(n);
+    std::vector<float> E(K * d), h(n * d), dh(n * d), dE(K * d);
+    for (int64_t t = 0; t < n; ++t) x[t] = (t * 5) % K, g[t] = -3.0 + 0.3 * double(t), it[t] = t % 2 ? 1.0 : 1e4;
+    for (int64_t i = 0; i < K * d; ++i) E[i] = float((i * 29) % 23) - 11.0f;
+    for (int64_t i = 0; i < n * d; ++i) dh[i] = float((i * 7) % 5) - 2.0f;
+    int err = cuda::curriculum_embed(x.data(), g.data(), it.data(), E.data(), n, K, d, 3, 0, h.data(), z.data(),
+                                     lse.data(), nullptr);
+    err |= cuda::curriculum_embed_backward(dh.data(), x.data(), g.data(), it.data(), lse.data(), n, K, d, 3, 0,
+                                           dE.data(), nullptr);
+    bool ok = err == 0;
+    for (int64_t t = 0; t < n; ++t) ok = ok && z[t] >= 0 && z[t] < K && std::isfinite(lse[t]);
+    for (int64_t c = 0; c < d; ++c) {
+      float lo = INFINITY, hi = -INFINITY;
+      double col = 0.0, want = 0.0;
+      for (int64_t j = 0; j < K; ++j) lo = fminf(lo, E[j * d + c]), hi = fmaxf(hi, E[j * d + c]), col += dE[j * d + c];
+      for (int64_t t = 0; t < n; ++t) {
+        ok = ok && h[t * d + c] >= lo - 1e-3f && h[t * d + c] <= hi + 1e-3f;
+        want += dh[t * d + c];
+      }
+      ok = ok && fabs(col - want) <= 1e-3 * (1.0 + fabs(want));
+    }
+    if (!ok) {
+      ++failures;
+      std::printf("curriculum_embed check failed\n");
+    }
+  }
   std::printf("emulated kernels: %s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }
