@@ -176,6 +176,7 @@ def parse_args(argv=None):
     g.add_argument("--mode", dest="mode", choices=["quick", "full"], help=argparse.SUPPRESS)
     p.set_defaults(mode="quick")
     p.add_argument("--ops", default="", help="comma-separated op names (default: all registered)")
+    p.add_argument("--match", default="", help="only the cases whose id contains this substring (e.g. N2048-K50257)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads / OMP threads per process (default 2)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
@@ -198,6 +199,8 @@ def main(argv=None) -> int:
             return 2
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] or None
     cases, errors = common.discover_cases(args.mode, args.device, ops)
+    if args.match:
+        cases = [c for c in cases if args.match in c.id]
     for e in errors:
         print(f"warning: case module skipped: {e}", file=sys.stderr)
     if ops:

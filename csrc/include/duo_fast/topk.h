@@ -21,8 +21,8 @@
 //
 // Phi^-1 is Acklam's approximation (relative 1.15e-9) refined by a Halley step
 // only where the weights need it: o_i enters only through exp(o_i / tau), so
-// the approximation is used while s~ |Phi^-1| / tau * 1.15e-9 < 1e-8 (weights
-// to ~1e-8 relative) and the full-precision ndtri beyond.
+// the approximation is used while s~ |Phi^-1| / tau * 1.15e-9 < 3e-8 (below
+// half an ulp of the float32 weights) and the full-precision ndtri beyond.
 //
 // Random numbers, stream = token: position offset -> xi (Box-Muller);
 // offset + 1 + i/2 -> U_i (two 53-bit uniforms per block); offset + 1 + H + i/2,
@@ -136,12 +136,16 @@ DUO_HD TokenOut token(uint64_t seed, uint64_t offset, uint64_t stream, int64_t x
 
   // 1. order statistics, descending (kept[] holds U_i, then o_i).
   draw_uniforms(seed, offset, stream, k, kept);
-  const bool refine = sc.s * inv_tau * 8.0 * 1.15e-9 > 1e-8;  // |Phi^-1| <= 8 here
+  // Refine only where the approximation's error would reach the float32 weights:
+  // d(log w) = s~ |Phi^-1| / tau * 1.15e-9 above 3e-8 (half an ulp).
+  const double refine_above = 3e-8 / (1.15e-9 * sc.s * inv_tau);
   double log_v = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     log_v += log(kept[i]) / (n_others - double(i));
     const double q = -expm1(log_v);  // 1 - V_i
-    kept[i] = sc.s * -(refine ? ndtri(q) : ndtri_approx(q));
+    double phi_inv = -ndtri_approx(q);
+    if (phi_inv > refine_above || -phi_inv > refine_above) phi_inv = -ndtri(q);
+    kept[i] = sc.s * phi_inv;
   }
   const double o_1 = kept[0], o_k = kept[k - 1];
 
