@@ -74,13 +74,12 @@ inline void check_distill_args(const at::Tensor& student, const at::Tensor& teac
   check_same_device(student, "student_logits", teacher, "teacher_logits");
 }
 
-// usdm_loss: float32 logits [B, L, K] (any leading shape), z and x0 int64 ids of
+// usdm_loss: float32/bfloat16/float16 logits [B, L, K] (any leading shape), z and x0 int64 ids of
 // the leading shape, alpha/dalpha float64 of the leading shape (the wrapper
 // broadcasts per-row levels) with 0 < alpha < 1 and dalpha <= 0.
 inline void check_usdm_loss_args(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0,
                                  const at::Tensor& alpha, const at::Tensor& dalpha) {
-  TORCH_CHECK(logits.scalar_type() == at::kFloat, "duo_fast: logits has dtype ", logits.scalar_type(),
-              ", expected Float");
+  check_floating(logits, "logits", {at::kFloat, at::kBFloat16, at::kHalf});
   TORCH_CHECK(logits.dim() >= 2, "duo_fast: logits must be [..., K], got shape ", logits.sizes());
   const int64_t K = logits.size(-1);
   check_vocab(K, "logits.size(-1) (the vocabulary size)");

@@ -14,6 +14,7 @@ from ._checks import check_real, check_same_device, check_tensor, check_vocab, p
 from ._random import philox_seed
 
 _FLOAT_LEVELS = (torch.float32, torch.float64)
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------
@@ -188,7 +189,9 @@ def usdm_loss(
     """Per-token uniform-state diffusion NELBO (SPEC 3; ``DUO_BASE.nll_per_token``
     on ``log_softmax(logits)``) from raw logits, fused: no ``[N, K]`` temporary.
 
-    ``logits``: ``[B, L, K]`` float32; ``z``, ``x0``: ``[B, L]`` int64 ids in
+    ``logits``: ``[B, L, K]`` float32, bfloat16 or float16 (math in float32; a
+    16-bit input is read through a float32 copy and its gradient is cast back, so
+    it costs 3x its own bytes, not the 1x of float32); ``z``, ``x0``: ``[B, L]`` int64 ids in
     ``[0, K)``; ``alpha`` in (0, 1) and ``dalpha`` <= 0 (d alpha / d t) per row
     (``[B]``, ``[B, 1]``) or per token (``[B, L]``). Returns ``[B, L]`` float32.
     Differentiable w.r.t. ``logits``: when they require grad the gradient is
@@ -198,7 +201,7 @@ def usdm_loss(
     where every term vanishes for a perfect model (see csrc/include/duo_fast/
     usdm_loss.h), so small losses keep their relative accuracy.
     """
-    check_tensor(logits, "logits", (torch.float32,))
+    check_tensor(logits, "logits", _LOGIT_DTYPES)
     check_tensor(z, "z", (torch.int64,))
     check_tensor(x0, "x0", (torch.int64,))
     if logits.dim() < 2:
@@ -337,9 +340,6 @@ def linear_usdm_loss(
 # --------------------------------------------------------------------------------------
 # SPEC section 4: the reverse-process step
 # --------------------------------------------------------------------------------------
-
-_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):
     check_tensor(logits, "logits", _LOGIT_DTYPES)

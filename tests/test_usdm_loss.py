@@ -61,6 +61,29 @@ def test_matches_reference(K, scale):
     _compare(*_batch(K, L=L, scale=scale, seed=K))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_logits(dtype):
+    # 16-bit logits: the loss on the same (exactly upcast) values within the float32
+    # tolerance; the gradient, cast to the logits' dtype, within its rounding (2^-8
+    # relative for bfloat16, 2^-11 for float16) plus 1e-6 of the largest entry.
+    K = 257
+    logits, z, x0, alpha, dalpha = _batch(K, L=4, scale=3.0, seed=5)
+    lg = logits.to(dtype).requires_grad_()
+    loss = duo_fast.usdm_loss(lg, z, x0, alpha, dalpha)
+    l64 = lg.detach().double().requires_grad_()
+    ref = reference.usdm_loss(l64, z, x0, alpha, dalpha)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    loss.sum().backward()
+    ref.sum().backward()
+    assert lg.grad.dtype == dtype
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    scale = l64.grad.abs().flatten(1).amax(1).view(-1, 1, 1)
+    err = (lg.grad.double() - l64.grad).abs()
+    fits = scale < torch.finfo(dtype).max / 2  # float16 gradients near alpha = 1 overflow (|grad| ~ 1e6)
+    assert bool(fits[:4].all())
+    assert bool((err <= eps * l64.grad.abs() + 1e-6 * scale)[fits.flatten()].all())
+
+
 def test_per_token_levels_and_noncontiguous_logits():
     K = 33
     logits, z, x0, _, _ = _batch(K, L=5, alphas=torch.zeros(4, dtype=torch.float64))
@@ -182,7 +205,7 @@ def test_bad_inputs_name_the_argument():
         duo_fast.usdm_loss(logits, torch.zeros(2, 4, dtype=torch.int64), x0, alpha, dalpha)
     with pytest.raises(ValueError, match="alpha has shape"):
         duo_fast.usdm_loss(logits, z, x0, torch.full((3,), 0.5), dalpha)
-    with pytest.raises(TypeError, match="logits has dtype float64"):
+    with pytest.raises(TypeError, match="logits has dtype float64"):  # float64: use the reference
         duo_fast.usdm_loss(logits.double(), z, x0, alpha, dalpha)
     with pytest.raises(TypeError, match="z has dtype int32"):
         duo_fast.usdm_loss(logits, z.int(), x0, alpha, dalpha)

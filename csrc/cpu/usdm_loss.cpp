@@ -20,7 +20,8 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cpu(const at::Tensor& logits, const
                                                  const at::Tensor& alpha, const at::Tensor& dalpha,
                                                  bool compute_grad) {
   check_usdm_loss_args(logits, z, x0, alpha, dalpha);
-  const at::Tensor l = logits.contiguous(), zc = z.contiguous(), xc = x0.contiguous();
+  // 16-bit logits: math in float32 on a float32 copy (the gradient is cast back).
+  const at::Tensor l = logits.contiguous().to(at::kFloat), zc = z.contiguous(), xc = x0.contiguous();
   const at::Tensor ac = alpha.contiguous(), dc = dalpha.contiguous();
   const int64_t K = l.size(-1), rows = zc.numel();
   auto [loss, grad] = fused_grad_outputs(l, compute_grad);
@@ -36,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cpu(const at::Tensor& logits, const
     std::vector<float> scratch(static_cast<size_t>(K));  // e_j = exp(x_j - max) of the current row
     usdm_cpu::rows(args, begin, end, scratch.data());
   });
+  if (compute_grad && logits.scalar_type() != at::kFloat) return {loss, grad.to(logits.scalar_type())};
   return {loss, grad};
 }
 

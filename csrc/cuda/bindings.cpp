@@ -95,7 +95,8 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, cons
                                                   bool compute_grad) {
   check_usdm_loss_args(logits, z, x0, alpha, dalpha);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor l = logits.contiguous(), zc = z.contiguous(), xc = x0.contiguous();
+  // 16-bit logits: math in float32 on a float32 copy (the gradient is cast back).
+  const at::Tensor l = logits.contiguous().to(at::kFloat), zc = z.contiguous(), xc = x0.contiguous();
   const at::Tensor ac = alpha.contiguous(), dc = dalpha.contiguous();
   auto [loss, grad] = fused_grad_outputs(l, compute_grad);
   check_launch(cuda::usdm_loss(l.const_data_ptr<float>(), zc.const_data_ptr<int64_t>(), xc.const_data_ptr<int64_t>(),
@@ -103,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, cons
                                compute_grad ? grad.mutable_data_ptr<float>() : nullptr, zc.numel(), l.size(-1),
                                c10::cuda::getCurrentCUDAStream().stream()),
                "usdm_loss");
+  if (compute_grad && logits.scalar_type() != at::kFloat) return {loss, grad.to(logits.scalar_type())};
   return {loss, grad};
 }
 
