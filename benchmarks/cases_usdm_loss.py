@@ -39,6 +39,8 @@ reductions, gradient) and write the gradient once: 4 * N * K * 4 bytes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import duo_fast
@@ -130,7 +132,7 @@ def _fwd_bwd(loss_fn):
     return fn
 
 
-duo_fwd_bwd = _fwd_bwd(duo_fast.usdm_loss)
+duo_fwd_bwd = _fwd_bwd(functools.partial(duo_fast.usdm_loss, inplace_grad=True))
 ref_fwd_bwd = _fwd_bwd(duo_eager_loss)
 
 
@@ -196,7 +198,7 @@ def cases(mode: str, device: str) -> list[Case]:
             size=f"fwd+bwd N={N} (B={B}, L={L}) K={K} fp32, alpha per row",
             setup=_setup(N, K),
             duo=Impl(duo_fwd_bwd, before_each=_drop_grad,
-                     note="duo_fast.usdm_loss(...).sum().backward() (gradient computed in the forward call)"),
+                     note="duo_fast.usdm_loss(..., inplace_grad=True).sum().backward() (gradient computed in the forward call and handed to autograd)"),
             ref=ref, compiled=compiled,
             bytes_moved=_bytes,
             target=target,

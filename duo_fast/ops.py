@@ -184,7 +184,13 @@ def _check_ids_like(t: torch.Tensor, t_name: str, z: torch.Tensor, x0: torch.Ten
 
 
 def usdm_loss(
-    logits: torch.Tensor, z: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, dalpha: torch.Tensor
+    logits: torch.Tensor,
+    z: torch.Tensor,
+    x0: torch.Tensor,
+    alpha: torch.Tensor,
+    dalpha: torch.Tensor,
+    *,
+    inplace_grad: bool = False,
 ) -> torch.Tensor:
     """Per-token uniform-state diffusion NELBO (SPEC 3; ``DUO_BASE.nll_per_token``
     on ``log_softmax(logits)``) from raw logits, fused: no ``[N, K]`` temporary.
@@ -200,6 +206,13 @@ def usdm_loss(
     ``[N, K]`` memory is the gradient itself. The loss is evaluated in a form
     where every term vanishes for a perfect model (see csrc/include/duo_fast/
     usdm_loss.h), so small losses keep their relative accuracy.
+
+    Memory: by default backward returns ``gradient * grad_output`` out of place,
+    so its peak holds two ``[N, K]`` tensors (the op stays a plain custom op:
+    opcheck, gradcheck, retain_graph, torch.compile). ``inplace_grad=True``
+    hands the forward's gradient buffer to autograd, scaled in place: peak extra
+    memory is the gradient alone (1x the logits' bytes), but backward can run
+    only once.
     """
     check_tensor(logits, "logits", _LOGIT_DTYPES)
     check_tensor(z, "z", (torch.int64,))
@@ -211,8 +224,37 @@ def usdm_loss(
     a = per_token_level(alpha, "alpha", z, "z")
     d = per_token_level(dalpha, "dalpha", z, "z")
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    if inplace_grad and compute_grad:
+        return _UsdmLossInplaceGrad.apply(logits, z, x0, a, d)
     loss, _ = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, a, d, compute_grad)
     return loss
+
+
+class _UsdmLossInplaceGrad(torch.autograd.Function):
+    """usdm_loss with the lowest memory: the gradient computed in the forward is
+    handed to autograd as the gradient itself (scaled in place by grad_output,
+    skipped when grad_output is a broadcast 1, e.g. after .sum()), so no second
+    [N, K] tensor ever exists. The price: backward can run only once."""
+
+    @staticmethod
+    def forward(ctx, logits, z, x0, alpha, dalpha):
+        loss, grad = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, alpha, dalpha, True)
+        ctx.grad = grad  # not save_for_backward: backward gives this very tensor away
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "duo_fast: usdm_loss(..., inplace_grad=True) supports a single backward (its gradient buffer was "
+                "handed to autograd); use inplace_grad=False for retain_graph / double backward"
+            )
+        ctx.grad = None
+        ones = all(s == 0 for s in grad_loss.stride()) and bool(grad_loss.reshape(-1)[0] == 1)
+        if not ones:
+            grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
+        return grad, None, None, None, None
 
 
 @torch.library.register_fake("duo_fast::usdm_loss")

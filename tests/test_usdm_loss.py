@@ -252,3 +252,19 @@ def test_cuda_device_matches_cpu():
     ref.sum().backward()
     torch.testing.assert_close(loss.cpu(), ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lc.grad.cpu(), lr.grad, rtol=1e-4, atol=1e-4 * lr.grad.abs().max().item())
+
+
+def test_inplace_grad_matches_and_runs_once():
+    K = 101
+    logits, z, x0, alpha, dalpha = _batch(K, L=3, seed=9)
+    w = torch.randn(alpha.numel(), 3, generator=torch.Generator().manual_seed(0))
+    a = logits.clone().requires_grad_()
+    (duo_fast.usdm_loss(a, z, x0, alpha, dalpha) * w).sum().backward()
+    for weights in (w, None):  # any grad_output, and the broadcast 1 of .sum()
+        b = logits.clone().requires_grad_()
+        loss = duo_fast.usdm_loss(b, z, x0, alpha, dalpha, inplace_grad=True)
+        (loss * weights if weights is not None else loss).sum().backward(retain_graph=True)
+        if weights is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="supports a single backward"):
+            loss.sum().backward()
