@@ -181,6 +181,30 @@ inline void check_embedding(const at::Tensor& embedding, const at::Tensor& x0) {
   check_same_device(x0, "x0", embedding, "embedding");
 }
 
+// curriculum_embed: embedding [K, d], x0 ids in [0, K), the levels.
+inline void check_curriculum_embed_args(const at::Tensor& x0, const at::Tensor& gamma, const at::Tensor& inv_tau,
+                                        const at::Tensor& embedding) {
+  check_embedding(embedding, x0);
+  check_vocab(embedding.size(0), "embedding.size(0) (the vocabulary size)");
+  check_token_ids(x0, "x0", embedding.size(0));
+  check_curriculum_levels(x0, gamma, inv_tau);
+}
+
+// curriculum_embed_backward: the forward's arguments, its log-sum-exp and grad_h [x0's shape, d].
+inline void check_curriculum_embed_backward_args(const at::Tensor& grad_h, const at::Tensor& x0,
+                                                 const at::Tensor& gamma, const at::Tensor& inv_tau,
+                                                 const at::Tensor& lse, int64_t vocab_size) {
+  check_vocab(vocab_size);
+  check_token_ids(x0, "x0", vocab_size);
+  check_curriculum_levels(x0, gamma, inv_tau);
+  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.sizes() == x0.sizes(),
+              "duo_fast: lse must be Double of x0's shape, got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(grad_h.dim() == x0.dim() + 1 && grad_h.sizes().slice(0, x0.dim()) == x0.sizes(),
+              "duo_fast: grad_h has shape ", grad_h.sizes(), ", expected x0's shape + [d]");
+  check_same_device(x0, "x0", grad_h, "grad_h");
+  check_same_device(x0, "x0", lse, "lse");
+}
+
 // topk_bag_backward: grad_h [..., d], ids int64 [..., k] in [0, K), weights float32 [..., k].
 inline void check_bag_backward_args(const at::Tensor& grad_h, const at::Tensor& ids, const at::Tensor& weights,
                                     int64_t vocab_size) {

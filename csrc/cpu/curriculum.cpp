@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "dispatch.h"
 #include "duo_fast/curriculum.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/topk.h"
@@ -90,16 +91,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_topk_cpu(const at::Ten
   return {ids, weights, z};
 }
 
-template <class Fn>
-void dispatch_embedding(const at::Tensor& e, Fn&& fn) {
-  switch (e.scalar_type()) {
-    case at::kFloat: fn(e.const_data_ptr<float>()); break;
-    case at::kBFloat16: fn(reinterpret_cast<const bf16_bits*>(e.const_data_ptr<at::BFloat16>())); break;
-    case at::kHalf: fn(reinterpret_cast<const f16_bits*>(e.const_data_ptr<at::Half>())); break;
-    default: TORCH_CHECK(false, "duo_fast: embedding has dtype ", e.scalar_type(), ", expected Float, BFloat16 or Half");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> curriculum_topk_embed_cpu(
     const at::Tensor& x0, const at::Tensor& gamma, const at::Tensor& inv_tau, int64_t k, const at::Tensor& embedding,
     int64_t zt_rule, int64_t seed, int64_t offset) {
@@ -122,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> curriculum_topk_embed
   float* wp = weights.mutable_data_ptr<float>();
   float* hp = h32.mutable_data_ptr<float>();
   int64_t* zp = z.mutable_data_ptr<int64_t>();
-  dispatch_embedding(emb, [&](auto* ep) {
+  dispatch_float_storage(emb, "embedding", [&](auto* ep) {
     at::parallel_for(0, x.numel(), 16, [&](int64_t begin, int64_t end) {
       TopKScratch sc(k);
       for (int64_t t = begin; t < end; ++t) {
@@ -191,11 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cpu(const at::Te
                                                                     const at::Tensor& inv_tau,
                                                                     const at::Tensor& embedding, int64_t seed,
                                                                     int64_t offset) {
-  check_embedding(embedding, x0);
+  check_curriculum_embed_args(x0, gamma, inv_tau, embedding);
   const int64_t K = embedding.size(0), d = embedding.size(1);
-  check_vocab(K, "embedding.size(0) (the vocabulary size)");
-  check_token_ids(x0, "x0", K);
-  check_curriculum_levels(x0, gamma, inv_tau);
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous();
   const at::Tensor E = embedding.contiguous().to(at::kFloat);  // [K, d] float32 once (O(K d), not O(N K))
   const int64_t n = x.numel();
@@ -262,12 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cpu(const at::Te
 at::Tensor curriculum_embed_backward_cpu(const at::Tensor& grad_h, const at::Tensor& x0, const at::Tensor& gamma,
                                          const at::Tensor& inv_tau, const at::Tensor& lse, int64_t vocab_size,
                                          int64_t seed, int64_t offset) {
-  check_vocab(vocab_size);
-  check_token_ids(x0, "x0", vocab_size);
-  check_curriculum_levels(x0, gamma, inv_tau);
-  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.sizes() == x0.sizes(), "duo_fast: lse must be Double of x0's shape");
-  TORCH_CHECK(grad_h.dim() == x0.dim() + 1 && grad_h.sizes().slice(0, x0.dim()) == x0.sizes(),
-              "duo_fast: grad_h has shape ", grad_h.sizes(), ", expected x0's shape + [d]");
+  check_curriculum_embed_backward_args(grad_h, x0, gamma, inv_tau, lse, vocab_size);
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous(), ls = lse.contiguous();
   const int64_t n = x.numel(), K = vocab_size, d = grad_h.size(-1);
   const at::Tensor dh = grad_h.reshape({n, d}).contiguous().to(at::kFloat);

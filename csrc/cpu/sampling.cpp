@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "dispatch.h"
 #include "duo_fast/sampling.h"
 
 namespace duo_fast {
@@ -127,17 +128,6 @@ void posterior_row(const T* x, int64_t K, int64_t z, double alpha_t, double alph
   q[z] = float(double(q[z]) + mix.z);
 }
 
-// Runs fn(typed logits pointer) for float32 / bfloat16 / float16 logits.
-template <class Fn>
-void dispatch_logits(const at::Tensor& logits, Fn&& fn) {
-  switch (logits.scalar_type()) {
-    case at::kFloat: fn(logits.const_data_ptr<float>()); break;
-    case at::kBFloat16: fn(reinterpret_cast<const bf16_bits*>(logits.const_data_ptr<at::BFloat16>())); break;
-    case at::kHalf: fn(reinterpret_cast<const f16_bits*>(logits.const_data_ptr<at::Half>())); break;
-    default: TORCH_CHECK(false, "duo_fast: logits has dtype ", logits.scalar_type(), ", expected Float, BFloat16 or Half");
-  }
-}
-
 at::Tensor sample_step_cpu(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
                            const at::Tensor& alpha_s, double kappa, double temperature, double top_p, int64_t seed,
                            int64_t offset) {
@@ -149,7 +139,7 @@ at::Tensor sample_step_cpu(const at::Tensor& logits, const at::Tensor& z, const 
   const double *atp = at_.const_data_ptr<double>(), *asp = as_.const_data_ptr<double>();
   int64_t* op = out.mutable_data_ptr<int64_t>();
   const float inv_t = float(1.0 / temperature);
-  dispatch_logits(l, [&](auto* xp) {
+  dispatch_float_storage(l, "logits", [&](auto* xp) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       Scratch sc(K, top_p);
       for (int64_t r = begin; r < end; ++r)
@@ -170,7 +160,7 @@ at::Tensor posterior_cpu(const at::Tensor& logits, const at::Tensor& z, const at
   const double *atp = at_.const_data_ptr<double>(), *asp = as_.const_data_ptr<double>();
   float* qp = q.mutable_data_ptr<float>();
   const float inv_t = float(1.0 / temperature);
-  dispatch_logits(l, [&](auto* xp) {
+  dispatch_float_storage(l, "logits", [&](auto* xp) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       Scratch sc(K, top_p);
       for (int64_t r = begin; r < end; ++r)

@@ -150,11 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cuda(const at::T
                                                                      const at::Tensor& inv_tau,
                                                                      const at::Tensor& embedding, int64_t seed,
                                                                      int64_t offset) {
-  check_embedding(embedding, x0);
+  check_curriculum_embed_args(x0, gamma, inv_tau, embedding);
   const int64_t K = embedding.size(0), d = embedding.size(1);
-  check_vocab(K, "embedding.size(0) (the vocabulary size)");
-  check_token_ids(x0, "x0", K);
-  check_curriculum_levels(x0, gamma, inv_tau);
   const c10::cuda::CUDAGuard guard(x0.device());
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous();
   const at::Tensor E = embedding.contiguous().to(at::kFloat);
@@ -174,12 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cuda(const at::T
 at::Tensor curriculum_embed_backward_cuda(const at::Tensor& grad_h, const at::Tensor& x0, const at::Tensor& gamma,
                                           const at::Tensor& inv_tau, const at::Tensor& lse, int64_t vocab_size,
                                           int64_t seed, int64_t offset) {
-  check_vocab(vocab_size);
-  check_token_ids(x0, "x0", vocab_size);
-  check_curriculum_levels(x0, gamma, inv_tau);
-  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.sizes() == x0.sizes(), "duo_fast: lse must be Double of x0's shape");
-  TORCH_CHECK(grad_h.dim() == x0.dim() + 1 && grad_h.sizes().slice(0, x0.dim()) == x0.sizes(),
-              "duo_fast: grad_h has shape ", grad_h.sizes(), ", expected x0's shape + [d]");
+  check_curriculum_embed_backward_args(grad_h, x0, gamma, inv_tau, lse, vocab_size);
   const c10::cuda::CUDAGuard guard(x0.device());
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous(), ls = lse.contiguous();
   const int64_t d = grad_h.size(-1);

@@ -1,9 +1,9 @@
 // CUDA kernel of the fused uniform-state diffusion loss (SPEC section 3; row
 // math and gradient derivation in usdm_loss.h): one block per row, grid-stride
 // over rows; sweep 1 online softmax -> lse, sweep 2 the row sums, sweep 3 the
-// gradient. Entries are evaluated in float64 like the CPU kernel (the loss's
-// cancellation-free form needs it near alpha = 0); a float32 entry path for
-// speed is future work.
+// gradient. Entries are evaluated in float64 (the CPU kernel's float32 entry
+// path with its row switch, usdm_loss_rows.h, is not ported yet: on a GPU the
+// float64 rate decides whether it is needed).
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/reduce.h"
 #include "duo_fast/usdm_loss.h"
