@@ -1,0 +1,101 @@
+"""Benchmark cases of duo_fast.linear_usdm_loss (SPEC 3: fused linear + loss),
+forward + backward w.r.t. hidden, weight and bias, d = 768.
+
+Issue 5 asks it "against hidden @ W.T + b followed by the reference loss,
+showing memory independent of N". Sides (fresh process each):
+
+  * duo: duo_fast.linear_usdm_loss(hidden, W, b, z, x0, alpha, dalpha).sum().backward()
+    (tokens in chunks of ~64 MiB of float32 logits; logits recomputed per chunk in backward);
+  * ref: logits = hidden @ W.T + b, then cases_usdm_loss.duo_eager_loss (the float32 eager
+    Duo loss path with its [N, K] temporaries), .sum().backward().
+
+Both sides hold the parameter gradients (W: K*d*4 bytes = 147 MiB at K=50257, d=768).
+The memory target is the point of the op: duo_fast's peak extra memory must not grow
+with N -- each row carries "peak <= the N=512 row's peak + 10%" via max_mem_mib
+computed from the chunk size (one chunk's logits + gradient + the parameter
+gradients + O(N d) activations), and the table shows it flat across N.
+Sizes: --quick N in {512, 2048} x K=50257; --full N in {512, 2048, 8192} x K=50257
+(the reference is left out where it would need more than ~9 GiB).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import duo_fast
+from duo_fast import reference as R
+from duo_fast.ops import _default_chunk_size
+
+from .cases_usdm_loss import duo_eager_loss
+from .common import Case, Impl, Target, ref_limit_gib
+
+OP = "linear_usdm_loss"
+D = 768
+K = 50257
+REF_PEAK_UNITS = 5.5  # x the logits' bytes, as the eager usdm_loss reference
+
+
+def _setup(N: int):
+    B, L = (N // 512, 512)
+
+    def setup(device):
+        g = torch.Generator().manual_seed(3000 + N)
+        gamma = R.DUO_GAMMA_MIN + (R.DUO_GAMMA_MAX - R.DUO_GAMMA_MIN) * torch.rand(B, generator=g, dtype=torch.float64)
+        alpha, dalpha_dgamma = duo_fast.gamma_to_alpha(gamma, K)
+        x0 = torch.randint(0, K, (B, L), generator=g)
+        z = torch.where(torch.rand(B, L, generator=g) < 0.5, x0, torch.randint(0, K, (B, L), generator=g))
+        return {
+            "hidden": torch.randn(B, L, D, generator=g).to(device).requires_grad_(True),
+            "W": (0.02 * torch.randn(K, D, generator=g)).to(device).requires_grad_(True),
+            "b": torch.zeros(K).to(device).requires_grad_(True),
+            "z": z.to(device), "x0": x0.to(device),
+            "alpha": alpha.float()[:, None].to(device),
+            "dalpha": ((R.DUO_GAMMA_MAX - R.DUO_GAMMA_MIN) * dalpha_dgamma).float()[:, None].to(device),
+        }
+
+    return setup
+
+
+def _drop_grads(st):
+    for name in ("hidden", "W", "b"):
+        st[name].grad = None
+
+
+def _duo(st):
+    duo_fast.linear_usdm_loss(st["hidden"], st["W"], st["b"], st["z"], st["x0"], st["alpha"], st["dalpha"]).sum().backward()
+
+
+def _ref(st):
+    logits = st["hidden"] @ st["W"].T + st["b"]
+    duo_eager_loss(logits, st["z"], st["x0"], st["alpha"], st["dalpha"]).sum().backward()
+
+
+def _duo_peak_bound_mib(N: int) -> float:
+    chunk = _default_chunk_size(K, D)
+    per_chunk = 3 * chunk * K * 4  # logits, their gradient, and the GEMM's output of a chunk
+    params = 2 * (K * D + K) * 4  # parameter gradients and a chunk's grad_weight product
+    activations = 4 * N * D * 4  # grad_hidden and the per-chunk slices
+    return (per_chunk + params + activations) / 2**20 * 1.1 + 8
+
+
+def cases(mode: str, device: str) -> list[Case]:
+    sizes = [512, 2048, 8192] if mode == "full" else [512, 2048]
+    limit = ref_limit_gib(device)
+    out = []
+    for N in sizes:
+        est = REF_PEAK_UNITS * N * K * 4 / 2**30 + 0.3
+        notes = []
+        ref = Impl(_ref, before_each=_drop_grads, note="hidden @ W.T + b, then the float32 eager Duo loss, autograd") \
+            if est <= limit else None
+        if ref is None:
+            notes.append(f"{OP} N={N}: reference not run (~{est:.1f} GiB > {limit:g} GiB)")
+        bound = _duo_peak_bound_mib(N)
+        out.append(Case(
+            op=OP, name=f"fwd_bwd-N{N}-K{K}", size=f"fwd+bwd N={N} K={K} d={D} fp32",
+            setup=_setup(N),
+            duo=Impl(_duo, before_each=_drop_grads, note=f"duo_fast.linear_usdm_loss (chunk {_default_chunk_size(K, D)} tokens)"),
+            ref=ref,
+            target=Target(f"peak O(chunk*K + K*d), independent of N: <= {bound:.0f} MiB", max_mem_mib=bound),
+            notes=notes,
+        ))
+    return out
