@@ -13,7 +13,9 @@
 // curriculum_topk (ids, weights, z_t per token), curriculum_topk_embed (the same
 // plus the weighted embedding bag h = sum_i w_i E[id_i], in the same pass over
 // the tokens) and the bag's backward dE[id_i] += w_i dh (columns split among
-// threads: no atomics, deterministic for any thread count).
+// threads: no atomics, deterministic for any thread count). The rows run through
+// topk_cpu.h (vectorized per-slot math, AVX2+FMA clone chosen at run time; same
+// ids and z as topk::token, to which it falls back near ties).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +28,7 @@
 #include "duo_fast/curriculum.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/topk.h"
+#include "topk_cpu.h"
 
 namespace duo_fast {
 namespace {
@@ -39,13 +42,32 @@ struct TopKArgs {
   uint64_t seed, offset;
 };
 
-// Per-thread scratch of the top-k row: the swap map and the kept values.
+// Per-thread scratch of the top-k row (topk_cpu.h): the swap map (hash, for
+// topk::token and large vocabularies), the dense Fisher-Yates table (vocabularies
+// up to kDenseMaxOthers others: one int32 per id, reset by the row itself; only
+// when the chunk has enough slots to repay initializing it), the Philox words
+// and the per-slot arrays.
 struct TopKScratch {
-  std::vector<int32_t> keys, vals;
-  std::vector<double> kept;
+  std::vector<int32_t> keys, vals, perm, touched;
+  std::vector<double> kept, a, e;
+  std::vector<uint64_t> words;
   topk::SwapMap map;
-  explicit TopKScratch(int64_t k) : keys(topk::swap_map_capacity(k), -1), vals(keys.size()), kept(size_t(k)) {
+  TopKScratch(int64_t k, int64_t vocab_size, int64_t tokens)
+      : keys(topk::swap_map_capacity(k), -1),
+        vals(keys.size()),
+        perm(vocab_size - 1 <= topk_cpu::kDenseMaxOthers && tokens * k * 8 >= vocab_size - 1
+                 ? size_t(vocab_size - 1)
+                 : 0,
+             -1),
+        touched(size_t(k)),
+        kept(size_t(k)),
+        a(size_t(k)),
+        e(size_t(k)),
+        words(size_t(topk_cpu::scratch_words(k))) {
     map = {keys.data(), vals.data(), uint32_t(keys.size() - 1)};
+  }
+  topk_cpu::Scratch rows() {
+    return {words.data(), a.data(), kept.data(), e.data(), perm.empty() ? nullptr : perm.data(), touched.data()};
   }
 };
 
@@ -62,9 +84,12 @@ void bag_row(const E* emb, int64_t d, const int64_t* ids, const float* w, int64_
 
 // One token of either op; returns z. ids/weights may be the scratch's or an output row.
 int64_t topk_token(const TopKArgs& a, int64_t t, TopKScratch& sc, int64_t* ids, float* weights) {
-  const topk::TokenOut o = topk::token(a.seed, a.offset, uint64_t(t), a.x0[t], a.gamma[t], a.inv_tau[t], a.k,
-                                       a.vocab_size, a.zt_rule, sc.map, ids, weights, sc.kept.data());
-  std::fill(sc.keys.begin(), sc.keys.end(), -1);  // 2k..4k slots: cheaper than tracking them
+  bool fast = false;
+  const topk::TokenOut o = topk_cpu::token(a.seed, a.offset, uint64_t(t), a.x0[t], a.gamma[t], a.inv_tau[t], a.k,
+                                           a.vocab_size, a.zt_rule, sc.map, ids, weights, sc.rows(), &fast);
+  // The hash map is dirty after topk::token (the rare fallback) or when it did the
+  // Fisher-Yates (no dense table): 2k..4k slots, cheaper than tracking them.
+  if (!fast || sc.perm.empty()) std::fill(sc.keys.begin(), sc.keys.end(), -1);
   return o.z;
 }
 
@@ -85,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_topk_cpu(const at::Ten
   float* wp = weights.mutable_data_ptr<float>();
   int64_t* zp = z.mutable_data_ptr<int64_t>();
   at::parallel_for(0, x.numel(), 16, [&](int64_t begin, int64_t end) {
-    TopKScratch sc(k);
+    TopKScratch sc(k, vocab_size, end - begin);
     for (int64_t t = begin; t < end; ++t) zp[t] = topk_token(a, t, sc, ip + t * k, wp + t * k);
   });
   return {ids, weights, z};
@@ -115,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> curriculum_topk_embed
   int64_t* zp = z.mutable_data_ptr<int64_t>();
   dispatch_float_storage(emb, "embedding", [&](auto* ep) {
     at::parallel_for(0, x.numel(), 16, [&](int64_t begin, int64_t end) {
-      TopKScratch sc(k);
+      TopKScratch sc(k, vocab_size, end - begin);
       for (int64_t t = begin; t < end; ++t) {
         zp[t] = topk_token(a, t, sc, ip + t * k, wp + t * k);
         bag_row(ep, d, ip + t * k, wp + t * k, k, hp + t * d);
