@@ -147,7 +147,9 @@ def test_emulated_cuda_kernels_match_cpu(harness, emulated, mode, seed):
             c_h, c_z, c_lse = torch.ops.duo_fast.curriculum_embed(x0, gamma, it, E, 8, 0)
             assert torch.equal(z, c_z)
             torch.testing.assert_close(h, c_h, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(lse, c_lse, rtol=1e-9, atol=0)  # sums of float P in another order
+            # log-sum-exp: an absolute error is a relative error of P; the CPU exp is a float
+            # polynomial (~1e-7 relative per entry), CUDA uses expf
+            torch.testing.assert_close(lse, c_lse, rtol=0, atol=1e-7)
             dh = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
             dE = torch.empty(K, d)
             rc = emulated.df_emu_curriculum_embed_backward(

@@ -21,9 +21,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "checks.h"
+#include "curriculum_rows.h"
 #include "dispatch.h"
 #include "duo_fast/curriculum.h"
 #include "duo_fast/logits.h"
@@ -178,9 +180,16 @@ at::Tensor topk_bag_backward_cpu(const at::Tensor& grad_h, const at::Tensor& ids
 }
 
 // ---- exact curriculum input ----
+//
+// Row math in curriculum_rows.h: per (token, vocabulary tile) the noise tile
+// (vectorized Box-Muller, bit-identical to curriculum::noise4), its largest eps
+// eref (x masked out), the scores' running max / log-sum-exp in double, and the
+// tile's row of P = exp(c (eps_j - eref) + (y_ref - M)) (vectorized exp); the x
+// entry is done apart in double. z compares w = y tau (the reference's argmax
+// of w; first index among ties).
 
 constexpr int64_t kTokenChunk = 256;  // tokens per GEMM (rows of P)
-constexpr int64_t kVocabTile = 512;   // entries per GEMM (columns of P); a multiple of 4
+using curriculum_cpu::kVocabTile;     // entries per GEMM (columns of P); a multiple of 8
 
 struct CurriculumArgs {
   const int64_t* x0;
@@ -190,17 +199,60 @@ struct CurriculumArgs {
   uint64_t seed, offset;
 };
 
-// Scores y_j (double) of token t for j in [j0, j0 + n), n a multiple of 4 or the tail.
-void token_scores(const CurriculumArgs& a, int64_t t, int64_t j0, int64_t n, double* y) {
+struct TokenLevels {
+  double a, s, inv_tau;
+  double c;  // s~ / tau: y_j - y_ref = c (eps_j - eref) away from x
+  int64_t x;
+};
+
+TokenLevels token_levels(const CurriculumArgs& a, int64_t t) {
   const topk::Scales sc = topk::scales(a.gamma[t]);
-  const double inv_tau = a.inv_tau[t];
-  const int64_t x = a.x0[t];
-  float eps[curriculum::kNoisePerBlock];
-  for (int64_t j = j0; j < j0 + n; j += curriculum::kNoisePerBlock) {
-    curriculum::noise4(a.seed, a.offset, uint64_t(t), j / curriculum::kNoisePerBlock, eps);
-    for (int e = 0; e < curriculum::kNoisePerBlock && j + e < j0 + n; ++e)
-      y[j - j0 + e] = curriculum::latent(eps[e], j + e == x, sc.a, sc.s) * inv_tau;
+  return {sc.a, sc.s, a.inv_tau[t], sc.s * a.inv_tau[t], a.x0[t]};
+}
+
+// One tile's scores in the form the row needs.
+struct TileScores {
+  float eref;         // largest eps of the tile, x excluded (-inf: the tile is x alone)
+  float ex;           // eps of x (when in the tile)
+  double y_ref, y_x;  // their scores (y_x = -inf: x is not in the tile)
+};
+
+// Noise of token t, entries [j0, j0 + kt), into sc.eps with x's entry set to -inf.
+TileScores tile_scores(const CurriculumArgs& a, const TokenLevels& lv, int64_t t, int64_t j0, int64_t kt,
+                       curriculum_cpu::NoiseScratch& sc) {
+  curriculum_cpu::noise_tile(a.seed, a.offset, uint64_t(t), j0 / curriculum::kNoisePerBlock,
+                             (kt + curriculum::kNoisePerBlock - 1) / curriculum::kNoisePerBlock, sc);
+  TileScores ts{-INFINITY, 0.0f, -INFINITY, -INFINITY};
+  if (lv.x >= j0 && lv.x < j0 + kt) {
+    ts.ex = sc.eps[lv.x - j0];
+    ts.y_x = curriculum::latent(ts.ex, true, lv.a, lv.s) * lv.inv_tau;
+    sc.eps[lv.x - j0] = -INFINITY;
   }
+  ts.eref = curriculum_cpu::tile_max(sc.eps, kt);
+  if (ts.eref > -INFINITY) ts.y_ref = curriculum::latent(ts.eref, false, lv.a, lv.s) * lv.inv_tau;
+  return ts;
+}
+
+// prow[0 .. kt) = exp(y_j - M) of the tile (M >= every y_j); returns their sum.
+double tile_probs(const TokenLevels& lv, const TileScores& ts, int64_t j0, int64_t kt, double M,
+                  const curriculum_cpu::NoiseScratch& sc, float* prow) {
+  double sum = 0.0;
+  if (ts.eref > -INFINITY)
+    sum = curriculum_cpu::exp_row(sc.eps, kt, curriculum_cpu::exponent(lv.c, ts.eref, ts.y_ref - M), prow);  // x: 0
+  else
+    std::fill(prow, prow + kt, 0.0f);
+  if (ts.y_x > -INFINITY) {
+    const float px = fastmath::exp_nonpos(float(ts.y_x - M));
+    prow[lv.x - j0] = px;
+    sum += double(px);
+  }
+  return sum;
+}
+
+int64_t find_first(const float* e, int64_t n, float v) {
+  for (int64_t j = 0; j < n; ++j)
+    if (e[j] == v) return j;
+  return 0;  // not reached: v is the max of e
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cpu(const at::Tensor& x0, const at::Tensor& gamma,
@@ -221,7 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cpu(const at::Te
   double* lp = lse.mutable_data_ptr<double>();
   at::parallel_for(0, (n + kTokenChunk - 1) / kTokenChunk, 1, [&](int64_t c0, int64_t c1) {
     at::Tensor P = at::empty({kTokenChunk, kVocabTile}, E.options());
-    std::vector<double> y(kVocabTile), m(kTokenChunk), l(kTokenChunk), best(kTokenChunk);
+    auto sc = std::make_unique<curriculum_cpu::NoiseScratch>();
+    std::vector<double> m(kTokenChunk), l(kTokenChunk), best(kTokenChunk);
+    std::vector<TokenLevels> lv(kTokenChunk);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t t0 = c * kTokenChunk, T = std::min(kTokenChunk, n - t0);
       at::Tensor acc = h.narrow(0, t0, T);
@@ -229,18 +283,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cpu(const at::Te
       float* accp = acc.mutable_data_ptr<float>();
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.0);
+      std::fill(best.begin(), best.end(), -INFINITY);
+      for (int64_t r = 0; r < T; ++r) lv[r] = token_levels(a, t0 + r);
       for (int64_t j0 = 0; j0 < K; j0 += kVocabTile) {
         const int64_t kt = std::min(kVocabTile, K - j0);
         float* pp = P.mutable_data_ptr<float>();
         for (int64_t r = 0; r < T; ++r) {
           const int64_t t = t0 + r;
-          token_scores(a, t, j0, kt, y.data());
-          double tile_max = -INFINITY;
-          int64_t arg = 0;
-          for (int64_t j = 0; j < kt; ++j) {
-            if (y[j] > tile_max) tile_max = y[j], arg = j;
+          const TileScores ts = tile_scores(a, lv[r], t, j0, kt, *sc);
+          // z = the first index of the largest w = y tau (earlier tiles hold smaller indices).
+          if (ts.eref > -INFINITY) {
+            const double w = curriculum::latent(ts.eref, false, lv[r].a, lv[r].s);
+            if (w > best[r]) best[r] = w, zp[t] = j0 + find_first(sc->eps, kt, ts.eref);
           }
-          if (j0 == 0 || tile_max > best[r]) best[r] = tile_max, zp[t] = j0 + arg;  // argmax w = argmax y
+          if (ts.y_x > -INFINITY) {
+            const double w = curriculum::latent(ts.ex, true, lv[r].a, lv[r].s);
+            if (w > best[r] || (w == best[r] && lv[r].x < zp[t])) best[r] = w, zp[t] = lv[r].x;
+          }
+          const double tile_max = std::max(ts.y_ref, ts.y_x);
           if (tile_max > m[r]) {  // online softmax: rescale what was summed under the old max
             const double scale = std::exp(m[r] - tile_max);
             if (j0 > 0) {
@@ -249,13 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cpu(const at::Te
             l[r] *= scale;
             m[r] = tile_max;
           }
-          float* prow = pp + r * kVocabTile;
-          double sum = 0.0;
-          for (int64_t j = 0; j < kt; ++j) {
-            prow[j] = std::exp(float(y[j] - m[r]));
-            sum += prow[j];
-          }
-          l[r] += sum;
+          l[r] += tile_probs(lv[r], ts, j0, kt, m[r], *sc, pp + r * kVocabTile);
         }
         acc.addmm_(P.narrow(0, 0, T).narrow(1, 0, kt), E.narrow(0, j0, kt));
       }
@@ -285,7 +339,7 @@ at::Tensor curriculum_embed_backward_cpu(const at::Tensor& grad_h, const at::Ten
   const double* lp = ls.const_data_ptr<double>();
   at::parallel_for(0, (K + kVocabTile - 1) / kVocabTile, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor P = at::empty({kTokenChunk, kVocabTile}, dh.options());
-    std::vector<double> y(kVocabTile);
+    auto sc = std::make_unique<curriculum_cpu::NoiseScratch>();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t j0 = b * kVocabTile, kt = std::min(kVocabTile, K - j0);
       at::Tensor dE_tile = dE.narrow(0, j0, kt);
@@ -293,8 +347,9 @@ at::Tensor curriculum_embed_backward_cpu(const at::Tensor& grad_h, const at::Ten
         const int64_t T = std::min(kTokenChunk, n - t0);
         float* pp = P.mutable_data_ptr<float>();
         for (int64_t r = 0; r < T; ++r) {
-          token_scores(a, t0 + r, j0, kt, y.data());
-          for (int64_t j = 0; j < kt; ++j) pp[r * kVocabTile + j] = std::exp(float(y[j] - lp[t0 + r]));
+          const TokenLevels lv = token_levels(a, t0 + r);
+          const TileScores ts = tile_scores(a, lv, t0 + r, j0, kt, *sc);
+          tile_probs(lv, ts, j0, kt, lp[t0 + r], *sc, pp + r * kVocabTile);
         }
         dE_tile.addmm_(P.narrow(0, 0, T).narrow(1, 0, kt).t(), dh.narrow(0, t0, T));
       }
