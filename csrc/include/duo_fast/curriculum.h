@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "duo_fast/common.h"
+#include "duo_fast/fast_math.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/philox.h"
 
@@ -44,25 +45,8 @@ DUO_HD float radius_uniform(uint32_t w) {
   return float((double(int32_t(w ^ 0x80000000u)) + 2147483648.5) * 0x1.0p-32);
 }
 
-// -2 log(u) for u in [2^-33, 1] (a positive normal float): u = 2^e m,
-// m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f), f = m - 1 (Cephes logf).
-DUO_HD float minus_two_log(float u) {
-  const int32_t iu = int32_t(bits_from_float(u)) + (0x3f800000 - 0x3f3504f3);
-  const float e = float((iu >> 23) - 0x7f);
-  const float f = float_from_bits(uint32_t((iu & 0x007fffff) + 0x3f3504f3)) - 1.0f;
-  const float f2 = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  const float lo = (p * f) * f2 + e * -2.12194440e-4f - 0.5f * f2;
-  return -2.0f * ((f + lo) + e * 0.693359375f);
-}
+// -2 log(u) for u in [2^-33, 1] (a positive normal float); the factor -2 is exact.
+DUO_HD float minus_two_log(float u) { return -2.0f * fastmath::log_positive(u); }
 
 // (cos, sin) of 2 pi m / 2^24 for m = w >> 8: quadrant q = round(4 m / 2^24),
 // theta = 2 pi f, f = m / 2^24 - q / 4 in [-1/8, 1/8] exactly, Cephes sinf /
