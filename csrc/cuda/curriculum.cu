@@ -133,14 +133,21 @@ constexpr int kIds = 16;        // ids per backward block
 constexpr int kCols = 4;        // columns per thread per pass
 constexpr int64_t kColsPerPass = int64_t(kEmbedThreads) * kCols;
 
-struct Levels {
-  double a, s, inv_tau;
-  int64_t x;
-};
-
-DUO_DEVICE Levels levels(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t t) {
+// Scores y = w / tau of token t for entries j .. j+3 (one Philox block of noise);
+// -inf past the vocabulary and for t past the last token.
+DUO_DEVICE void scores4(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t n, int64_t K,
+                        int64_t t, int64_t j, uint64_t seed, uint64_t offset, double* y) {
+  if (t >= n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) y[e] = -INFINITY;
+    return;
+  }
   const topk::Scales sc = topk::scales(gamma[t]);
-  return {sc.a, sc.s, inv_tau[t], x0[t]};
+  float eps[4];
+  curriculum::noise4(seed, offset, uint64_t(t), j / 4, eps);
+#pragma unroll
+  for (int e = 0; e < 4; ++e)
+    y[e] = j + e < K ? curriculum::latent(eps[e], j + e == x0[t], sc.a, sc.s) * inv_tau[t] : -INFINITY;
 }
 
 __global__ void embed_forward_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma,
@@ -165,18 +172,10 @@ __global__ void embed_forward_kernel(const int64_t* __restrict__ x0, const doubl
       for (int64_t j0 = 0; j0 < K; j0 += kTile) {
         {  // noise: thread -> (token r, Philox block of 4 entries)
           const int r = threadIdx.x / (kTile / 4), q = threadIdx.x % (kTile / 4);
-          const int64_t t = t0 + r, j = j0 + 4 * q;
-          float eps[4];
-          if (t < n) {
-            const Levels lv = levels(x0, gamma, inv_tau, t);
-            curriculum::noise4(seed, offset, uint64_t(t), j / 4, eps);
+          double ys[4];
+          scores4(x0, gamma, inv_tau, n, K, t0 + r, j0 + 4 * q, seed, offset, ys);
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              y[r][4 * q + e] = j + e < K ? curriculum::latent(eps[e], j + e == lv.x, lv.a, lv.s) * lv.inv_tau : -INFINITY;
-          } else {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) y[r][4 * q + e] = -INFINITY;
-          }
+          for (int e = 0; e < 4; ++e) y[r][4 * q + e] = ys[e];
         }
         __syncthreads();
         for (int r = warp; r < kTokens; r += kEmbedThreads / 32) {  // online softmax, a warp per row
@@ -252,20 +251,12 @@ __global__ void embed_backward_kernel(const float* __restrict__ dh, const int64_
       for (int64_t t0 = 0; t0 < n; t0 += kTokens) {
         if (threadIdx.x < kTokens * (kIds / 4)) {  // noise: thread -> (token r, 4 ids)
           const int r = threadIdx.x / (kIds / 4), q = threadIdx.x % (kIds / 4);
-          const int64_t t = t0 + r, j = j0 + 4 * q;
-          float eps[4];
-          if (t < n) {
-            const Levels lv = levels(x0, gamma, inv_tau, t);
-            curriculum::noise4(seed, offset, uint64_t(t), j / 4, eps);
+          const int64_t t = t0 + r;
+          double ys[4];
+          scores4(x0, gamma, inv_tau, n, K, t, j0 + 4 * q, seed, offset, ys);
+          const double l = t < n ? lse[t] : 0.0;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const double yv = curriculum::latent(eps[e], j + e == lv.x, lv.a, lv.s) * lv.inv_tau;
-              P[r][4 * q + e] = j + e < K ? expf(float(yv - lse[t])) : 0.0f;
-            }
-          } else {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) P[r][4 * q + e] = 0.0f;
-          }
+          for (int e = 0; e < 4; ++e) P[r][4 * q + e] = expf(float(ys[e] - l));  // exp(-inf) = 0
         }
         __syncthreads();
         for (int r = 0; r < kTokens && t0 + r < n; ++r) {
