@@ -174,10 +174,12 @@ torch.library.register_autograd("duo_fast::distill_kl", _distill_kl_backward, se
 # --------------------------------------------------------------------------------------
 
 
-def _check_ids_like(t: torch.Tensor, t_name: str, z: torch.Tensor, x0: torch.Tensor) -> None:
-    """z and x0 must have t's leading shape ([..., K] or [..., d]) and device."""
+def _check_ids_like(t: torch.Tensor, t_name: str, z: torch.Tensor, x0: torch.Tensor | None = None) -> None:
+    """z (and x0) must have t's leading shape ([..., K] or [..., d]) and device."""
     lead = tuple(t.shape[:-1])
     for ids, name in ((z, "z"), (x0, "x0")):
+        if ids is None:
+            continue
         if tuple(ids.shape) != lead:
             raise ValueError(f"duo_fast: {name} has shape {tuple(ids.shape)}, expected the leading shape of {t_name}, {lead}")
         check_same_device(t, t_name, ids, name)
@@ -389,9 +391,7 @@ def _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):
     if logits.dim() < 1:
         raise ValueError("duo_fast: logits must be [..., K], got a 0-dim tensor")
     check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
-    if tuple(z.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"duo_fast: z has shape {tuple(z.shape)}, expected the leading shape of logits, {tuple(logits.shape[:-1])}")
-    check_same_device(logits, "logits", z, "z")
+    _check_ids_like(logits, "logits", z)
     a_t = per_token_level(alpha_t, "alpha_t", z, "z")
     a_s = per_token_level(alpha_s, "alpha_s", z, "z")
     kappa = check_real(kappa, "kappa", 0.0, 1.0)
@@ -491,6 +491,16 @@ def _check_k(k, vocab_size: int) -> int:
     return k
 
 
+def _check_x0_embedding(x0: torch.Tensor, embedding: torch.Tensor) -> int:
+    """x0 int64 and embedding [K, d] (float32/bf16/fp16) on its device; returns K."""
+    check_tensor(x0, "x0", (torch.int64,))
+    check_tensor(embedding, "embedding", _EMBEDDING_DTYPES)
+    if embedding.dim() != 2:
+        raise ValueError(f"duo_fast: embedding must be [vocab_size, d], got shape {tuple(embedding.shape)}")
+    check_same_device(x0, "x0", embedding, "embedding")
+    return check_vocab(embedding.shape[0], "embedding.shape[0] (the vocabulary size)")
+
+
 def _zt_rule(zt_rule: str) -> int:
     if zt_rule not in _ZT_RULES:
         raise ValueError(f"duo_fast: zt_rule must be 'exact' or 'reference', got {zt_rule!r}")
@@ -559,12 +569,7 @@ def curriculum_topk_embed(
     column ranges); on CUDA with atomics, or deterministic (stable sort by id,
     one writer per row) when ``torch.use_deterministic_algorithms(True)``.
     """
-    check_tensor(x0, "x0", (torch.int64,))
-    check_tensor(embedding, "embedding", _EMBEDDING_DTYPES)
-    if embedding.dim() != 2:
-        raise ValueError(f"duo_fast: embedding must be [vocab_size, d], got shape {tuple(embedding.shape)}")
-    check_same_device(x0, "x0", embedding, "embedding")
-    K = check_vocab(embedding.shape[0], "embedding.shape[0] (the vocabulary size)")
+    K = _check_x0_embedding(x0, embedding)
     k = _check_k(k, K)
     g, it = _curriculum_levels(x0, gamma, inv_tau)
     key = philox_seed(x0.device, generator, seed)
@@ -636,12 +641,7 @@ def curriculum_embed(
     outputs are identical on CPU (any thread count) and CUDA up to float
     rounding of the sums (z_t except at exact near-ties).
     """
-    check_tensor(x0, "x0", (torch.int64,))
-    check_tensor(embedding, "embedding", _EMBEDDING_DTYPES)
-    if embedding.dim() != 2:
-        raise ValueError(f"duo_fast: embedding must be [vocab_size, d], got shape {tuple(embedding.shape)}")
-    check_same_device(x0, "x0", embedding, "embedding")
-    check_vocab(embedding.shape[0], "embedding.shape[0] (the vocabulary size)")
+    _check_x0_embedding(x0, embedding)
     g, it = _curriculum_levels(x0, gamma, inv_tau)
     key = philox_seed(x0.device, generator, seed)
     h, z_t, _ = torch.ops.duo_fast.curriculum_embed.default(x0, g, it, embedding, key, 0)
