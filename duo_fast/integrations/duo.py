@@ -146,7 +146,8 @@ def _raw_logits(model, xt, sigma, labels=None, weights=None, nn_input_idxs=None,
         return model.forward(xt, sigma, labels=labels, weights=weights, nn_input_idxs=nn_input_idxs)
     x = xt if nn_input_idxs is None else nn_input_idxs
     sigma = model._process_sigma(sigma)
-    with torch.amp.autocast("cuda", dtype=torch.float32):
+    # As TrainerBase.forward (which, on a machine without CUDA, autocast disables anyway).
+    with torch.amp.autocast("cuda", dtype=torch.float32, enabled=torch.cuda.is_available()):
         return model.backbone(x=x, sigma=sigma, class_cond=labels, weights=weights)
 
 
@@ -574,6 +575,11 @@ def run_script(script: str | Path, argv: list[str], *, parts=None, topk_zt_rule:
     if folder not in sys.path:
         sys.path.insert(0, folder)
     parts = _check_parts(parts)
+    from .duo_reference import install_flash_attn_standin
+
+    if install_flash_attn_standin():
+        log.warning("duo_fast: flash_attn is not installed; using duo_fast's pure-PyTorch stand-in "
+                    "(rotary embedding + scaled_dot_product_attention)")
     needed = sorted({m for p in parts for m in _NEEDS[p]} | {"algo"})
     for arg in needed:
         try:

@@ -25,6 +25,7 @@ with ``scaled_dot_product_attention``).
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import os
 import sys
 import types
@@ -101,20 +102,27 @@ def _flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0
     return out
 
 
-def _install_flash_attn_standin() -> None:
+def install_flash_attn_standin() -> bool:
+    """Register the pure-PyTorch ``flash_attn`` stand-in in ``sys.modules``
+    unless a real ``flash_attn`` imports; returns whether it did."""
     try:
         import flash_attn  # noqa: F401
         import flash_attn.layers.rotary  # noqa: F401
 
-        return
+        return False
     except ImportError:
         pass
-    root = types.ModuleType("flash_attn")
+    def module(name: str) -> types.ModuleType:
+        m = types.ModuleType(name)
+        # A spec, so importlib.util.find_spec("flash_attn") (transformers asks) answers
+        # instead of raising; there is no distribution metadata, so it is not "installed".
+        m.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
+        return m
+
+    root = module("flash_attn")
     root.__doc__ = "duo_fast's pure-PyTorch stand-in for flash_attn (CPU machines); see duo_fast.integrations.duo_reference"
     root.__duo_fast_standin__ = True
-    layers = types.ModuleType("flash_attn.layers")
-    rotary = types.ModuleType("flash_attn.layers.rotary")
-    iface = types.ModuleType("flash_attn.flash_attn_interface")
+    layers, rotary, iface = module("flash_attn.layers"), module("flash_attn.layers.rotary"), module("flash_attn.flash_attn_interface")
     rotary.apply_rotary_emb_torch = _apply_rotary_emb_torch
     rotary.apply_rotary_emb_qkv_ = _apply_rotary_emb_qkv_
     iface.flash_attn_varlen_qkvpacked_func = _flash_attn_varlen_qkvpacked_func
@@ -125,6 +133,7 @@ def _install_flash_attn_standin() -> None:
         "flash_attn.layers.rotary": rotary,
         "flash_attn.flash_attn_interface": iface,
     })
+    return True
 
 
 # ----------------------------------------------------------------------------------
@@ -155,7 +164,7 @@ def load(path: str | os.PathLike | None = None) -> types.SimpleNamespace:
         file = getattr(mod, "__file__", None)
         if mod is not None and (file is None or not Path(file).resolve().is_relative_to(root)):
             raise ReferenceUnavailable(f"a module named {name!r} from {file} is already imported; it shadows {root / name}")
-    _install_flash_attn_standin()
+    install_flash_attn_standin()
     sys.path.insert(0, str(root))
     try:
         mods = {name: importlib.import_module(name) for name in MODULES}
@@ -170,3 +179,69 @@ def load(path: str | os.PathLike | None = None) -> types.SimpleNamespace:
         models=mods["models"], dit=mods["models.dit"],
     )
     return _loaded
+
+
+# ----------------------------------------------------------------------------------
+# Building the Duo code's own objects offline (tests, benchmarks)
+# ----------------------------------------------------------------------------------
+
+TINY_MODEL = ("model=tiny", "model.hidden_size=64", "model.cond_dim=32", "model.n_blocks=2", "model.n_heads=4",
+              "model.length=32", "model.dropout=0.0")
+
+
+def word_tokenizer(vocab_size: int, folder: str | os.PathLike):
+    """A word-level fast tokenizer with exactly ``vocab_size`` ids (``t0`` ...,
+    then [UNK], [PAD], [BOS], [EOS]) saved to ``folder``, so that the Duo code's
+    ``AutoTokenizer.from_pretrained(folder)`` (``metrics.Metrics``) loads it
+    offline."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["[UNK]", "[PAD]", "[BOS]", "[EOS]"]
+    vocab = {f"t{i}": i for i in range(vocab_size - len(specials))}
+    vocab.update({s: vocab_size - len(specials) + i for i, s in enumerate(specials)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers that the Duo code's main.py registers."""
+    from omegaconf import OmegaConf
+
+    for name, fn in (("cwd", os.getcwd), ("device_count", torch.cuda.device_count), ("eval", eval),
+                     ("div_up", lambda x, y: (x + y - 1) // y)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def compose_config(ref: types.SimpleNamespace, tokenizer_dir: str | os.PathLike, overrides=(), *,
+                   algo: str = "duo", model=TINY_MODEL, device: str = "cpu"):
+    """The Duo code's own hydra config (``configs/config.yaml`` with ``algo/duo``,
+    ``data=synthetic``, the ``model`` overrides) for ``device``, then the
+    dotted ``overrides`` (``key=value``). ``tokenizer_dir`` stands in for the
+    gen-PPL eval model's tokenizer. ``algo="distillation"`` merges
+    ``configs/algo/distillation.yaml`` over ``algo/duo.yaml`` (the pinned
+    distillation.yaml lacks the ``curriculum`` block that ``DUO.__init__``
+    reads)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_resolvers()
+    base = ["algo=duo", *model, "data=synthetic", f"trainer.accelerator={device}", "trainer.devices=1",
+            "loader.global_batch_size=4", "loader.num_workers=1", "training.ema=0",
+            f"eval.gen_ppl_eval_model_name_or_path={tokenizer_dir}",
+            f"algo.curriculum.integral_cache_path={ref.path / 'integral' / 'gpt2.pkl'}"]
+    with initialize_config_dir(config_dir=str(ref.path / "configs"), version_base=None):
+        cfg = compose(config_name="config", overrides=base)
+    OmegaConf.set_struct(cfg, False)
+    if algo == "distillation":
+        dist = OmegaConf.load(ref.path / "configs" / "algo" / "distillation.yaml")
+        dist.integral_cache_path = str(ref.path / "integral" / "gpt2.pkl")
+        cfg.algo = OmegaConf.merge(cfg.algo, dist)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))) if overrides else cfg
