@@ -131,6 +131,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "scipy", "mpmath"]},
+    entry_points={"console_scripts": ["duo-fast=duo_fast.cli:main"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "scipy", "mpmath"], "demo": ["matplotlib"]},
     zip_safe=False,
 )

@@ -132,6 +132,8 @@ def generate(
     temperature: float = 1.0,
     eps: float = SAMPLING_EPS,
     schedule_eps: float = SCHEDULE_EPS,
+    gamma_min: float = DUO_GAMMA_MIN,
+    gamma_max: float = DUO_GAMMA_MAX,
     time_input: str = "t",
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
@@ -153,7 +155,7 @@ def generate(
     is cast to float32). ``time_input="sigma"`` passes ``-log(alpha(t))``
     instead of t (what the reference's backbone receives). ``schedule``:
     ``"loglinear"``, ``"cosine"`` (their eps is ``schedule_eps``) or ``"duo"``
-    (:func:`schedule_alpha`). ``sampler="ancestral"`` ignores ``kappa``;
+    (:func:`schedule_alpha`, over ``[gamma_min, gamma_max]``). ``sampler="ancestral"`` ignores ``kappa``;
     ``"psi"`` uses ``kappa`` per :func:`psi_kappas` (a float, one value per
     step, or a mode string such as ``"max-capped-0.1"``); the final
     noise-removal step is ancestral. ``temperature`` and ``top_p`` apply to
@@ -177,7 +179,7 @@ def generate(
         generator = torch.Generator(device).manual_seed(seed)
 
     ts = time_grid(steps, eps)
-    alphas = schedule_alpha(ts, schedule, vocab_size=K, eps=schedule_eps)
+    alphas = schedule_alpha(ts, schedule, vocab_size=K, eps=schedule_eps, gamma_min=gamma_min, gamma_max=gamma_max)
     kappas = psi_kappas(kappa, alphas) if sampler == "psi" else torch.ones(steps, dtype=torch.float64)
 
     def call(z, i):
