@@ -102,9 +102,10 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DDUO_FAST_CUDA={cuda_requested()}",
+            # Always passed, so that a value cached by an earlier configure never outlives
+            # the environment ("" = the default, or TORCH_CUDA_ARCH_LIST).
+            f"-DDUO_FAST_CUDA_ARCHS={os.environ.get('DUO_FAST_CUDA_ARCHS', '')}",
         ]
-        if os.environ.get("DUO_FAST_CUDA_ARCHS"):
-            args.append(f"-DDUO_FAST_CUDA_ARCHS={os.environ['DUO_FAST_CUDA_ARCHS']}")
         cuda_home = find_cuda_home() if cuda_requested() != "0" else None
         if cuda_home:
             args += [
