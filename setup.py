@@ -74,7 +74,8 @@ def local_version() -> str:
     except ImportError:
         return ""
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    cuda_home = find_cuda_home() if cuda_requested() != "0" else None
+    # As CMakeLists.txt decides: no CUDA kernels against a CPU build of torch.
+    cuda_home = find_cuda_home() if cuda_requested() != "0" and torch.version.cuda else None
     if cuda_home:
         out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True)
         m = re.search(r"release (\d+)\.(\d+)", out.stdout)
@@ -90,27 +91,27 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import torch
-
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
+        # CPU-only builds get their own directory, so that switching DUO_FAST_CUDA does
+        # not rebuild (or reconfigure) the other variant.
+        variant = "cpu" if cuda_requested() == "0" else "cuda"
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}-{variant}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
         args = [
             f"-DCMAKE_BUILD_TYPE={cfg}",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DDUO_FAST_CUDA={cuda_requested()}",
+            # Always passed, so that a value cached by an earlier configure never outlives
+            # the environment ("" = the default, or TORCH_CUDA_ARCH_LIST).
+            f"-DDUO_FAST_CUDA_ARCHS={os.environ.get('DUO_FAST_CUDA_ARCHS', '')}",
         ]
-        if os.environ.get("DUO_FAST_CUDA_ARCHS"):
-            args.append(f"-DDUO_FAST_CUDA_ARCHS={os.environ['DUO_FAST_CUDA_ARCHS']}")
         cuda_home = find_cuda_home() if cuda_requested() != "0" else None
         if cuda_home:
             args += [
                 f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc",
                 f"-DCUDAToolkit_ROOT={cuda_home}",
-                f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",  # torch's Caffe2 cmake uses FindCUDA
             ]
             os.environ.setdefault("CUDA_HOME", cuda_home)
         elif cuda_requested() == "1":

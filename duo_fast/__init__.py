@@ -11,6 +11,11 @@ CUDA architectures were compiled in.
 
 from __future__ import annotations
 
+# torch first: _C needs torch's libraries (libc10, libtorch_cpu, and for a CUDA build
+# libtorch_cuda, libc10_cuda, libcudart) and has no RUNPATH of its own to find them;
+# importing torch loads them, and _C's dependencies resolve to those by soname.
+import torch  # noqa: F401
+
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - only without a build
