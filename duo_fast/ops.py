@@ -110,7 +110,15 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direc
     ``[..., K]`` float32 (math in float64 on CPU, float32 on CUDA); returns
     ``[...]`` float32. Differentiable w.r.t. ``student_logits`` only; the
     gradient is computed in the same pass as the KL when the student requires
-    grad (no ``[N, K]`` temporaries besides the gradient itself)."""
+    grad (no ``[N, K]`` temporaries besides the gradient itself).
+
+    Masked vocabularies: a ``-inf`` logit is probability 0 with ``0 log 0 = 0``,
+    so an entry that is 0 in the weighting law (the student for ``"bwd"``, the
+    teacher for ``"fwd"``) adds nothing and its gradient is 0; a 0 in the other
+    law where the weighting law is positive gives ``+inf`` (for ``"bwd"``: a
+    teacher 0 where the student is positive), as the math says, and the
+    gradient of an infinite ``"bwd"`` KL is not finite. A row that is entirely
+    ``-inf`` gives unspecified values (it never reads out of bounds)."""
     check_tensor(student_logits, "student_logits", (torch.float32,))
     check_tensor(teacher_logits, "teacher_logits", (torch.float32,))
     if direction not in _DIRECTIONS:
@@ -208,6 +216,12 @@ def usdm_loss(
     ``[N, K]`` memory is the gradient itself. The loss is evaluated in a form
     where every term vanishes for a perfect model (see csrc/include/duo_fast/
     usdm_loss.h), so small losses keep their relative accuracy.
+
+    Masked vocabularies: a ``-inf`` logit is probability 0 (``0 log 0 = 0``):
+    it stays in the vocabulary size ``K`` of the uniform prior, its model
+    marginal is ``1 - alpha``, its gradient is 0, and ``z`` or ``x0`` may be
+    such an id (the loss stays finite). A row that is entirely ``-inf`` gives
+    unspecified values (it never reads out of bounds).
 
     Memory: by default backward returns ``gradient * grad_output`` out of place,
     so its peak holds two ``[N, K]`` tensors (the op stays a plain custom op:
@@ -355,7 +369,9 @@ def linear_usdm_loss(
     ``[B, L, d]``; ``weight``: ``[K, d]``; ``bias``: ``[K]`` or None (float32,
     or any float dtype: the chunk's logits are formed in it and the loss math
     runs in float32/float64). Differentiable w.r.t. hidden, weight and bias.
-    Peak extra memory is O(chunk_size * K), independent of N."""
+    Peak extra memory is O(chunk_size * K), independent of N. A ``-inf`` bias
+    entry masks that id for every token: probability 0, as in
+    :func:`usdm_loss` (its rows of the weight and bias gradients are 0)."""
     check_tensor(hidden, "hidden")
     check_tensor(weight, "weight")
     if not hidden.is_floating_point() or not weight.is_floating_point():
@@ -434,7 +450,9 @@ def sample_step(
     Randomness per ``duo_fast._random``: with ``seed`` the tokens are identical
     on CPU (any thread count) and CUDA except where rounding of the sums moves
     the uniform across a token boundary (probability ~1e-15 per token).
-    Rows whose logits hold NaN or only -inf give an unspecified valid id.
+    A ``-inf`` logit is probability 0 (masked vocabularies): never drawn from
+    ``p`` (only the uniform part or the point mass at ``z`` can give it). Rows
+    whose logits hold NaN or only -inf give an unspecified valid id.
     """
     a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
     key = philox_seed(logits.device, generator, seed)
@@ -459,7 +477,9 @@ def posterior(
     """The dense law ``q(z_s)`` ``[..., K]`` (float32) that :func:`sample_step`
     draws from, for analysis and tests (SPEC 4, ``_posterior_from_x0`` with
     ``x0 = p``, and the Psi mix for ``kappa < 1``). Same arguments as
-    :func:`sample_step`. Not differentiable."""
+    :func:`sample_step`. A ``-inf`` logit is probability 0 in ``p`` (its
+    ``q`` is the uniform and point-mass parts alone); a row that is entirely
+    ``-inf`` gives unspecified values. Not differentiable."""
     a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
     return torch.ops.duo_fast.posterior.default(logits, z, a_t, a_s, kappa, temperature, top_p)
 

@@ -36,3 +36,23 @@ def test_row_reductions(harness, emulated, mode, seed, threads):
             torch.testing.assert_close(out[:, 2].double(), torch.logsumexp(xd, 1), rtol=1e-6, atol=1e-5)
     finally:
         harness.configure_emulation(emulated, mode="fiber", seed=0)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_online_softmax_skips_minus_inf(harness, emulated, seed):
+    # -inf is probability 0: a thread whose first entries are -inf keeps the identity state
+    # (exp(-inf - (-inf)) would be NaN); -inf first, last and scattered.
+    harness.configure_emulation(emulated, mode="fiber", seed=seed)
+    try:
+        cols, rows = 1000, 4
+        x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 5
+        x[0, :300] = -float("inf")
+        x[1, -300:] = -float("inf")
+        x[2, ::3] = -float("inf")
+        x[3, :999] = -float("inf")  # a single finite entry, at the end
+        out = torch.empty(rows, 3)
+        assert emulated.df_emu_row_reductions(ptr(x), ctypes.c_int64(rows), ctypes.c_int64(cols), ptr(out), 256, 2) == 0
+        torch.testing.assert_close(out[:, 2].double(), torch.logsumexp(x.double(), 1), rtol=1e-6, atol=1e-5)
+        assert torch.equal(out[:, 1], x.max(1).values)
+    finally:
+        harness.configure_emulation(emulated, mode="fiber", seed=0)

@@ -67,10 +67,11 @@ DUO_HD MaxSum<T> max_sum_identity() {
   return {T(-INFINITY), T(0)};
 }
 
-// Add one value.
+// Add one value. x = -inf is probability 0 and leaves the state unchanged
+// (otherwise exp(-inf - (-inf)) = NaN while the state is still the identity).
 template <class T>
 DUO_HD MaxSum<T> max_sum_push(MaxSum<T> a, T x) {
-  if (x <= a.m) return {a.m, a.s + exp(x - a.m)};
+  if (x <= a.m) return x == T(-INFINITY) ? a : MaxSum<T>{a.m, a.s + exp(x - a.m)};
   return {x, a.s * exp(a.m - x) + T(1)};  // exp(-inf) = 0 for the identity
 }
 
