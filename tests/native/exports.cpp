@@ -4,12 +4,15 @@
 //   * the shared host/device math headers (Philox, uniforms, normal functions),
 //     so tests can check them against known answers and scipy.
 // With -DDUO_EMU_MAIN it is also a program that runs every emulated kernel on
-// small inputs (for the AddressSanitizer + UBSan run), exiting non-zero on a
-// mismatch with the host evaluation of the same header math.
+// small inputs (for the AddressSanitizer + UBSan run; with --small, fewer and
+// smaller rows for the ThreadSanitizer run in thread mode), exiting non-zero on
+// a mismatch with the host evaluation of the same header math.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "duo_fast/cuda_compat.h"
@@ -175,11 +178,25 @@ uint64_t df_rank_key(float x, int64_t j) { return sampling::rank_key(x, j); }
 
 #ifdef DUO_EMU_MAIN
 // Every emulated kernel once, on odd sizes, compared with the host evaluation.
-int main() {
+// Seconds since the previous call (--small prints each section's time).
+static double lap() {
+  static auto t = std::chrono::steady_clock::now();
+  const auto now = std::chrono::steady_clock::now();
+  const double s = std::chrono::duration<double>(now - t).count();
+  t = now;
+  return s;
+}
+
+int main(int argc, char** argv) {
+  const bool small = argc > 1 && std::strcmp(argv[1], "--small") == 0;
+  auto section = [&](const char* name) {
+    if (small) std::printf("  %-20s %.2f s\n", name, lap());
+  };
+  lap();
   int failures = 0;
-  for (int64_t K : {2, 50257}) {
+  for (int64_t K : {int64_t(2), small ? int64_t(1000) : int64_t(50257)}) {
     const std::vector<double> table = schedule::build_table(double(K));
-    for (int64_t n : {1, 127, 1000}) {
+    for (int64_t n : {int64_t(1), int64_t(127), small ? int64_t(127) : int64_t(1000)}) {
       std::vector<double> g(n), a(n), d(n);
       for (int64_t i = 0; i < n; ++i) g[i] = -25.0 + 50.0 * double(i) / double(n);
       const int err = cuda::gamma_to_alpha_f64(g.data(), a.data(), d.data(), n, table.data(), nullptr);
@@ -194,8 +211,9 @@ int main() {
       }
     }
   }
+  section("gamma_to_alpha");
   for (int64_t K : {2, 1000}) {
-    const int64_t n = 777;
+    const int64_t n = small ? 100 : 777;
     std::vector<int64_t> x(n), zt(n), zs(n);
     std::vector<double> gt(n), gs(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -214,13 +232,17 @@ int main() {
       }
     }
   }
-  for (int64_t K : {2, 333}) {
-    const int64_t rows = 3;
+  section("sample_zt");
+  for (int64_t K : small ? std::vector<int64_t>{333} : std::vector<int64_t>{2, 333}) {
+    const int64_t rows = small ? 2 : 3;
     std::vector<float> ls(rows * K), lt(rows * K), kl(rows), grad(rows * K);
     for (int64_t i = 0; i < rows * K; ++i) {
       ls[i] = float((i * 37) % 11) - 5.0f;
       lt[i] = float((i * 53) % 7) - 3.0f;
     }
+    // Masked entries (-inf in both, probability 0): the first 300 columns of row 1.
+    if (K > 300)
+      for (int64_t j = 0; j < 300; ++j) ls[K + j] = lt[K + j] = -INFINITY;
     for (int dir : {0, 1}) {
       const int err = cuda::distill_kl(ls.data(), lt.data(), kl.data(), grad.data(), rows, K, dir, nullptr);
       for (int64_t r = 0; r < rows && err == 0; ++r) {
@@ -237,10 +259,13 @@ int main() {
       if (err != 0) ++failures;
     }
   }
-  for (int64_t K : {2, 7, 1000}) {
+  section("distill_kl");
+  for (int64_t K : small ? std::vector<int64_t>{1000} : std::vector<int64_t>{2, 7, 1000}) {
     // Loss finite, >= 0 (a KL rate) and each gradient row sums to 0 (softmax Jacobian);
-    // rows with an entry far above the rest exercise the p > 1/2 path.
-    const int64_t rows = 4;
+    // rows with an entry far above the rest exercise the p > 1/2 path; with K = 1000,
+    // row 1 has -inf (probability 0) in its first 300 columns and row 4 is all -inf
+    // (unspecified values, but nothing out of bounds).
+    const int64_t rows = K == 1000 ? 5 : 4;
     std::vector<float> logits(rows * K), loss(rows), grad(rows * K);
     std::vector<int64_t> z(rows), x(rows);
     std::vector<double> alpha(rows), dalpha(rows);
@@ -252,9 +277,13 @@ int main() {
       dalpha[r] = -1.0;
       logits[r * K + (r + 2) % K] = 40.0f;
     }
+    if (K == 1000) {
+      for (int64_t j = 0; j < 300; ++j) logits[K + j] = -INFINITY;
+      for (int64_t j = 0; j < K; ++j) logits[4 * K + j] = -INFINITY;
+    }
     const int err = cuda::usdm_loss(logits.data(), z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(),
                                     grad.data(), rows, K, nullptr);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < (K == 1000 ? 4 : rows); ++r) {
       double sum = 0.0, mx = 0.0;
       for (int64_t j = 0; j < K; ++j) sum += grad[r * K + j], mx = fmax(mx, fabs(grad[r * K + j]));
       if (err != 0 || !(loss[r] > -1e-6f) || !std::isfinite(loss[r]) || fabs(sum) > 1e-5 * (1.0 + mx)) {
@@ -264,11 +293,12 @@ int main() {
       }
     }
   }
-  for (int64_t K : {2, 7, 1000}) {
+  section("usdm_loss");
+  for (int64_t K : small ? std::vector<int64_t>{1000} : std::vector<int64_t>{2, 7, 1000}) {
     // posterior: rows are laws (>= 0, sum 1); sample_step: ids in range, and with
     // top_p < 1, kappa = 1 and alpha_s = 1 only the point mass at z or ids of the
     // posterior's support are drawn. Ties in the logits exercise the id tie-break.
-    const int64_t rows = 5;
+    const int64_t rows = small ? 2 : 5;
     std::vector<float> logits(rows * K), q(rows * K);
     std::vector<int64_t> z(rows), out(rows);
     std::vector<double> at(rows), as(rows, 1.0);
@@ -291,10 +321,11 @@ int main() {
       }
     }
   }
+  section("sample_step");
   for (int64_t K : {2, 9, 1000}) {
     // curriculum_topk / _embed vs the host evaluation of topk::token; bag backward
     // (atomic and sorted) vs a host scatter.
-    const int64_t n = 37, d = 5;
+    const int64_t n = small ? 9 : 37, d = 5;
     for (int64_t k : {int64_t(1), K - 1, std::min<int64_t>(K - 1, 7)}) {
       std::vector<int64_t> x(n), ids(n * k), z(n), hid(n * k), hz(n), ids2(n * k), z2(n);
       std::vector<double> g(n), it(n), kept(k);
@@ -349,7 +380,8 @@ int main() {
     // curriculum_embed: z in range, h a convex combination of rows of E (so inside
     // their column range), lse finite; backward: sum_j dE[j] = sum_t dh[t] (rows of
     // P sum to 1). Odd sizes: a partial token group, a partial tile, two column passes.
-    const int64_t K = 67, d = 1030, n = 19;
+    section("curriculum_topk");
+    const int64_t K = 67, d = 1030, n = small ? 17 : 19;
     std::vector<int64_t> x(n), z(n);
     std::vector<double> g(n), it(n), lse(n);
     std::vector<float> E(K * d), h(n * d), dh(n * d), dE(K * d);
@@ -377,6 +409,7 @@ int main() {
       std::printf("curriculum_embed check failed\n");
     }
   }
+  section("curriculum_embed");
   std::printf("emulated kernels: %s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }
