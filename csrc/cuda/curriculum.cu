@@ -132,22 +132,35 @@ constexpr int kTile = 64;       // vocabulary entries per forward tile
 constexpr int kIds = 16;        // ids per backward block
 constexpr int kCols = 4;        // columns per thread per pass
 constexpr int64_t kColsPerPass = int64_t(kEmbedThreads) * kCols;
+static_assert(kTokens * (kIds / 4) % 32 == 0, "backward noise threads are whole warps (they shuffle)");
+
+// Per-token constants of the scores, computed once per token (not per Philox block).
+struct TokenLevel {
+  double a, s, inv_tau;  // a~, s~ (topk::scales), 1 / tau
+  int64_t x;             // the clean id; -1 for t past the last token
+};
+
+DUO_DEVICE TokenLevel token_level(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t n,
+                                  int64_t t) {
+  if (t >= n) return {0.0, 0.0, 0.0, -1};
+  const topk::Scales sc = topk::scales(gamma[t]);
+  return {sc.a, sc.s, inv_tau[t], x0[t]};
+}
 
 // Scores y = w / tau of token t for entries j .. j+3 (one Philox block of noise);
-// -inf past the vocabulary and for t past the last token.
-DUO_DEVICE void scores4(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t n, int64_t K,
-                        int64_t t, int64_t j, uint64_t seed, uint64_t offset, double* y) {
-  if (t >= n) {
+// -inf past the vocabulary and for t past the last token (lv.x = -1).
+DUO_DEVICE void scores4(const TokenLevel& lv, int64_t K, int64_t t, int64_t j, uint64_t seed, uint64_t offset,
+                        double* y) {
+  if (lv.x < 0) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) y[e] = -INFINITY;
     return;
   }
-  const topk::Scales sc = topk::scales(gamma[t]);
   float eps[4];
   curriculum::noise4(seed, offset, uint64_t(t), j / 4, eps);
 #pragma unroll
   for (int e = 0; e < 4; ++e)
-    y[e] = j + e < K ? curriculum::latent(eps[e], j + e == x0[t], sc.a, sc.s) * inv_tau[t] : -INFINITY;
+    y[e] = j + e < K ? curriculum::latent(eps[e], j + e == lv.x, lv.a, lv.s) * lv.inv_tau : -INFINITY;
 }
 
 __global__ void embed_forward_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma,
@@ -167,13 +180,18 @@ __global__ void embed_forward_kernel(const int64_t* __restrict__ x0, const doubl
       for (int r = 0; r < kTokens; ++r)
 #pragma unroll
         for (int q = 0; q < kCols; ++q) acc[r][q] = 0.0f;
-      if (threadIdx.x < kTokens) m[threadIdx.x] = -INFINITY, l[threadIdx.x] = 0.0, best[threadIdx.x] = -INFINITY;
+      // arg too: if no score beats -inf (all NaN) z would be read uninitialised.
+      if (threadIdx.x < kTokens)
+        m[threadIdx.x] = -INFINITY, l[threadIdx.x] = 0.0, best[threadIdx.x] = -INFINITY, arg[threadIdx.x] = 0;
+      // noise: thread -> (token r, Philox block q of 4 entries in each tile)
+      const int r_noise = threadIdx.x / (kTile / 4), q_noise = threadIdx.x % (kTile / 4);
+      const TokenLevel lv = token_level(x0, gamma, inv_tau, n, t0 + r_noise);
       __syncthreads();
       for (int64_t j0 = 0; j0 < K; j0 += kTile) {
-        {  // noise: thread -> (token r, Philox block of 4 entries)
-          const int r = threadIdx.x / (kTile / 4), q = threadIdx.x % (kTile / 4);
+        {
+          const int r = r_noise, q = q_noise;
           double ys[4];
-          scores4(x0, gamma, inv_tau, n, K, t0 + r, j0 + 4 * q, seed, offset, ys);
+          scores4(lv, K, t0 + r, j0 + 4 * q, seed, offset, ys);
 #pragma unroll
           for (int e = 0; e < 4; ++e) y[r][4 * q + e] = ys[e];
         }
@@ -249,11 +267,20 @@ __global__ void embed_backward_kernel(const float* __restrict__ dh, const int64_
 #pragma unroll
         for (int q = 0; q < kCols; ++q) acc[j][q] = 0.0f;
       for (int64_t t0 = 0; t0 < n; t0 += kTokens) {
-        if (threadIdx.x < kTokens * (kIds / 4)) {  // noise: thread -> (token r, 4 ids)
+        if (threadIdx.x < kTokens * (kIds / 4)) {  // noise: thread -> (token r, 4 ids); two full warps
           const int r = threadIdx.x / (kIds / 4), q = threadIdx.x % (kIds / 4);
           const int64_t t = t0 + r;
+          // The token's constants once per token: its first thread computes, the other
+          // kIds / 4 - 1 threads of the token take them by shuffle.
+          TokenLevel lv{0.0, 0.0, 0.0, -1};
+          if (q == 0) lv = token_level(x0, gamma, inv_tau, n, t);
+          const int src = int(threadIdx.x & 31u) & ~(kIds / 4 - 1);
+          lv.a = __shfl_sync(reduce::kFullMask, lv.a, src);
+          lv.s = __shfl_sync(reduce::kFullMask, lv.s, src);
+          lv.inv_tau = __shfl_sync(reduce::kFullMask, lv.inv_tau, src);
+          lv.x = __shfl_sync(reduce::kFullMask, lv.x, src);
           double ys[4];
-          scores4(x0, gamma, inv_tau, n, K, t, j0 + 4 * q, seed, offset, ys);
+          scores4(lv, K, t, j0 + 4 * q, seed, offset, ys);
           const double l = t < n ? lse[t] : 0.0;
 #pragma unroll
           for (int e = 0; e < 4; ++e) P[r][4 * q + e] = expf(float(ys[e] - l));  // exp(-inf) = 0
