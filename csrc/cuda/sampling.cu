@@ -1,7 +1,11 @@
 // CUDA kernels of the reverse-process step (SPEC section 4; math in sampling.h):
 // one block per row (grid-stride over rows). Sweeps: the row max; the sum of
 // the weights w_j = exp((x_j - max)/T); with top_p < 1 the radix-select passes
-// (256-bin shared histograms); then thread 0 picks the mixture part and, for
+// (256-bin histograms, one row per warp filled without atomics by
+// reduce::warp_histogram_add, merged in warp order: the first byte puts nearly
+// all entries in a few bins, where 256 threads' atomicAdds on one address
+// serialised and summed in a run-dependent order); then thread 0 picks the
+// mixture part and, for
 // the model part, the block scans tiles of 4 entries per thread until the
 // running sum passes u * kept (about half a row on average). Same weights,
 // Philox stream and selection rule as the CPU kernel, so tokens agree except
@@ -16,6 +20,7 @@ namespace cuda {
 namespace {
 
 constexpr unsigned kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 constexpr int kPerThread = 4;  // entries per thread per scan tile
 
 struct Shared {
@@ -23,8 +28,8 @@ struct Shared {
   double scratch_d[32];
   int scratch_i[32];
   int64_t scratch_l[32];
-  double hist[sampling::kRadixBins];
-  uint32_t count[sampling::kRadixBins];
+  double hist[kWarps][sampling::kRadixBins];  // per-warp rows; row 0 holds the merge
+  uint32_t count[kWarps][sampling::kRadixBins];
   sampling::Nucleus nucleus;
   double tile_total;
   int64_t found;
@@ -62,18 +67,31 @@ __device__ Row prepare_row(const T* x, int64_t K, float inv_temperature, double 
   while (true) {
     const sampling::Nucleus nu = sh.nucleus;
     if (nu.done) break;
-    for (int d = threadIdx.x; d < sampling::kRadixBins; d += blockDim.x) sh.hist[d] = 0.0, sh.count[d] = 0;
+    for (int i = threadIdx.x; i < kWarps * sampling::kRadixBins; i += blockDim.x)
+      sh.hist[i / sampling::kRadixBins][i % sampling::kRadixBins] = 0.0,
+      sh.count[i / sampling::kRadixBins][i % sampling::kRadixBins] = 0;
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-      const float v = to_float(x[j]);
-      const uint64_t key = sampling::rank_key(v, j);
-      if (!sampling::nucleus_match(nu, key)) continue;
-      const int d = sampling::nucleus_digit(nu, key);
-      atomicAdd(&sh.hist[d], double(sampling::weight(v, m, inv_temperature)));
-      atomicAdd(&sh.count[d], 1u);
+    const int warp = int(threadIdx.x >> 5);
+    for (int64_t base = 0; base < K; base += blockDim.x) {  // same trip count for every lane (warp ops)
+      const int64_t j = base + threadIdx.x;
+      int d = -1;
+      double w = 0.0;
+      if (j < K) {
+        const float v = to_float(x[j]);
+        const uint64_t key = sampling::rank_key(v, j);
+        if (sampling::nucleus_match(nu, key)) d = sampling::nucleus_digit(nu, key), w = sampling::weight(v, m, inv_temperature);
+      }
+      reduce::warp_histogram_add(sh.hist[warp], sh.count[warp], d, w);
     }
     __syncthreads();
-    if (threadIdx.x == 0) sampling::choose_digit(sh.nucleus, sh.hist, sh.count);
+    for (int d = threadIdx.x; d < sampling::kRadixBins; d += blockDim.x) {  // merge in warp order
+      double h = sh.hist[0][d];
+      uint32_t c = sh.count[0][d];
+      for (int w = 1; w < int(blockDim.x >> 5); ++w) h += sh.hist[w][d], c += sh.count[w][d];
+      sh.hist[0][d] = h, sh.count[0][d] = c;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) sampling::choose_digit(sh.nucleus, sh.hist[0], sh.count[0]);
     __syncthreads();
   }
   row.nucleus = sh.nucleus;
