@@ -186,13 +186,28 @@ at::Tensor curriculum_embed_backward_cuda(const at::Tensor& grad_h, const at::Te
   return dE;
 }
 
+// Multiprocessors of a device (cached): the top-k launch fills every SM.
+int sm_count(const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = counts.find(device.index());
+  if (it == counts.end()) {
+    int v = 0;
+    const cudaError_t err = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device.index());
+    TORCH_CHECK(err == cudaSuccess, "duo_fast: cudaDeviceGetAttribute(MultiProcessorCount) failed: ",
+                cudaGetErrorString(err));
+    it = counts.emplace(device.index(), v).first;
+  }
+  return it->second;
+}
+
 struct TopKScratch {
-  at::Tensor map, kept;
+  at::Tensor map;
   int64_t slots;
-  TopKScratch(const at::Tensor& like, int64_t n, int64_t k, bool per_block) {
-    slots = cuda::topk_scratch_slots(n, k, per_block);
+  TopKScratch(const at::Tensor& like, int64_t n, int64_t k) {
+    slots = cuda::topk_scratch_slots(n, k, sm_count(like.device()));
     map = at::full({slots * 2 * cuda::topk_map_capacity(k)}, -1, like.options().dtype(at::kInt));
-    kept = at::empty({slots * k}, like.options().dtype(at::kDouble));
   }
 };
 
@@ -207,13 +222,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_topk_cuda(const at::Te
   sizes.push_back(k);
   at::Tensor ids = at::empty(sizes, x.options()), weights = at::empty(sizes, x.options().dtype(at::kFloat));
   at::Tensor z = at::empty_like(x);
-  TopKScratch sc(x, x.numel(), k, false);
+  TopKScratch sc(x, x.numel(), k);
   check_launch(cuda::curriculum_topk(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
                                      it.const_data_ptr<double>(), ids.mutable_data_ptr<int64_t>(),
                                      weights.mutable_data_ptr<float>(), z.mutable_data_ptr<int64_t>(), x.numel(), k,
                                      vocab_size, int(zt_rule), uint64_t(seed), uint64_t(offset),
-                                     sc.map.mutable_data_ptr<int32_t>(), sc.kept.mutable_data_ptr<double>(), sc.slots,
-                                     c10::cuda::getCurrentCUDAStream().stream()),
+                                     sc.map.mutable_data_ptr<int32_t>(), sc.slots, c10::cuda::getCurrentCUDAStream().stream()),
                "curriculum_topk");
   return {ids, weights, z};
 }
@@ -236,14 +250,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> curriculum_topk_embed
   sizes.back() = d;
   at::Tensor h = at::empty(sizes, x.options().dtype(at::kFloat));
   at::Tensor z = at::empty_like(x);
-  TopKScratch sc(x, x.numel(), k, true);
+  TopKScratch sc(x, x.numel(), k);
   check_launch(cuda::curriculum_topk_embed(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
                                            it.const_data_ptr<double>(), emb.const_data_ptr(), embedding_dtype_code(emb),
                                            d, h.mutable_data_ptr<float>(), ids.mutable_data_ptr<int64_t>(),
                                            weights.mutable_data_ptr<float>(), z.mutable_data_ptr<int64_t>(), x.numel(),
                                            k, vocab_size, int(zt_rule), uint64_t(seed), uint64_t(offset),
-                                           sc.map.mutable_data_ptr<int32_t>(), sc.kept.mutable_data_ptr<double>(),
-                                           sc.slots, c10::cuda::getCurrentCUDAStream().stream()),
+                                           sc.map.mutable_data_ptr<int32_t>(), sc.slots,
+                                           c10::cuda::getCurrentCUDAStream().stream()),
                "curriculum_topk_embed");
   return {h.to(emb.scalar_type()), z, ids, weights};
 }
@@ -264,9 +278,11 @@ at::Tensor topk_bag_backward_cuda(const at::Tensor& grad_h, const at::Tensor& id
     return grad;
   }
   auto [sorted, order] = at::sort(ic.reshape(-1), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor partial = at::empty({cuda::topk_bag_partial_floats(sorted.numel(), k, d)}, gh.options());
   check_launch(cuda::topk_bag_backward_sorted(gh.const_data_ptr<float>(), sorted.const_data_ptr<int64_t>(),
                                               order.const_data_ptr<int64_t>(), wc.const_data_ptr<float>(),
-                                              grad.mutable_data_ptr<float>(), sorted.numel(), k, d, stream),
+                                              grad.mutable_data_ptr<float>(), sorted.numel(), k, d,
+                                              partial.mutable_data_ptr<float>(), stream),
                "topk_bag_backward");
   return grad;
 }

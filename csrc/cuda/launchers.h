@@ -48,27 +48,34 @@ int curriculum_embed_backward(const float* grad_h, const int64_t* x0, const doub
                               const double* lse, int64_t n, int64_t vocab_size, int64_t d, uint64_t seed,
                               uint64_t offset, float* grad_embedding, void* stream);
 
-// Duo++ top-k curriculum input (SPEC 2e; topk.h). The caller allocates
-// `slots` = topk_scratch_slots(n, k, per_block) scratch slots: map_scratch of
-// slots * 2 * topk_map_capacity(k) int32 filled with -1, kept_scratch of
-// slots * k doubles. curriculum_topk_embed writes h as float32 [n, d];
-// emb_dtype: 0 float32, 1 bfloat16, 2 float16.
-int64_t topk_scratch_slots(int64_t n, int64_t k, bool per_block);
+// Duo++ top-k curriculum input (SPEC 2e; topk.h), a warp per token. The caller
+// allocates `slots` = topk_scratch_slots(n, k, sm_count) scratch slots (one per
+// warp; sm_count = the device's multiprocessor count, which sizes the grid):
+// map_scratch of slots * 2 * topk_map_capacity(k) int32 filled with -1 (left
+// so). curriculum_topk_embed writes h as float32 [n, d]; emb_dtype: 0 float32,
+// 1 bfloat16, 2 float16.
+int64_t topk_scratch_slots(int64_t n, int64_t k, int64_t sm_count);
 int64_t topk_map_capacity(int64_t k);
 int curriculum_topk(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t* ids, float* weights,
                     int64_t* z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule, uint64_t seed, uint64_t offset,
-                    int32_t* map_scratch, double* kept_scratch, int64_t slots, void* stream);
+                    int32_t* map_scratch, int64_t slots, void* stream);
 int curriculum_topk_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const void* embedding,
                           int emb_dtype, int64_t d, float* h, int64_t* ids, float* weights, int64_t* z, int64_t n,
                           int64_t k, int64_t vocab_size, int zt_rule, uint64_t seed, uint64_t offset,
-                          int32_t* map_scratch, double* kept_scratch, int64_t slots, void* stream);
+                          int32_t* map_scratch, int64_t slots, void* stream);
 // grad [K, d] (zeroed by the caller) += scatter of w_i grad_h [tokens, d] over ids
 // [tokens, k]; the sorted variant takes the flat ids sorted stably and the entry
-// order, and writes every row that appears (deterministic).
+// order, and writes every row that appears (deterministic: runs of equal ids are
+// summed in segments of topk_bag_segment(k) entries combined in segment order;
+// partial_scratch holds topk_bag_partial_floats(entries, k, d) floats, at most
+// grad_h's size).
 int topk_bag_backward_atomic(const float* grad_h, const int64_t* ids, const float* weights, float* grad,
                              int64_t tokens, int64_t k, int64_t d, void* stream);
+int64_t topk_bag_segment(int64_t k);
+int64_t topk_bag_partial_floats(int64_t entries, int64_t k, int64_t d);
 int topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, const int64_t* order,
-                             const float* weights, float* grad, int64_t entries, int64_t k, int64_t d, void* stream);
+                             const float* weights, float* grad, int64_t entries, int64_t k, int64_t d,
+                             float* partial_scratch, void* stream);
 
 }  // namespace cuda
 }  // namespace duo_fast
