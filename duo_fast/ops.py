@@ -3,6 +3,23 @@
 
 The kernels themselves are C++ (csrc/cpu) and CUDA (csrc/cuda); the schemas are
 in csrc/registration.cpp. Every wrapper dispatches on the device of its tensors.
+
+What is checked where. Types, shapes, devices and Python scalars (kappa,
+temperature, top_p, k, vocab_size, ...) are checked here and again by the C++
+bindings, on every device, before anything runs. Values inside tensors (token
+ids in [0, K), alpha in (0, 1), dalpha <= 0, 0 <= alpha_t <= alpha_s <= 1 with
+alpha_t < 1, gamma finite, inv_tau finite and > 0): for CPU tensors by the C++
+bindings, raising at once with the argument's name; for CUDA tensors reading
+them on the host would wait for the GPU at every call (and break CUDA graph
+capture), so the CUDA kernels check them on the device: an invalid row or token
+is never used to index memory, gets unspecified outputs (NaN where floating,
+ids in range), and the next duo_fast CUDA call raises a RuntimeError naming the
+argument (csrc/include/duo_fast/device_check.h). DUO_FAST_CUDA_SYNC_CHECKS=1
+runs the host checks for CUDA tensors too (synchronizing, for debugging). No
+CUDA op of this module reads a CUDA tensor on the host: with an explicit
+``seed`` the ops can be captured in a CUDA graph (torch.compile
+mode="reduce-overhead"); a key drawn from a generator is read from the
+generator's host state (duo_fast/_random.py).
 """
 
 from __future__ import annotations
@@ -267,7 +284,8 @@ class _UsdmLossInplaceGrad(torch.autograd.Function):
                 "handed to autograd); use inplace_grad=False for retain_graph / double backward"
             )
         ctx.grad = None
-        ones = all(s == 0 for s in grad_loss.stride()) and bool(grad_loss.reshape(-1)[0] == 1)
+        # Reading the value would synchronize on CUDA: there the scale is always applied.
+        ones = grad_loss.device.type == "cpu" and all(s == 0 for s in grad_loss.stride()) and bool(grad_loss.reshape(-1)[0] == 1)
         if not ones:
             grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
         return grad, None, None, None, None
@@ -499,7 +517,8 @@ _EMBEDDING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _curriculum_levels(x0: torch.Tensor, gamma, inv_tau) -> tuple[torch.Tensor, torch.Tensor]:
     """gamma and inv_tau (tensors or Python floats) as float64 levels of x0's shape."""
-    as_level = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=x0.device)  # noqa: E731
+    # torch.full, not torch.tensor: no host-to-device copy (a synchronization on CUDA)
+    as_level = lambda v: v if isinstance(v, torch.Tensor) else torch.full((), float(v), dtype=torch.float64, device=x0.device)  # noqa: E731
     return per_token_level(as_level(gamma), "gamma", x0), per_token_level(as_level(inv_tau), "inv_tau", x0)
 
 

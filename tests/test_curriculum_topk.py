@@ -241,12 +241,12 @@ def test_emulated_cuda_kernels_match_cpu(harness, emulated, mode, seed):
             gh = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
             expected = torch.ops.duo_fast.topk_bag_backward(gh, ids, w, K, True)
             got = torch.zeros(K, d)
-            assert emulated.df_emu_topk_bag_backward_atomic(ptr(gh), ptr(ids), ptr(w), ptr(got), ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_int64(d)) == 0
+            assert emulated.df_emu_topk_bag_backward_atomic(ptr(gh), ptr(ids), ptr(w), ptr(got), ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
             flat = ids.reshape(-1)
             sorted_ids, order = torch.sort(flat, stable=True)
             got = torch.zeros(K, d)
-            assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(got), ctypes.c_int64(n * k), ctypes.c_int64(k), ctypes.c_int64(d)) == 0
+            assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(got), ctypes.c_int64(n * k), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     finally:
         harness.configure_emulation(emulated, mode="fiber", seed=0)
@@ -321,7 +321,7 @@ def test_emulated_sorted_bag_backward_splits_long_runs(harness, emulated, k):
         for mode, seed in [("fiber", 0), ("fiber", 3)]:
             harness.configure_emulation(emulated, mode=mode, seed=seed)
             out = torch.zeros(K, d)
-            assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(out), ctypes.c_int64(flat.numel()), ctypes.c_int64(k), ctypes.c_int64(d)) == 0
+            assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(out), ctypes.c_int64(flat.numel()), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
             got.append(out)
     finally:
         harness.configure_emulation(emulated, mode="fiber", seed=0)

@@ -29,6 +29,7 @@
 //     word) is then spread over its segments' blocks, and the sum order is fixed.
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/curriculum.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/reduce.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/topk.h"
@@ -62,8 +63,21 @@ DUO_DEVICE void argmax_merge(double& v, int64_t& i, double ov, int64_t oi) {
 // k kept values (double bits) until step 5 draws the ids.
 DUO_DEVICE int64_t warp_token(uint64_t seed, uint64_t offset, uint64_t t, int64_t x, double gamma, double inv_tau,
                               int64_t k, int64_t vocab_size, int zt_rule, topk::SwapMap map, int64_t* ids,
-                              float* weights) {
+                              float* weights, uint32_t* checks) {
   const int lane = int(threadIdx.x & 31u);
+  {  // device-side value checks (warp-uniform): ids 0 .. k-1 (valid), NaN weights, z = 0
+    const bool ok_x = check::valid_id(x, vocab_size), ok_g = check::valid_gamma(gamma);
+    const bool ok_t = check::valid_inv_tau(inv_tau);
+    if (!(ok_x && ok_g && ok_t)) {
+      if (lane == 0) {
+        if (!ok_x) check::report(checks, check::kX0);
+        if (!ok_g) check::report(checks, check::kGamma);
+        if (!ok_t) check::report(checks, check::kInvTau);
+      }
+      for (int64_t i = lane; i < k; i += 32) ids[i] = i, weights[i] = check::nan_f();
+      return 0;
+    }
+  }
   double* kept = reinterpret_cast<double*>(ids);
   const topk::Scales sc = topk::scales(gamma);
   const double n_others = double(vocab_size - 1);
@@ -179,12 +193,12 @@ DUO_DEVICE int64_t warp_token(uint64_t seed, uint64_t offset, uint64_t t, int64_
 __global__ void topk_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma,
                             const double* __restrict__ inv_tau, int64_t* __restrict__ ids, float* __restrict__ weights,
                             int64_t* __restrict__ z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule,
-                            uint64_t seed, uint64_t offset, int32_t* map_scratch) {
+                            uint64_t seed, uint64_t offset, int32_t* map_scratch, uint32_t* checks) {
   const int64_t slot = int64_t(blockIdx.x) * kTopKWarps + int64_t(threadIdx.x >> 5);
   const topk::SwapMap map = slot_map(map_scratch, slot, topk::swap_map_capacity(k));
   for (int64_t t = slot; t < n; t += int64_t(gridDim.x) * kTopKWarps) {  // warp-uniform
     const int64_t zt = warp_token(seed, offset, uint64_t(t), x0[t], gamma[t], inv_tau[t], k, vocab_size, zt_rule,
-                                  map, ids + t * k, weights + t * k);
+                                  map, ids + t * k, weights + t * k, checks);
     if ((threadIdx.x & 31u) == 0) z[t] = zt;
   }
 }
@@ -194,7 +208,7 @@ __global__ void topk_embed_kernel(const int64_t* __restrict__ x0, const double* 
                                   const double* __restrict__ inv_tau, const E* __restrict__ embedding, int64_t d,
                                   float* __restrict__ h, int64_t* __restrict__ ids, float* __restrict__ weights,
                                   int64_t* __restrict__ z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule,
-                                  uint64_t seed, uint64_t offset, int32_t* map_scratch) {
+                                  uint64_t seed, uint64_t offset, int32_t* map_scratch, uint32_t* checks) {
   const int warp = int(threadIdx.x >> 5);
   const topk::SwapMap map =
       slot_map(map_scratch, int64_t(blockIdx.x) * kTopKWarps + warp, topk::swap_map_capacity(k));
@@ -202,7 +216,7 @@ __global__ void topk_embed_kernel(const int64_t* __restrict__ x0, const double* 
     const int64_t t = t0 + warp;
     if (t < n) {  // warp-uniform
       const int64_t zt = warp_token(seed, offset, uint64_t(t), x0[t], gamma[t], inv_tau[t], k, vocab_size, zt_rule,
-                                    map, ids + t * k, weights + t * k);
+                                    map, ids + t * k, weights + t * k, checks);
       if ((threadIdx.x & 31u) == 0) z[t] = zt;
     }
     __syncthreads();  // the block's tokens' ids and weights are written (global memory, this block)
@@ -222,11 +236,16 @@ __global__ void topk_embed_kernel(const int64_t* __restrict__ x0, const double* 
 
 __global__ void bag_backward_atomic_kernel(const float* __restrict__ grad_h, const int64_t* __restrict__ ids,
                                            const float* __restrict__ weights, float* __restrict__ grad, int64_t tokens,
-                                           int64_t k, int64_t d) {
+                                           int64_t k, int64_t d, int64_t vocab_size, uint32_t* checks) {
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     for (int64_t i = 0; i < k; ++i) {
       const float w = weights[t * k + i];
-      float* row = grad + ids[t * k + i] * d;
+      const int64_t id = ids[t * k + i];
+      if (!check::valid_id(id, vocab_size)) {  // device-side check: the entry is dropped
+        if (threadIdx.x == 0) check::report(checks, check::kIds);
+        continue;
+      }
+      float* row = grad + id * d;
       for (int64_t c = threadIdx.x; c < d; c += blockDim.x) atomicAdd(&row[c], w * grad_h[t * d + c]);
     }
   }
@@ -269,7 +288,7 @@ __global__ void bag_partials_kernel(const float* __restrict__ grad_h, const int6
 __global__ void bag_runs_kernel(const float* __restrict__ grad_h, const int64_t* __restrict__ sorted_ids,
                                 const int64_t* __restrict__ order, const float* __restrict__ weights,
                                 const float* __restrict__ partial, float* __restrict__ grad, int64_t entries,
-                                int64_t seg, int64_t k, int64_t d) {
+                                int64_t seg, int64_t k, int64_t d, int64_t vocab_size, uint32_t* checks) {
   const int64_t segments = (entries + seg - 1) / seg;
   for (int64_t s = blockIdx.x; s < segments; s += gridDim.x) {
     const int64_t seg_end = (s + 1) * seg < entries ? (s + 1) * seg : entries;
@@ -280,6 +299,11 @@ __global__ void bag_runs_kernel(const float* __restrict__ grad_h, const int64_t*
         continue;
       }
       const int64_t id = sorted_ids[e];
+      if (!check::valid_id(id, vocab_size)) {  // device-side check: the run is dropped
+        if (threadIdx.x == 0) check::report(checks, check::kIds);
+        e = end;
+        continue;
+      }
       for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = bag_piece(grad_h, order, weights, e, end, k, d, c);
         for (int64_t t = s + 1; t < segments && sorted_ids[t * seg] == id; ++t) acc += partial[t * d + c];
@@ -332,7 +356,7 @@ DUO_DEVICE void scores4(const TokenLevel& lv, int64_t K, int64_t t, int64_t j, u
 __global__ void embed_forward_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma,
                                      const double* __restrict__ inv_tau, const float* __restrict__ E, int64_t n,
                                      int64_t K, int64_t d, uint64_t seed, uint64_t offset, float* __restrict__ h,
-                                     int64_t* __restrict__ z, double* __restrict__ lse) {
+                                     int64_t* __restrict__ z, double* __restrict__ lse, uint32_t* checks) {
   __shared__ double y[kTokens][kTile];
   __shared__ float P[kTokens][kTile];
   __shared__ double m[kTokens], l[kTokens], best[kTokens];
@@ -352,6 +376,11 @@ __global__ void embed_forward_kernel(const int64_t* __restrict__ x0, const doubl
       // noise: thread -> (token r, Philox block q of 4 entries in each tile)
       const int r_noise = threadIdx.x / (kTile / 4), q_noise = threadIdx.x % (kTile / 4);
       const TokenLevel lv = token_level(x0, gamma, inv_tau, n, t0 + r_noise);
+      if (c0 == 0 && q_noise == 0 && t0 + r_noise < n) {  // device-side checks: unspecified h and z
+        if (!check::valid_id(x0[t0 + r_noise], K)) check::report(checks, check::kX0);
+        if (!check::valid_gamma(gamma[t0 + r_noise])) check::report(checks, check::kGamma);
+        if (!check::valid_inv_tau(inv_tau[t0 + r_noise])) check::report(checks, check::kInvTau);
+      }
       __syncthreads();
       for (int64_t j0 = 0; j0 < K; j0 += kTile) {
         {
@@ -480,11 +509,11 @@ unsigned blocks_for(int64_t n, int64_t cap) { return unsigned(n < cap ? (n > 0 ?
 
 int curriculum_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const float* embedding,
                      int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h, int64_t* z,
-                     double* lse, void* stream) {
+                     double* lse, uint32_t* checks, void* stream) {
   if (n == 0) return 0;
   return int(launch_kernel(embed_forward_kernel, dim3(blocks_for((n + kTokens - 1) / kTokens, 65535)),
                            dim3(kEmbedThreads), 0, static_cast<cudaStream_t>(stream), x0, gamma, inv_tau, embedding,
-                           n, vocab_size, d, seed, offset, h, z, lse));
+                           n, vocab_size, d, seed, offset, h, z, lse, checks));
 }
 
 int curriculum_embed_backward(const float* grad_h, const int64_t* x0, const double* gamma, const double* inv_tau,
@@ -516,48 +545,52 @@ int64_t topk_map_capacity(int64_t k) { return topk::swap_map_capacity(k); }
 
 int curriculum_topk(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t* ids, float* weights,
                     int64_t* z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule, uint64_t seed, uint64_t offset,
-                    int32_t* map_scratch, int64_t slots, void* stream) {
+                    int32_t* map_scratch, int64_t slots, uint32_t* checks, void* stream) {
   if (n == 0) return 0;
   const unsigned blocks = unsigned(slots / kTopKWarps);
   return int(launch_kernel(topk_kernel, dim3(blocks), dim3(kTopKThreads), 0, static_cast<cudaStream_t>(stream), x0,
-                           gamma, inv_tau, ids, weights, z, n, k, vocab_size, zt_rule, seed, offset, map_scratch));
+                           gamma, inv_tau, ids, weights, z, n, k, vocab_size, zt_rule, seed, offset, map_scratch,
+                           checks));
 }
 
 namespace {
 template <class E>
 int launch_topk_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const E* embedding, int64_t d,
                       float* h, int64_t* ids, float* weights, int64_t* z, int64_t n, int64_t k, int64_t vocab_size,
-                      int zt_rule, uint64_t seed, uint64_t offset, int32_t* map_scratch, int64_t slots, void* stream) {
+                      int zt_rule, uint64_t seed, uint64_t offset, int32_t* map_scratch, int64_t slots,
+                      uint32_t* checks, void* stream) {
   return int(launch_kernel(topk_embed_kernel<E>, dim3(unsigned(slots / kTopKWarps)), dim3(kTopKThreads), 0,
                            static_cast<cudaStream_t>(stream), x0, gamma, inv_tau, embedding, d, h, ids, weights, z, n,
-                           k, vocab_size, zt_rule, seed, offset, map_scratch));
+                           k, vocab_size, zt_rule, seed, offset, map_scratch, checks));
 }
 }  // namespace
 
 int curriculum_topk_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const void* embedding,
                           int emb_dtype, int64_t d, float* h, int64_t* ids, float* weights, int64_t* z, int64_t n,
                           int64_t k, int64_t vocab_size, int zt_rule, uint64_t seed, uint64_t offset,
-                          int32_t* map_scratch, int64_t slots, void* stream) {
+                          int32_t* map_scratch, int64_t slots, uint32_t* checks, void* stream) {
   if (n == 0) return 0;
   switch (emb_dtype) {
     case 0:
       return launch_topk_embed(x0, gamma, inv_tau, static_cast<const float*>(embedding), d, h, ids, weights, z, n, k,
-                               vocab_size, zt_rule, seed, offset, map_scratch, slots, stream);
+                               vocab_size, zt_rule, seed, offset, map_scratch, slots, checks, stream);
     case 1:
       return launch_topk_embed(x0, gamma, inv_tau, static_cast<const bf16_bits*>(embedding), d, h, ids, weights, z, n,
-                               k, vocab_size, zt_rule, seed, offset, map_scratch, slots, stream);
+                               k, vocab_size, zt_rule, seed, offset, map_scratch, slots, checks, stream);
     case 2:
       return launch_topk_embed(x0, gamma, inv_tau, static_cast<const f16_bits*>(embedding), d, h, ids, weights, z, n,
-                               k, vocab_size, zt_rule, seed, offset, map_scratch, slots, stream);
+                               k, vocab_size, zt_rule, seed, offset, map_scratch, slots, checks, stream);
   }
   return int(cudaErrorInvalidValue);
 }
 
 int topk_bag_backward_atomic(const float* grad_h, const int64_t* ids, const float* weights, float* grad,
-                             int64_t tokens, int64_t k, int64_t d, void* stream) {
+                             int64_t tokens, int64_t k, int64_t d, int64_t vocab_size, uint32_t* checks,
+                             void* stream) {
   if (tokens == 0) return 0;
   return int(launch_kernel(bag_backward_atomic_kernel, dim3(blocks_for(tokens, 65535)), dim3(kBagThreads), 0,
-                           static_cast<cudaStream_t>(stream), grad_h, ids, weights, grad, tokens, k, d));
+                           static_cast<cudaStream_t>(stream), grad_h, ids, weights, grad, tokens, k, d, vocab_size,
+                           checks));
 }
 
 int64_t topk_bag_segment(int64_t k) { return k > kMinBagSegment ? k : kMinBagSegment; }
@@ -569,7 +602,7 @@ int64_t topk_bag_partial_floats(int64_t entries, int64_t k, int64_t d) {
 
 int topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, const int64_t* order,
                              const float* weights, float* grad, int64_t entries, int64_t k, int64_t d,
-                             float* partial_scratch, void* stream) {
+                             int64_t vocab_size, float* partial_scratch, uint32_t* checks, void* stream) {
   if (entries == 0) return 0;
   const int64_t seg = topk_bag_segment(k), segments = (entries + seg - 1) / seg;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
@@ -579,7 +612,7 @@ int topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, con
     if (err != 0) return err;
   }
   return int(launch_kernel(bag_runs_kernel, dim3(blocks_for(segments, 65535)), dim3(kBagThreads), 0, st, grad_h,
-                           sorted_ids, order, weights, partial_scratch, grad, entries, seg, k, d));
+                           sorted_ids, order, weights, partial_scratch, grad, entries, seg, k, d, vocab_size, checks));
 }
 
 }  // namespace cuda

@@ -11,6 +11,7 @@
 // Philox stream and selection rule as the CPU kernel, so tokens agree except
 // where a different summation order moves u * kept across a boundary.
 #include "duo_fast/cuda_compat.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/reduce.h"
 #include "duo_fast/sampling.h"
 #include "launchers.h"
@@ -100,6 +101,19 @@ __device__ Row prepare_row(const T* x, int64_t K, float inv_temperature, double 
   return row;
 }
 
+// Device-side value checks of row r (device_check.h): false (and reported by
+// thread 0) if z or the levels are invalid. The same values for the whole block.
+__device__ bool row_valid(int64_t z, double alpha_t, double alpha_s, int64_t K, uint32_t* checks) {
+  const bool ok_z = check::valid_id(z, K), ok_t = check::valid_alpha_t(alpha_t);
+  const bool ok_s = check::valid_alpha_s(alpha_s, alpha_t);
+  if (threadIdx.x == 0) {
+    if (!ok_z) check::report(checks, check::kZ);
+    if (!ok_t) check::report(checks, check::kAlphaT);
+    if (!ok_s) check::report(checks, check::kAlphaS);
+  }
+  return ok_z && ok_t && ok_s;
+}
+
 template <class T>
 __device__ sampling::Mixture row_mixture(const Row& row, const T* x, int64_t K, int64_t z, double alpha_t,
                                          double alpha_s, double kappa, float inv_temperature) {
@@ -162,9 +176,14 @@ template <class T>
 __global__ void sample_step_kernel(const T* __restrict__ logits, const int64_t* __restrict__ z,
                                    const double* __restrict__ alpha_t, const double* __restrict__ alpha_s,
                                    int64_t* __restrict__ out, int64_t rows, int64_t K, double kappa,
-                                   float inv_temperature, double top_p, uint64_t seed, uint64_t offset) {
+                                   float inv_temperature, double top_p, uint64_t seed, uint64_t offset,
+                                   uint32_t* checks) {
   __shared__ Shared sh;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if (!row_valid(z[r], alpha_t[r], alpha_s[r], K, checks)) {  // unspecified valid id
+      if (threadIdx.x == 0) out[r] = 0;
+      continue;
+    }
     const T* x = logits + r * K;
     const Row row = prepare_row(x, K, inv_temperature, top_p, sh);
     const sampling::StepDraw draw = sampling::step_draw(seed, offset, uint64_t(r));
@@ -188,9 +207,13 @@ template <class T>
 __global__ void posterior_kernel(const T* __restrict__ logits, const int64_t* __restrict__ z,
                                  const double* __restrict__ alpha_t, const double* __restrict__ alpha_s,
                                  float* __restrict__ q, int64_t rows, int64_t K, double kappa, float inv_temperature,
-                                 double top_p) {
+                                 double top_p, uint32_t* checks) {
   __shared__ Shared sh;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if (!row_valid(z[r], alpha_t[r], alpha_s[r], K, checks)) {
+      for (int64_t j = threadIdx.x; j < K; j += blockDim.x) q[r * K + j] = check::nan_f();
+      continue;
+    }
     const T* x = logits + r * K;
     const Row row = prepare_row(x, K, inv_temperature, top_p, sh);
     const int64_t zr = z[r];
@@ -208,20 +231,21 @@ unsigned row_blocks(int64_t rows) { return rows < 65535 ? unsigned(rows) : 65535
 template <class T>
 int launch_sample_step(const T* logits, const int64_t* z, const double* alpha_t, const double* alpha_s, int64_t* out,
                        int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
-                       uint64_t offset, void* stream) {
+                       uint64_t offset, uint32_t* checks, void* stream) {
   if (rows == 0) return 0;
   return int(launch_kernel(sample_step_kernel<T>, dim3(row_blocks(rows)), dim3(kThreads), 0,
                            static_cast<cudaStream_t>(stream), logits, z, alpha_t, alpha_s, out, rows, K, kappa,
-                           float(1.0 / temperature), top_p, seed, offset));
+                           float(1.0 / temperature), top_p, seed, offset, checks));
 }
 
 template <class T>
 int launch_posterior(const T* logits, const int64_t* z, const double* alpha_t, const double* alpha_s, float* q,
-                     int64_t rows, int64_t K, double kappa, double temperature, double top_p, void* stream) {
+                     int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint32_t* checks,
+                     void* stream) {
   if (rows == 0) return 0;
   return int(launch_kernel(posterior_kernel<T>, dim3(row_blocks(rows)), dim3(kThreads), 0,
                            static_cast<cudaStream_t>(stream), logits, z, alpha_t, alpha_s, q, rows, K, kappa,
-                           float(1.0 / temperature), top_p));
+                           float(1.0 / temperature), top_p, checks));
 }
 
 }  // namespace
@@ -229,33 +253,34 @@ int launch_posterior(const T* logits, const int64_t* z, const double* alpha_t, c
 // dtype codes as in launchers.h: 0 float32, 1 bfloat16, 2 float16.
 int sample_step(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
                 int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
-                uint64_t offset, void* stream) {
+                uint64_t offset, uint32_t* checks, void* stream) {
   switch (dtype) {
     case 0:
       return launch_sample_step(static_cast<const float*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
-                                temperature, top_p, seed, offset, stream);
+                                temperature, top_p, seed, offset, checks, stream);
     case 1:
       return launch_sample_step(static_cast<const bf16_bits*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
-                                temperature, top_p, seed, offset, stream);
+                                temperature, top_p, seed, offset, checks, stream);
     case 2:
       return launch_sample_step(static_cast<const f16_bits*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
-                                temperature, top_p, seed, offset, stream);
+                                temperature, top_p, seed, offset, checks, stream);
   }
   return int(cudaErrorInvalidValue);
 }
 
 int posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s, float* q,
-              int64_t rows, int64_t K, double kappa, double temperature, double top_p, void* stream) {
+              int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint32_t* checks,
+              void* stream) {
   switch (dtype) {
     case 0:
       return launch_posterior(static_cast<const float*>(logits), z, alpha_t, alpha_s, q, rows, K, kappa, temperature,
-                              top_p, stream);
+                              top_p, checks, stream);
     case 1:
       return launch_posterior(static_cast<const bf16_bits*>(logits), z, alpha_t, alpha_s, q, rows, K, kappa,
-                              temperature, top_p, stream);
+                              temperature, top_p, checks, stream);
     case 2:
       return launch_posterior(static_cast<const f16_bits*>(logits), z, alpha_t, alpha_s, q, rows, K, kappa,
-                              temperature, top_p, stream);
+                              temperature, top_p, checks, stream);
   }
   return int(cudaErrorInvalidValue);
 }

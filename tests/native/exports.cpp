@@ -17,6 +17,7 @@
 
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/curriculum.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/distill.h"
 #include "duo_fast/latent.h"
 #include "duo_fast/philox.h"
@@ -71,6 +72,14 @@ void df_build_schedule_table(int64_t vocab_size, double* out) {
 }
 
 // ---- emulated CUDA launchers ----
+// The device-side check counters (device_check.h) the df_emu_* launchers report to.
+static uint32_t g_checks[check::kNumArgs] = {};
+// Copies the counters to out[kNumArgs] and zeroes them; returns kNumArgs.
+int df_emu_take_checks(uint32_t* out) {
+  for (int i = 0; i < check::kNumArgs; ++i) out[i] = g_checks[i], g_checks[i] = 0;
+  return check::kNumArgs;
+}
+
 int df_emu_gamma_to_alpha_f32(const float* g, float* a, float* d, int64_t n, const double* table) {
   return cuda::gamma_to_alpha_f32(g, a, d, n, table, nullptr);
 }
@@ -80,7 +89,7 @@ int df_emu_gamma_to_alpha_f64(const double* g, double* a, double* d, int64_t n, 
 
 int df_emu_sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s,
                      int64_t n, int64_t vocab_size, uint64_t seed, uint64_t offset) {
-  return cuda::sample_zt(x0, gamma_t, gamma_s, z_t, z_s, n, vocab_size, seed, offset, nullptr);
+  return cuda::sample_zt(x0, gamma_t, gamma_s, z_t, z_s, n, vocab_size, seed, offset, g_checks, nullptr);
 }
 
 int df_emu_distill_kl(const float* student, const float* teacher, float* kl, float* grad, int64_t rows, int64_t K,
@@ -90,7 +99,7 @@ int df_emu_distill_kl(const float* student, const float* teacher, float* kl, flo
 
 int df_emu_usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, const double* alpha,
                      const double* dalpha, float* loss, float* grad, int64_t rows, int64_t K) {
-  return cuda::usdm_loss(logits, z, x0, alpha, dalpha, loss, grad, rows, K, nullptr);
+  return cuda::usdm_loss(logits, z, x0, alpha, dalpha, loss, grad, rows, K, g_checks, nullptr);
 }
 
 // dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h).
@@ -98,12 +107,13 @@ int df_emu_sample_step(const void* logits, int dtype, const int64_t* z, const do
                        int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p,
                        uint64_t seed, uint64_t offset) {
   return cuda::sample_step(logits, dtype, z, alpha_t, alpha_s, out, rows, K, kappa, temperature, top_p, seed, offset,
-                           nullptr);
+                           g_checks, nullptr);
 }
 
 int df_emu_posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
                      float* q, int64_t rows, int64_t K, double kappa, double temperature, double top_p) {
-  return cuda::posterior(logits, dtype, z, alpha_t, alpha_s, q, rows, K, kappa, temperature, top_p, nullptr);
+  return cuda::posterior(logits, dtype, z, alpha_t, alpha_s, q, rows, K, kappa, temperature, top_p, g_checks,
+                         nullptr);
 }
 
 // The random inputs of the top-k curriculum for token `stream` (topk.h), for
@@ -129,7 +139,7 @@ int df_emu_curriculum_topk(const int64_t* x0, const double* gamma, const double*
   const int64_t slots = cuda::topk_scratch_slots(n, k, g_emu_sm_count);
   std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
   return cuda::curriculum_topk(x0, gamma, inv_tau, ids, weights, z, n, k, vocab_size, zt_rule, seed, offset,
-                               map.data(), slots, nullptr);
+                               map.data(), slots, g_checks, nullptr);
 }
 
 int df_emu_curriculum_topk_embed(const int64_t* x0, const double* gamma, const double* inv_tau,
@@ -139,19 +149,21 @@ int df_emu_curriculum_topk_embed(const int64_t* x0, const double* gamma, const d
   const int64_t slots = cuda::topk_scratch_slots(n, k, g_emu_sm_count);
   std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
   return cuda::curriculum_topk_embed(x0, gamma, inv_tau, embedding, emb_dtype, d, h, ids, weights, z, n, k,
-                                     vocab_size, zt_rule, seed, offset, map.data(), slots, nullptr);
+                                     vocab_size, zt_rule, seed, offset, map.data(), slots, g_checks, nullptr);
 }
 
+// grad has vocab_size rows (ids outside [0, vocab_size) are dropped and counted).
 int df_emu_topk_bag_backward_atomic(const float* grad_h, const int64_t* ids, const float* weights, float* grad,
-                                    int64_t tokens, int64_t k, int64_t d) {
-  return cuda::topk_bag_backward_atomic(grad_h, ids, weights, grad, tokens, k, d, nullptr);
+                                    int64_t tokens, int64_t k, int64_t d, int64_t vocab_size) {
+  return cuda::topk_bag_backward_atomic(grad_h, ids, weights, grad, tokens, k, d, vocab_size, g_checks, nullptr);
 }
 
 int df_emu_topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, const int64_t* order,
-                                    const float* weights, float* grad, int64_t entries, int64_t k, int64_t d) {
+                                    const float* weights, float* grad, int64_t entries, int64_t k, int64_t d,
+                                    int64_t vocab_size) {
   std::vector<float> partial(size_t(cuda::topk_bag_partial_floats(entries, k, d)), NAN);
-  return cuda::topk_bag_backward_sorted(grad_h, sorted_ids, order, weights, grad, entries, k, d, partial.data(),
-                                        nullptr);
+  return cuda::topk_bag_backward_sorted(grad_h, sorted_ids, order, weights, grad, entries, k, d, vocab_size,
+                                        partial.data(), g_checks, nullptr);
 }
 int64_t df_topk_bag_segment(int64_t k) { return cuda::topk_bag_segment(k); }
 
@@ -168,7 +180,8 @@ void df_curriculum_noise(uint64_t seed, uint64_t offset, uint64_t token, int64_t
 int df_emu_curriculum_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const float* embedding,
                             int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h,
                             int64_t* z, double* lse) {
-  return cuda::curriculum_embed(x0, gamma, inv_tau, embedding, n, vocab_size, d, seed, offset, h, z, lse, nullptr);
+  return cuda::curriculum_embed(x0, gamma, inv_tau, embedding, n, vocab_size, d, seed, offset, h, z, lse, g_checks,
+                                nullptr);
 }
 
 int df_emu_curriculum_embed_backward(const float* grad_h, const int64_t* x0, const double* gamma,
@@ -228,7 +241,7 @@ int main(int argc, char** argv) {
       gt[i] = -4.0 + 6.0 * double(i) / double(n);
       gs[i] = gt[i] - 1.0;
     }
-    const int err = cuda::sample_zt(x.data(), gt.data(), gs.data(), zt.data(), zs.data(), n, K, 42, 6, nullptr);
+    const int err = cuda::sample_zt(x.data(), gt.data(), gs.data(), zt.data(), zs.data(), n, K, 42, 6, nullptr, nullptr);
     for (int64_t i = 0; i < n; ++i) {
       const latent::Draw d = latent::draw(42, 6, uint64_t(i), x[i], K);
       if (err != 0 || zt[i] != latent::select(d, x[i], gt[i]) || zs[i] != latent::select(d, x[i], gs[i]) || zt[i] < 0 ||
@@ -289,7 +302,7 @@ int main(int argc, char** argv) {
       for (int64_t j = 0; j < K; ++j) logits[4 * K + j] = -INFINITY;
     }
     const int err = cuda::usdm_loss(logits.data(), z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(),
-                                    grad.data(), rows, K, nullptr);
+                                    grad.data(), rows, K, nullptr, nullptr);
     for (int64_t r = 0; r < (K == 1000 ? 4 : rows); ++r) {
       double sum = 0.0, mx = 0.0;
       for (int64_t j = 0; j < K; ++j) sum += grad[r * K + j], mx = fmax(mx, fabs(grad[r * K + j]));
@@ -313,9 +326,9 @@ int main(int argc, char** argv) {
     for (int64_t r = 0; r < rows; ++r) z[r] = (r * 3) % K, at[r] = 0.15 * double(r);
     for (double top_p : {1.0, 0.6}) {
       int err = cuda::posterior(logits.data(), 0, z.data(), at.data(), as.data(), q.data(), rows, K, 1.0, 0.8, top_p,
-                                nullptr);
+                                nullptr, nullptr);
       err |= cuda::sample_step(logits.data(), 0, z.data(), at.data(), as.data(), out.data(), rows, K, 1.0, 0.8, top_p,
-                               3, 0, nullptr);
+                               3, 0, nullptr, nullptr);
       for (int64_t r = 0; r < rows; ++r) {
         double sum = 0.0, mn = 1.0;
         for (int64_t j = 0; j < K; ++j) sum += q[r * K + j], mn = fmin(mn, q[r * K + j]);
@@ -346,10 +359,11 @@ int main(int argc, char** argv) {
         const int64_t slots = cuda::topk_scratch_slots(n, k, 1);
         std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
         err |= cuda::curriculum_topk(x.data(), g.data(), it.data(), ids.data(), w.data(), z.data(), n, k, K, 0, 5, 0,
-                                     map.data(), slots, nullptr);
+                                     map.data(), slots, nullptr, nullptr);
         std::fill(map.begin(), map.end(), -1);
         err |= cuda::curriculum_topk_embed(x.data(), g.data(), it.data(), emb.data(), 0, d, h.data(), ids2.data(),
-                                           w2.data(), z2.data(), n, k, K, 0, 5, 0, map.data(), slots, nullptr);
+                                           w2.data(), z2.data(), n, k, K, 0, 5, 0, map.data(), slots, nullptr,
+                                           nullptr);
         const int64_t cap = cuda::topk_map_capacity(k);  // every warp leaves its map's keys empty
         for (int64_t sl = 0; sl < slots; ++sl)
           for (int64_t i = 0; i < cap; ++i) err |= map[size_t(sl * 2 * cap + i)] != -1;
@@ -380,10 +394,10 @@ int main(int argc, char** argv) {
       for (int64_t e = 0; e < n * k; ++e) order[e] = e;
       std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
       for (int64_t e = 0; e < n * k; ++e) sorted[e] = ids[order[e]];
-      err |= cuda::topk_bag_backward_atomic(gh.data(), ids.data(), w.data(), gatomic.data(), n, k, d, nullptr);
+      err |= cuda::topk_bag_backward_atomic(gh.data(), ids.data(), w.data(), gatomic.data(), n, k, d, K, nullptr, nullptr);
       std::vector<float> partial(size_t(cuda::topk_bag_partial_floats(n * k, k, d)), NAN);
       err |= cuda::topk_bag_backward_sorted(gh.data(), sorted.data(), order.data(), w.data(), gsorted.data(), n * k, k,
-                                            d, partial.data(), nullptr);
+                                            d, K, partial.data(), nullptr, nullptr);
       for (int64_t i = 0; i < K * d; ++i)
         ok = ok && fabs(gatomic[i] - ga[i]) <= 1e-3f * (1.f + fabs(ga[i])) && fabs(gsorted[i] - ga[i]) <= 1e-3f * (1.f + fabs(ga[i]));
       if (!ok || err != 0) {
@@ -405,7 +419,7 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < K * d; ++i) E[i] = float((i * 29) % 23) - 11.0f;
     for (int64_t i = 0; i < n * d; ++i) dh[i] = float((i * 7) % 5) - 2.0f;
     int err = cuda::curriculum_embed(x.data(), g.data(), it.data(), E.data(), n, K, d, 3, 0, h.data(), z.data(),
-                                     lse.data(), nullptr);
+                                     lse.data(), nullptr, nullptr);
     err |= cuda::curriculum_embed_backward(dh.data(), x.data(), g.data(), it.data(), lse.data(), n, K, d, 3, 0,
                                            dE.data(), nullptr);
     bool ok = err == 0;
@@ -426,6 +440,66 @@ int main(int argc, char** argv) {
     }
   }
   section("curriculum_embed");
+  {
+    // Device-side value checks (device_check.h): every invalid id or level is
+    // counted, never used to index memory (ASan), and gives the specified outputs.
+    uint32_t c[check::kNumArgs] = {};
+    const int64_t K = 300, rows = 3, d = 4, k = 5;
+    std::vector<float> logits(rows * K), loss(rows), grad(rows * K), q(rows * K);
+    for (int64_t i = 0; i < rows * K; ++i) logits[i] = float(i % 7) * 0.3f;
+    std::vector<int64_t> z = {1, K + 7, 2}, x = {-3, 4, 5}, out(rows), zt(rows);
+    std::vector<double> alpha = {0.5, 0.5, 1.5}, dalpha = {-1.0, -1.0, -1.0};
+    std::vector<double> at = {0.2, 0.2, 0.2}, as = {0.5, 0.5, 0.1}, gt = {0.0, 0.0, 0.0};
+    bool ok = true;
+    // usdm_loss: row 0 bad x0, row 1 bad z, row 2 bad alpha -> NaN rows
+    ok &= cuda::usdm_loss(logits.data(), z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(), grad.data(),
+                          rows, K, c, nullptr) == 0;
+    for (int64_t r = 0; r < rows; ++r) ok &= std::isnan(loss[r]) && std::isnan(grad[r * K + 7]);
+    // sample_step / posterior: row 1 bad z, row 2 alpha_s < alpha_t -> id 0 / NaN rows; row 0 valid
+    ok &= cuda::sample_step(logits.data(), 0, z.data(), at.data(), as.data(), out.data(), rows, K, 1.0, 1.0, 0.5, 1, 0,
+                            c, nullptr) == 0;
+    ok &= cuda::posterior(logits.data(), 0, z.data(), at.data(), as.data(), q.data(), rows, K, 1.0, 1.0, 0.5, c,
+                          nullptr) == 0;
+    ok &= out[0] >= 0 && out[0] < K && out[1] == 0 && out[2] == 0;
+    ok &= !std::isnan(q[0]) && std::isnan(q[K]) && std::isnan(q[2 * K + K - 1]);
+    // sample_zt: row 0 bad x0 -> 0
+    ok &= cuda::sample_zt(x.data(), gt.data(), nullptr, zt.data(), nullptr, rows, K, 1, 0, c, nullptr) == 0;
+    ok &= zt[0] == 0 && zt[1] >= 0 && zt[1] < K;
+    // top-k (+ embedding bag) and the exact curriculum: token 0 bad x0, 1 NaN gamma, 2 inv_tau 0
+    std::vector<int64_t> tx = {K + 3, 1, 2}, ids(rows * k), ids2(rows * k), tz(rows), tz2(rows), ez(rows);
+    std::vector<double> tg = {0.0, NAN, 0.0}, tit = {1.0, 1.0, 0.0}, lse(rows);
+    std::vector<float> w(rows * k), w2(rows * k), emb(K * d, 1.0f), h(rows * d), eh(rows * d);
+    const int64_t slots = cuda::topk_scratch_slots(rows, k, 1);
+    std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
+    ok &= cuda::curriculum_topk(tx.data(), tg.data(), tit.data(), ids.data(), w.data(), tz.data(), rows, k, K, 0, 1, 0,
+                                map.data(), slots, c, nullptr) == 0;
+    ok &= cuda::curriculum_topk_embed(tx.data(), tg.data(), tit.data(), emb.data(), 0, d, h.data(), ids2.data(),
+                                      w2.data(), tz2.data(), rows, k, K, 0, 1, 0, map.data(), slots, c, nullptr) == 0;
+    for (int64_t i = 0; i < rows * k; ++i) ok &= ids[i] >= 0 && ids[i] < K && std::isnan(w[i]) && ids2[i] == ids[i];
+    for (int64_t i = 0; i < rows * d; ++i) ok &= std::isnan(h[i]);
+    ok &= cuda::curriculum_embed(tx.data(), tg.data(), tit.data(), emb.data(), rows, K, d, 1, 0, eh.data(), ez.data(),
+                                 lse.data(), c, nullptr) == 0;
+    for (int64_t r = 0; r < rows; ++r) ok &= ez[r] >= 0 && ez[r] < K;
+    // embedding-bag backward: ids -1 and K are dropped (not written out of bounds)
+    std::vector<int64_t> bid = {3, -1, K, 3}, order = {1, 0, 3, 2}, sorted = {-1, 3, 3, K};
+    std::vector<float> bw = {1.0f, 1.0f, 1.0f, 2.0f}, gh(2 * d, 1.0f), ga(K * d, 0.0f), gs(K * d, 0.0f);
+    std::vector<float> partial(size_t(cuda::topk_bag_partial_floats(4, 2, d)), NAN);
+    ok &= cuda::topk_bag_backward_atomic(gh.data(), bid.data(), bw.data(), ga.data(), 2, 2, d, K, c, nullptr) == 0;
+    ok &= cuda::topk_bag_backward_sorted(gh.data(), sorted.data(), order.data(), bw.data(), gs.data(), 4, 2, d, K,
+                                         partial.data(), c, nullptr) == 0;
+    ok &= ga[3 * d] == 3.0f && gs[3 * d] == 3.0f;
+    const uint32_t want[check::kNumArgs] = {/*x0*/ 5, /*z*/ 3, /*ids*/ 4, /*alpha*/ 1, /*dalpha*/ 0,
+                                            /*alpha_t*/ 0, /*alpha_s*/ 2, /*gamma*/ 3, /*inv_tau*/ 3};
+    for (int i = 0; i < check::kNumArgs; ++i) {
+      if (c[i] != want[i]) std::printf("device check %s: %u violations, expected %u\n", check::arg_message(i), c[i], want[i]);
+      ok &= c[i] == want[i];
+    }
+    if (!ok) {
+      ++failures;
+      std::printf("device-side value checks failed\n");
+    }
+  }
+  section("device checks");
   std::printf("emulated kernels: %s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }
