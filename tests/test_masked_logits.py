@@ -241,7 +241,14 @@ def test_all_minus_inf_rows_do_not_crash(harness, emulated):
     assert emulated.df_emu_sample_step(ptr(x), 0, ptr(z), ptr(a), ptr(a), ptr(out), ctypes.c_int64(rows), ctypes.c_int64(K),
                                        ctypes.c_double(1.0), ctypes.c_double(1.0), ctypes.c_double(0.5), ctypes.c_uint64(1), ctypes.c_uint64(0)) == 0
     assert ((out >= 0) & (out < K)).all()
+    q = torch.empty(rows, K)
+    assert emulated.df_emu_posterior(ptr(x), 0, ptr(z), ptr(a), ptr(a), ptr(q), ctypes.c_int64(rows), ctypes.c_int64(K),
+                                     ctypes.c_double(1.0), ctypes.c_double(1.0), ctypes.c_double(0.5)) == 0
     # CPU ops: no crash either
     duo_fast.usdm_loss(x[None], z[None], x0[None], a[None], d[None])
     duo_fast.distill_kl(x, x)
-    assert ((duo_fast.sample_step(x, z, a, a, top_p=0.5, seed=1) >= 0)).all()
+    out = duo_fast.sample_step(x, z, a, a, top_p=0.5, seed=1)
+    assert ((out >= 0) & (out < K)).all()
+    duo_fast.posterior(x, z, a, a, top_p=0.5)
+    bias = torch.full((K,), -math.inf)
+    duo_fast.linear_usdm_loss(torch.randn(1, rows, 4), torch.randn(K, 4), bias, z[None], x0[None], a[None], d[None])
