@@ -2,11 +2,23 @@
 // the argument and say what was expected and what was given; the Python
 // wrappers in duo_fast/ops.py run the same checks first, these guard direct
 // torch.ops.duo_fast calls.
+//
+// What is checked where. Shapes, dtypes, devices and scalar arguments: here,
+// on the host, for every device (free). Values inside tensors (token ids in
+// [0, K), alpha / alpha_t / alpha_s / gamma / inv_tau ranges): here for CPU
+// tensors; for CUDA tensors reading them here would synchronize the host with
+// the GPU (.item()) at every call and break CUDA graph capture, so the CUDA
+// kernels check them on the device instead (duo_fast/device_check.h: no
+// out-of-bounds access, unspecified outputs for that row, an error raised by
+// the next duo_fast CUDA call). DUO_FAST_CUDA_SYNC_CHECKS=1 runs the host
+// value checks for CUDA tensors too (synchronizing; for debugging).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "duo_fast/common.h"
 
@@ -23,17 +35,26 @@ inline void check_vocab(int64_t vocab_size, const char* name = "vocab_size") {
               ", ", kMaxVocab, "], got ", vocab_size);
 }
 
+// Whether the values of t are checked on the host (see the top of this file).
+inline bool check_values_on_host(const at::Tensor& t) {
+  static const bool sync_checks = [] {
+    const char* v = std::getenv("DUO_FAST_CUDA_SYNC_CHECKS");
+    return v != nullptr && *v != 0 && std::strcmp(v, "0") != 0;
+  }();
+  return !t.is_cuda() || sync_checks;
+}
+
 inline void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b, const char* name_b) {
   TORCH_CHECK(a.device() == b.device(), "duo_fast: ", name_a, " is on ", a.device(), " but ", name_b, " is on ",
               b.device());
 }
 
-// Token ids in [0, K): every op that takes ids calls this (one reduction; on
-// CUDA it synchronizes once to read the result).
+// Token ids in [0, K): every op that takes ids calls this (one reduction; values
+// on the host for CPU tensors only, see above).
 inline void check_token_ids(const at::Tensor& ids, const char* name, int64_t vocab_size) {
   TORCH_CHECK(ids.scalar_type() == at::kLong, "duo_fast: ", name, " has dtype ", ids.scalar_type(),
               ", expected Long (int64)");
-  if (ids.numel() == 0) return;
+  if (ids.numel() == 0 || !check_values_on_host(ids)) return;
   auto [lo, hi] = at::aminmax(ids);
   const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
   TORCH_CHECK(mn >= 0 && mx < vocab_size, "duo_fast: ", name, " holds token ids in [", mn, ", ", mx,
@@ -95,7 +116,7 @@ inline void check_usdm_loss_args(const at::Tensor& logits, const at::Tensor& z, 
               dalpha.scalar_type());
   check_token_ids(z, "z", K);
   check_token_ids(x0, "x0", K);
-  if (alpha.numel() > 0) {
+  if (alpha.numel() > 0 && check_values_on_host(alpha)) {
     auto [lo, hi] = at::aminmax(alpha);
     const double mn = lo.item<double>(), mx = hi.item<double>();
     TORCH_CHECK(mn > 0.0 && mx < 1.0, "duo_fast: alpha must be in (0, 1) for the loss, got values in [", mn, ", ",
@@ -130,7 +151,7 @@ inline void check_sample_step_args(const at::Tensor& logits, const at::Tensor& z
               temperature);
   TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "duo_fast: top_p must be in (0, 1], got ", top_p);
   check_token_ids(z, "z", K);
-  if (z.numel() == 0) return;
+  if (z.numel() == 0 || !check_values_on_host(alpha_t)) return;
   auto [tlo, thi] = at::aminmax(alpha_t);
   auto [slo, shi] = at::aminmax(alpha_s);
   const double t_min = tlo.item<double>(), t_max = thi.item<double>();
@@ -154,7 +175,7 @@ inline void check_curriculum_levels(const at::Tensor& x0, const at::Tensor& gamm
                 x0.sizes());
     check_same_device(x0, "x0", t, name);
   }
-  if (x0.numel() == 0) return;
+  if (x0.numel() == 0 || !check_values_on_host(gamma)) return;
   TORCH_CHECK(at::isfinite(gamma).all().item<bool>(), "duo_fast: gamma must be finite");
   auto [lo, hi] = at::aminmax(inv_tau);
   const double mn = lo.item<double>(), mx = hi.item<double>();

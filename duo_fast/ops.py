@@ -3,6 +3,23 @@
 
 The kernels themselves are C++ (csrc/cpu) and CUDA (csrc/cuda); the schemas are
 in csrc/registration.cpp. Every wrapper dispatches on the device of its tensors.
+
+What is checked where. Types, shapes, devices and Python scalars (kappa,
+temperature, top_p, k, vocab_size, ...) are checked here and again by the C++
+bindings, on every device, before anything runs. Values inside tensors (token
+ids in [0, K), alpha in (0, 1), dalpha <= 0, 0 <= alpha_t <= alpha_s <= 1 with
+alpha_t < 1, gamma finite, inv_tau finite and > 0): for CPU tensors by the C++
+bindings, raising at once with the argument's name; for CUDA tensors reading
+them on the host would wait for the GPU at every call (and break CUDA graph
+capture), so the CUDA kernels check them on the device: an invalid row or token
+is never used to index memory, gets unspecified outputs (NaN where floating,
+ids in range), and the next duo_fast CUDA call raises a RuntimeError naming the
+argument (csrc/include/duo_fast/device_check.h). DUO_FAST_CUDA_SYNC_CHECKS=1
+runs the host checks for CUDA tensors too (synchronizing, for debugging). No
+CUDA op of this module reads a CUDA tensor on the host: with an explicit
+``seed`` the ops can be captured in a CUDA graph (torch.compile
+mode="reduce-overhead"); a key drawn from a generator is read from the
+generator's host state (duo_fast/_random.py).
 """
 
 from __future__ import annotations
@@ -110,7 +127,15 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direc
     ``[..., K]`` float32 (math in float64 on CPU, float32 on CUDA); returns
     ``[...]`` float32. Differentiable w.r.t. ``student_logits`` only; the
     gradient is computed in the same pass as the KL when the student requires
-    grad (no ``[N, K]`` temporaries besides the gradient itself)."""
+    grad (no ``[N, K]`` temporaries besides the gradient itself).
+
+    Masked vocabularies: a ``-inf`` logit is probability 0 with ``0 log 0 = 0``,
+    so an entry that is 0 in the weighting law (the student for ``"bwd"``, the
+    teacher for ``"fwd"``) adds nothing and its gradient is 0; a 0 in the other
+    law where the weighting law is positive gives ``+inf`` (for ``"bwd"``: a
+    teacher 0 where the student is positive), as the math says, and the
+    gradient of an infinite ``"bwd"`` KL is not finite. A row that is entirely
+    ``-inf`` gives unspecified values (it never reads out of bounds)."""
     check_tensor(student_logits, "student_logits", (torch.float32,))
     check_tensor(teacher_logits, "teacher_logits", (torch.float32,))
     if direction not in _DIRECTIONS:
@@ -209,6 +234,12 @@ def usdm_loss(
     where every term vanishes for a perfect model (see csrc/include/duo_fast/
     usdm_loss.h), so small losses keep their relative accuracy.
 
+    Masked vocabularies: a ``-inf`` logit is probability 0 (``0 log 0 = 0``):
+    it stays in the vocabulary size ``K`` of the uniform prior, its model
+    marginal is ``1 - alpha``, its gradient is 0, and ``z`` or ``x0`` may be
+    such an id (the loss stays finite). A row that is entirely ``-inf`` gives
+    unspecified values (it never reads out of bounds).
+
     Memory: by default backward returns ``gradient * grad_output`` out of place,
     so its peak holds two ``[N, K]`` tensors (the op stays a plain custom op:
     opcheck, gradcheck, retain_graph, torch.compile). ``inplace_grad=True``
@@ -253,7 +284,8 @@ class _UsdmLossInplaceGrad(torch.autograd.Function):
                 "handed to autograd); use inplace_grad=False for retain_graph / double backward"
             )
         ctx.grad = None
-        ones = all(s == 0 for s in grad_loss.stride()) and bool(grad_loss.reshape(-1)[0] == 1)
+        # Reading the value would synchronize on CUDA: there the scale is always applied.
+        ones = grad_loss.device.type == "cpu" and all(s == 0 for s in grad_loss.stride()) and bool(grad_loss.reshape(-1)[0] == 1)
         if not ones:
             grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
         return grad, None, None, None, None
@@ -355,7 +387,9 @@ def linear_usdm_loss(
     ``[B, L, d]``; ``weight``: ``[K, d]``; ``bias``: ``[K]`` or None (float32,
     or any float dtype: the chunk's logits are formed in it and the loss math
     runs in float32/float64). Differentiable w.r.t. hidden, weight and bias.
-    Peak extra memory is O(chunk_size * K), independent of N."""
+    Peak extra memory is O(chunk_size * K), independent of N. A ``-inf`` bias
+    entry masks that id for every token: probability 0, as in
+    :func:`usdm_loss` (its rows of the weight and bias gradients are 0)."""
     check_tensor(hidden, "hidden")
     check_tensor(weight, "weight")
     if not hidden.is_floating_point() or not weight.is_floating_point():
@@ -434,7 +468,9 @@ def sample_step(
     Randomness per ``duo_fast._random``: with ``seed`` the tokens are identical
     on CPU (any thread count) and CUDA except where rounding of the sums moves
     the uniform across a token boundary (probability ~1e-15 per token).
-    Rows whose logits hold NaN or only -inf give an unspecified valid id.
+    A ``-inf`` logit is probability 0 (masked vocabularies): never drawn from
+    ``p`` (only the uniform part or the point mass at ``z`` can give it). Rows
+    whose logits hold NaN or only -inf give an unspecified valid id.
     """
     a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
     key = philox_seed(logits.device, generator, seed)
@@ -459,7 +495,9 @@ def posterior(
     """The dense law ``q(z_s)`` ``[..., K]`` (float32) that :func:`sample_step`
     draws from, for analysis and tests (SPEC 4, ``_posterior_from_x0`` with
     ``x0 = p``, and the Psi mix for ``kappa < 1``). Same arguments as
-    :func:`sample_step`. Not differentiable."""
+    :func:`sample_step`. A ``-inf`` logit is probability 0 in ``p`` (its
+    ``q`` is the uniform and point-mass parts alone); a row that is entirely
+    ``-inf`` gives unspecified values. Not differentiable."""
     a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
     return torch.ops.duo_fast.posterior.default(logits, z, a_t, a_s, kappa, temperature, top_p)
 
@@ -479,7 +517,8 @@ _EMBEDDING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _curriculum_levels(x0: torch.Tensor, gamma, inv_tau) -> tuple[torch.Tensor, torch.Tensor]:
     """gamma and inv_tau (tensors or Python floats) as float64 levels of x0's shape."""
-    as_level = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=x0.device)  # noqa: E731
+    # torch.full, not torch.tensor: no host-to-device copy (a synchronization on CUDA)
+    as_level = lambda v: v if isinstance(v, torch.Tensor) else torch.full((), float(v), dtype=torch.float64, device=x0.device)  # noqa: E731
     return per_token_level(as_level(gamma), "gamma", x0), per_token_level(as_level(inv_tau), "inv_tau", x0)
 
 

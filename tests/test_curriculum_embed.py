@@ -163,6 +163,37 @@ def test_emulated_cuda_kernels_match_cpu(harness, emulated, mode, seed):
         harness.configure_emulation(emulated, mode="fiber", seed=0)
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_emulated_z_defined_when_every_score_is_nan(harness, emulated, seed):
+    # A NaN level (the CUDA path checks values on the device, not on the host) makes
+    # every score NaN: no score beats the running best, so z must come from the
+    # initialised argmax (0), never from uninitialised shared memory (the emulation
+    # poisons static __shared__ at every block start). Other tokens are unaffected.
+    harness.configure_emulation(emulated, mode="fiber", seed=seed)
+    try:
+        K, d, n = 300, 8, 40  # three blocks of 16 tokens
+        x0, gamma = _inputs(n, K, 5)
+        gamma[[3, 17, 39]] = math.nan
+        it = torch.full((n,), 2.0, dtype=torch.float64)
+        E = torch.randn(K, d, generator=torch.Generator().manual_seed(2))
+        h, z, lse = torch.empty(n, d), torch.full((n,), -7, dtype=torch.int64), torch.empty(n, dtype=torch.float64)
+        assert emulated.df_emu_curriculum_embed(
+            ptr(x0), ptr(gamma), ptr(it), ptr(E), ctypes.c_int64(n), ctypes.c_int64(K), ctypes.c_int64(d),
+            ctypes.c_uint64(8), ctypes.c_uint64(0), ptr(h), ptr(z), ptr(lse),
+        ) == 0
+        bad = torch.zeros(n, dtype=torch.bool)
+        bad[[3, 17, 39]] = True
+        assert (z[bad] == 0).all(), z[bad]
+        ok = ~bad
+        # the same tokens (Philox stream = token index) where the levels are finite
+        idx = ok.nonzero().squeeze(1)
+        c_h, c_z, _ = torch.ops.duo_fast.curriculum_embed(x0, gamma.nan_to_num(0.0), it, E, 8, 0)
+        assert torch.equal(z[idx], c_z[idx])
+        torch.testing.assert_close(h[idx], c_h[idx], rtol=1e-5, atol=1e-5)
+    finally:
+        harness.configure_emulation(emulated, mode="fiber", seed=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernels_match_cpu runs these kernels' source on the CPU")
 def test_cuda_device_matches_cpu():
     K, d = 50257, 768

@@ -241,15 +241,94 @@ def test_emulated_cuda_kernels_match_cpu(harness, emulated, mode, seed):
             gh = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
             expected = torch.ops.duo_fast.topk_bag_backward(gh, ids, w, K, True)
             got = torch.zeros(K, d)
-            assert emulated.df_emu_topk_bag_backward_atomic(ptr(gh), ptr(ids), ptr(w), ptr(got), ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_int64(d)) == 0
+            assert emulated.df_emu_topk_bag_backward_atomic(ptr(gh), ptr(ids), ptr(w), ptr(got), ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
             flat = ids.reshape(-1)
             sorted_ids, order = torch.sort(flat, stable=True)
             got = torch.zeros(K, d)
-            assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(got), ctypes.c_int64(n * k), ctypes.c_int64(k), ctypes.c_int64(d)) == 0
+            assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(got), ctypes.c_int64(n * k), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     finally:
         harness.configure_emulation(emulated, mode="fiber", seed=0)
+
+
+def test_topk_launch_fills_every_sm(emulated):
+    # Grid of the CUDA top-k (a warp per token, 4 per block) for N = 65536 tokens on
+    # an H100 (132 SMs): every SM's 64 resident warps while the swap maps fit in
+    # 128 MiB, and never fewer than one block per SM. (The old per-thread scratch
+    # capped at 32 MiB gave 85 blocks of 128 threads for k = 128, 10 for k = 1024
+    # and 1 for k > 4096, with one thread doing each token.)
+    f = emulated.df_topk_scratch_slots
+    f.restype = ctypes.c_int64
+    n, sms = 65536, 132
+    for k in (1, 16, 128, 512, 1024, 4096, 8192, 50256):
+        slots = f(ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_int64(sms))
+        cap = 4
+        while cap < 2 * k:
+            cap *= 2
+        assert slots % 4 == 0 and slots // 4 >= sms, (k, slots)
+        if k <= 512:
+            assert slots * 32 >= sms * 2048, (k, slots)  # full residency
+        assert slots * cap * 8 <= 128 << 20 or slots == 4 * sms, (k, slots)
+    assert f(ctypes.c_int64(10), ctypes.c_int64(128), ctypes.c_int64(sms)) == 12  # no more warps than tokens
+    assert f(ctypes.c_int64(1), ctypes.c_int64(50256), ctypes.c_int64(sms)) == 4
+
+
+@pytest.mark.parametrize("k", [1, 7, 100])
+def test_emulated_topk_warps_loop_over_tokens(harness, emulated, k):
+    # sm_count = 1: 64 warps for 500 tokens, so each warp (and its swap map) serves ~8 tokens.
+    K, n = 1000, 500
+    x0, gamma = _inputs(n, K, k)
+    it = torch.linspace(0.5, 100.0, n, dtype=torch.float64)
+    emulated.df_emu_set_sm_count(ctypes.c_int64(1))
+    try:
+        ids, w, z = torch.empty(n, k, dtype=torch.int64), torch.empty(n, k), torch.empty(n, dtype=torch.int64)
+        assert emulated.df_emu_curriculum_topk(
+            ptr(x0), ptr(gamma), ptr(it), ptr(ids), ptr(w), ptr(z), ctypes.c_int64(n), ctypes.c_int64(k),
+            ctypes.c_int64(K), ctypes.c_int(0), ctypes.c_uint64(3), ctypes.c_uint64(0),
+        ) == 0
+    finally:
+        emulated.df_emu_set_sm_count(ctypes.c_int64(108))
+    c_ids, c_w, c_z = torch.ops.duo_fast.curriculum_topk(x0, gamma, it, k, K, 0, 3, 0)
+    assert torch.equal(ids, c_ids) and torch.equal(z, c_z)
+    torch.testing.assert_close(w, c_w, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("k", [4, 300])
+def test_emulated_sorted_bag_backward_splits_long_runs(harness, emulated, k):
+    # A padding id in most entries (runs of ~10^4 equal ids) plus a frequent and
+    # scattered ids: the deterministic backward sums each run in segments of
+    # max(256, k) entries combined in segment order. Against a float64 scatter,
+    # and the same bits for every schedule.
+    K, d = 5000, 3
+    tokens = 24000 // k + 7
+    g = torch.Generator().manual_seed(k)
+    ids = torch.randint(0, K, (tokens, k), generator=g)
+    u = torch.rand(tokens, k, generator=g)
+    ids[u < 0.6] = 0  # padding
+    ids[(u >= 0.6) & (u < 0.75)] = K - 1  # a frequent word
+    w = torch.rand(tokens, k, generator=g)
+    gh = torch.randn(tokens, d, generator=g)
+    seg = emulated.df_topk_bag_segment(ctypes.c_int64(k))
+    assert seg == max(256, k)
+    flat = ids.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    assert (sorted_ids == 0).sum() > 10 * seg  # the padding run spans many segments
+    terms = (w[..., None].double() * gh[:, None, :].double()).reshape(-1, d)
+    want = torch.zeros(K, d, dtype=torch.float64).index_add_(0, flat, terms)
+    got = []
+    try:
+        for mode, seed in [("fiber", 0), ("fiber", 3)]:
+            harness.configure_emulation(emulated, mode=mode, seed=seed)
+            out = torch.zeros(K, d)
+            assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(out), ctypes.c_int64(flat.numel()), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
+            got.append(out)
+    finally:
+        harness.configure_emulation(emulated, mode="fiber", seed=0)
+    # float32 sums of up to ~1.5e4 terms: 1e-5 of the row's sum of |terms|
+    scale = torch.zeros(K, d, dtype=torch.float64).index_add_(0, flat, terms.abs())
+    assert ((got[0].double() - want).abs() <= 1e-5 * scale).all()
+    assert torch.equal(got[0], got[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernels_match_cpu runs these kernels' source on the CPU")

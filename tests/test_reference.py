@@ -521,6 +521,50 @@ def test_distill_kl(direction):
 # Section 4: sampling
 # --------------------------------------------------------------------------
 
+def test_distill_kl_zero_log_zero():
+  # -inf logits are probability 0 with 0 log 0 = 0 (closed forms on 4 entries).
+  ninf = -math.inf
+  s = torch.tensor([[0.0, ninf, 1.0, ninf]], dtype=F64)
+  t = torch.tensor([[2.0, ninf, ninf, 0.0]], dtype=F64)
+  # pS > 0 at 2 where pT = 0 (bwd), pT > 0 at 3 where pS = 0 (fwd): +inf.
+  assert R.distill_kl(s, t, "bwd").item() == math.inf
+  assert R.distill_kl(s, t, "fwd").item() == math.inf
+  # Same support {0, 2}: only the 0 log 0 entries drop out.
+  t2 = torch.tensor([[2.0, ninf, 0.5, ninf]], dtype=F64)
+  ps = [1 / (1 + math.e), 0.0, math.e / (1 + math.e), 0.0]
+  pt = [math.e**2 / (math.e**2 + math.e**0.5), 0.0, math.e**0.5 / (math.e**2 + math.e**0.5), 0.0]
+  want_bwd = sum(ps[j] * math.log(ps[j] / pt[j]) for j in (0, 2))
+  want_fwd = sum(pt[j] * math.log(pt[j] / ps[j]) for j in (0, 2))
+  sg = s.clone().requires_grad_()
+  kl = R.distill_kl(sg, t2, "bwd")
+  kl.backward()
+  assert kl.item() == pytest.approx(want_bwd, rel=1e-13)
+  assert R.distill_kl(s, t2, "fwd").item() == pytest.approx(want_fwd, rel=1e-13)
+  # dKL/dls_i = pS_i (log(pS_i / pT_i) - KL), 0 where pS_i = 0: finite
+  want_g = [ps[j] * (math.log(ps[j] / pt[j]) - want_bwd) if ps[j] > 0 else 0.0 for j in range(4)]
+  torch.testing.assert_close(sg.grad[0], torch.tensor(want_g, dtype=F64), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fn", ["usdm", "posterior"])
+def test_minus_inf_logits_are_the_limit(fn):
+  # -inf behaves as the limit of a very negative logit (exp(-300) ~ 1e-130 is negligible).
+  K = 9
+  s = torch.randn(3, K, generator=gen(0), dtype=F64)
+  s[:, :4] = -math.inf
+  lim = s.clone()
+  lim[:, :4] = -300.0
+  z, x0 = torch.tensor([0, 5, 2]), torch.tensor([1, 5, 7])  # p = 0 at z (row 0) and at x0 (row 0)
+  a = torch.tensor([0.3, 0.6, 0.9], dtype=F64)
+  if fn == "usdm":
+    d = torch.full((3,), -1.0, dtype=F64)
+    got, want = R.usdm_loss(s, z, x0, a, d), R.usdm_loss(lim, z, x0, a, d)
+  else:
+    got = R.posterior(s, z, a, a + 0.05, top_p=0.7)
+    want = R.posterior(lim, z, a, a + 0.05, top_p=0.7)
+  assert torch.isfinite(got).all()
+  torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_posterior_vs_brute_force():
   B, L, K = 2, 4, 7
   g = gen(30)

@@ -284,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cpu(const at::Te
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.0);
       std::fill(best.begin(), best.end(), -INFINITY);
-      for (int64_t r = 0; r < T; ++r) lv[r] = token_levels(a, t0 + r);
+      for (int64_t r = 0; r < T; ++r) lv[r] = token_levels(a, t0 + r), zp[t0 + r] = 0;  // z defined even if no w beats -inf
       for (int64_t j0 = 0; j0 < K; j0 += kVocabTile) {
         const int64_t kt = std::min(kVocabTile, K - j0);
         float* pp = P.mutable_data_ptr<float>();

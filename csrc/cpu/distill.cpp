@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -49,24 +50,41 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cpu(const at::Tensor& student, con
         ss += double(es[j]);
         st += double(et[j]);
       }
+      if (!(ms > -INFINITY) || !(mt > -INFINITY)) {  // an all--inf row: unspecified (NaN), as before
+        klp[r] = NAN;
+        if (gp) std::fill(gp + r * K, gp + (r + 1) * K, NAN);
+        continue;
+      }
       // log pS_j - log pT_j = (ls_j - lt_j) - c, c = lse_S - lse_T, in double.
+      // A -inf logit is probability 0 (distill.h): 0 log 0 = 0 for the weighting law
+      // (its e_j = 0 times an infinite log-ratio would be NaN), +inf where only the
+      // other law is 0 (also where e_j underflowed to 0).
       const double c = (double(ms) + std::log(ss)) - (double(mt) + std::log(st));
       const double inv_ss = 1.0 / ss, inv_st = 1.0 / st;
+      constexpr float kNegInf = -INFINITY;
       double acc = 0.0;
       if (dir == distill::kBackward) {
 #pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < K; ++j) acc += double(es[j]) * inv_ss * ((double(ls[j]) - double(lt[j])) - c);
+        for (int64_t j = 0; j < K; ++j) {
+          const double term = double(es[j]) * inv_ss * ((double(ls[j]) - double(lt[j])) - c);
+          acc += ls[j] == kNegInf ? 0.0 : lt[j] == kNegInf ? double(INFINITY) : term;
+        }
       } else {
 #pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < K; ++j) acc -= double(et[j]) * inv_st * ((double(ls[j]) - double(lt[j])) - c);
+        for (int64_t j = 0; j < K; ++j) {
+          const double term = double(et[j]) * inv_st * ((double(ls[j]) - double(lt[j])) - c);
+          acc -= lt[j] == kNegInf ? 0.0 : ls[j] == kNegInf ? -double(INFINITY) : term;
+        }
       }
       klp[r] = float(acc);
       if (gp) {
         float* g = gp + r * K;
-        if (dir == distill::kBackward) {  // pS_j (d_j - KL)
+        if (dir == distill::kBackward) {  // pS_j (d_j - KL); 0 where pS_j = 0
 #pragma omp simd
-          for (int64_t j = 0; j < K; ++j)
-            g[j] = float(double(es[j]) * inv_ss * (((double(ls[j]) - double(lt[j])) - c) - acc));
+          for (int64_t j = 0; j < K; ++j) {
+            const double v = double(es[j]) * inv_ss * (((double(ls[j]) - double(lt[j])) - c) - acc);
+            g[j] = ls[j] == kNegInf ? 0.0f : float(v);
+          }
         } else {  // pS_j - pT_j
 #pragma omp simd
           for (int64_t j = 0; j < K; ++j) g[j] = float(double(es[j]) * inv_ss - double(et[j]) * inv_st);

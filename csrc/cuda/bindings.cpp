@@ -7,12 +7,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <string>
 #include <utility>
 
 #include "checks.h"
 #include "fused_outputs.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/schedule.h"
 #include "launchers.h"
 #include "schedule_table_cache.h"
@@ -24,25 +28,91 @@ void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, "duo_fast: CUDA launch of ", op, " failed: ", cudaGetErrorString(cudaError_t(err)));
 }
 
-// Device copy of the schedule table of K, cached per (K, device).
+// Device-side value checks (duo_fast/device_check.h), per device: the kernels'
+// violation counters in device memory, and a pinned host copy refreshed by an
+// asynchronous copy after every op that checks values. The host reads the copy
+// without synchronizing: an op raises the violations that earlier ops' copies
+// have brought back (counters only grow; `seen` is what was raised already).
+// The first call on a device allocates (not inside a CUDA graph capture: warm up first).
+struct DeviceChecks {
+  std::mutex mutex;
+  at::Tensor counters;  // int32 [kNumArgs] on the device
+  uint32_t* host = nullptr;
+  uint32_t seen[check::kNumArgs] = {};
+};
+
+DeviceChecks& device_checks(const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, std::unique_ptr<DeviceChecks>> all;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = all[device.index()];
+  if (!slot) {
+    auto c = std::make_unique<DeviceChecks>();
+    c->counters = at::zeros({check::kNumArgs}, at::TensorOptions().dtype(at::kInt).device(device));
+    void* host = nullptr;
+    const cudaError_t err = cudaHostAlloc(&host, sizeof(uint32_t) * check::kNumArgs, cudaHostAllocDefault);
+    TORCH_CHECK(err == cudaSuccess, "duo_fast: cudaHostAlloc failed: ", cudaGetErrorString(err));
+    std::memset(host, 0, sizeof(uint32_t) * check::kNumArgs);
+    c->host = static_cast<uint32_t*>(host);
+    slot = std::move(c);
+  }
+  return *slot;
+}
+
+// Raises the violations reported since the last call (by earlier ops) and returns
+// the device counters for this op's kernels. No synchronization.
+uint32_t* begin_checks(const at::Device& device, const char* op) {
+  DeviceChecks& c = device_checks(device);
+  std::string found;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    for (int i = 0; i < check::kNumArgs; ++i) {
+      const uint32_t v = __atomic_load_n(&c.host[i], __ATOMIC_RELAXED);  // written by the copy engine
+      if (v > c.seen[i]) {
+        found += found.empty() ? "" : "; ";
+        found += check::arg_message(i) + std::string(" (") + std::to_string(v - c.seen[i]) + " rows or tokens)";
+        c.seen[i] = v;
+      }
+    }
+  }
+  TORCH_CHECK(found.empty(), "duo_fast: ", op, ": an earlier duo_fast CUDA call on ", device,
+              " got invalid values (checked on the device, so reported at a later call): ", found,
+              ". Those rows or tokens got unspecified outputs (NaN where floating, ids in range). Set "
+              "DUO_FAST_CUDA_SYNC_CHECKS=1 to check values on the host at every call (synchronizes).");
+  return reinterpret_cast<uint32_t*>(c.counters.mutable_data_ptr<int32_t>());
+}
+
+// After the op's kernels: bring the counters back to the host (asynchronous).
+void end_checks(const at::Device& device, void* stream) {
+  DeviceChecks& c = device_checks(device);
+  const cudaError_t err = cudaMemcpyAsync(c.host, c.counters.const_data_ptr<int32_t>(),
+                                          sizeof(uint32_t) * check::kNumArgs, cudaMemcpyDeviceToHost,
+                                          static_cast<cudaStream_t>(stream));
+  TORCH_CHECK(err == cudaSuccess, "duo_fast: copying the device checks failed: ", cudaGetErrorString(err));
+}
+
+// Device copy of the schedule table of K, cached per (K, device). The copy is
+// asynchronous, from a pinned buffer kept alive with it (no host synchronization).
 const double* device_schedule_table(int64_t vocab_size, const at::Device& device) {
   static std::mutex mutex;
-  static std::map<std::pair<int64_t, int>, at::Tensor> tables;
+  static std::map<std::pair<int64_t, int>, std::pair<at::Tensor, at::Tensor>> tables;  // (pinned, device)
   const double* host = schedule_table(vocab_size);
   std::lock_guard<std::mutex> lock(mutex);
   auto key = std::make_pair(vocab_size, int(device.index()));
   auto it = tables.find(key);
   if (it == tables.end()) {
-    at::Tensor cpu = at::from_blob(const_cast<double*>(host), {schedule::kTableSize}, at::kDouble);
-    it = tables.emplace(key, cpu.to(device)).first;  // synchronous copy from pageable memory
+    at::Tensor pinned = at::from_blob(const_cast<double*>(host), {schedule::kTableSize}, at::kDouble).pin_memory();
+    at::Tensor dev = pinned.to(device, /*non_blocking=*/true);
+    it = tables.emplace(key, std::make_pair(pinned, dev)).first;
   }
-  return it->second.const_data_ptr<double>();
+  return it->second.second.const_data_ptr<double>();
 }
 
 std::tuple<at::Tensor, at::Tensor> gamma_to_alpha_cuda(const at::Tensor& gamma, int64_t vocab_size) {
   check_floating(gamma, "gamma", {at::kFloat, at::kDouble});
   check_vocab(vocab_size);
   const c10::cuda::CUDAGuard guard(gamma.device());
+  begin_checks(gamma.device(), "gamma_to_alpha");
   const double* table = device_schedule_table(vocab_size, gamma.device());
   const at::Tensor g = gamma.contiguous();
   at::Tensor alpha = at::empty_like(g), dalpha = at::empty_like(g);
@@ -64,6 +134,8 @@ std::tuple<at::Tensor, at::Tensor> sample_zt_cuda(const at::Tensor& x0, const at
                                                   int64_t seed, int64_t offset) {
   check_sample_zt_args(x0, gamma_t, gamma_s, vocab_size);
   const c10::cuda::CUDAGuard guard(x0.device());
+  uint32_t* checks = begin_checks(x0.device(), "sample_zt");
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor x = x0.contiguous(), gt = gamma_t.contiguous();
   const at::Tensor gs = gamma_s ? gamma_s->contiguous() : at::Tensor();
   at::Tensor z_t = at::empty_like(x);
@@ -71,8 +143,9 @@ std::tuple<at::Tensor, at::Tensor> sample_zt_cuda(const at::Tensor& x0, const at
   check_launch(cuda::sample_zt(x.const_data_ptr<int64_t>(), gt.const_data_ptr<double>(),
                                gamma_s ? gs.const_data_ptr<double>() : nullptr, z_t.mutable_data_ptr<int64_t>(),
                                gamma_s ? z_s.mutable_data_ptr<int64_t>() : nullptr, x.numel(), vocab_size,
-                               uint64_t(seed), uint64_t(offset), c10::cuda::getCurrentCUDAStream().stream()),
+                               uint64_t(seed), uint64_t(offset), checks, stream),
                "sample_zt");
+  end_checks(x0.device(), stream);
   return {z_t, z_s};
 }
 
@@ -80,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, co
                                                    int64_t direction, bool compute_grad) {
   check_distill_args(student, teacher, direction);
   const c10::cuda::CUDAGuard guard(student.device());
+  begin_checks(student.device(), "distill_kl");
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t K = s.size(-1), rows = s.numel() / K;
   auto [kl, grad] = fused_grad_outputs(s, compute_grad);
@@ -95,15 +169,18 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, cons
                                                   bool compute_grad) {
   check_usdm_loss_args(logits, z, x0, alpha, dalpha);
   const c10::cuda::CUDAGuard guard(logits.device());
+  uint32_t* checks = begin_checks(logits.device(), "usdm_loss");
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
   // 16-bit logits: math in float32 on a float32 copy (the gradient is cast back).
   const at::Tensor l = logits.contiguous().to(at::kFloat), zc = z.contiguous(), xc = x0.contiguous();
   const at::Tensor ac = alpha.contiguous(), dc = dalpha.contiguous();
   auto [loss, grad] = fused_grad_outputs(l, compute_grad);
   check_launch(cuda::usdm_loss(l.const_data_ptr<float>(), zc.const_data_ptr<int64_t>(), xc.const_data_ptr<int64_t>(),
                                ac.const_data_ptr<double>(), dc.const_data_ptr<double>(), loss.mutable_data_ptr<float>(),
-                               compute_grad ? grad.mutable_data_ptr<float>() : nullptr, zc.numel(), l.size(-1),
-                               c10::cuda::getCurrentCUDAStream().stream()),
+                               compute_grad ? grad.mutable_data_ptr<float>() : nullptr, zc.numel(), l.size(-1), checks,
+                               stream),
                "usdm_loss");
+  end_checks(logits.device(), stream);
   if (compute_grad && logits.scalar_type() != at::kFloat) return {loss, grad.to(logits.scalar_type())};
   return {loss, grad};
 }
@@ -122,13 +199,16 @@ at::Tensor sample_step_cuda(const at::Tensor& logits, const at::Tensor& z, const
                             int64_t offset) {
   check_sample_step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p);
   const c10::cuda::CUDAGuard guard(logits.device());
+  uint32_t* checks = begin_checks(logits.device(), "sample_step");
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor l = logits.contiguous(), zc = z.contiguous(), at_ = alpha_t.contiguous(), as_ = alpha_s.contiguous();
   at::Tensor out = at::empty_like(zc);
   check_launch(cuda::sample_step(l.const_data_ptr(), logits_dtype_code(l), zc.const_data_ptr<int64_t>(),
                                  at_.const_data_ptr<double>(), as_.const_data_ptr<double>(),
                                  out.mutable_data_ptr<int64_t>(), zc.numel(), l.size(-1), kappa, temperature, top_p,
-                                 uint64_t(seed), uint64_t(offset), c10::cuda::getCurrentCUDAStream().stream()),
+                                 uint64_t(seed), uint64_t(offset), checks, stream),
                "sample_step");
+  end_checks(logits.device(), stream);
   return out;
 }
 
@@ -136,13 +216,15 @@ at::Tensor posterior_cuda(const at::Tensor& logits, const at::Tensor& z, const a
                           const at::Tensor& alpha_s, double kappa, double temperature, double top_p) {
   check_sample_step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p);
   const c10::cuda::CUDAGuard guard(logits.device());
+  uint32_t* checks = begin_checks(logits.device(), "posterior");
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor l = logits.contiguous(), zc = z.contiguous(), at_ = alpha_t.contiguous(), as_ = alpha_s.contiguous();
   at::Tensor q = at::empty(l.sizes(), l.options().dtype(at::kFloat));
   check_launch(cuda::posterior(l.const_data_ptr(), logits_dtype_code(l), zc.const_data_ptr<int64_t>(),
                                at_.const_data_ptr<double>(), as_.const_data_ptr<double>(), q.mutable_data_ptr<float>(),
-                               zc.numel(), l.size(-1), kappa, temperature, top_p,
-                               c10::cuda::getCurrentCUDAStream().stream()),
+                               zc.numel(), l.size(-1), kappa, temperature, top_p, checks, stream),
                "posterior");
+  end_checks(logits.device(), stream);
   return q;
 }
 
@@ -153,6 +235,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cuda(const at::T
   check_curriculum_embed_args(x0, gamma, inv_tau, embedding);
   const int64_t K = embedding.size(0), d = embedding.size(1);
   const c10::cuda::CUDAGuard guard(x0.device());
+  uint32_t* checks = begin_checks(x0.device(), "curriculum_embed");
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous();
   const at::Tensor E = embedding.contiguous().to(at::kFloat);
   auto sizes = x.sizes().vec();
@@ -162,9 +246,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cuda(const at::T
   check_launch(cuda::curriculum_embed(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
                                       it.const_data_ptr<double>(), E.const_data_ptr<float>(), x.numel(), K, d,
                                       uint64_t(seed), uint64_t(offset), h.mutable_data_ptr<float>(),
-                                      z.mutable_data_ptr<int64_t>(), lse.mutable_data_ptr<double>(),
-                                      c10::cuda::getCurrentCUDAStream().stream()),
+                                      z.mutable_data_ptr<int64_t>(), lse.mutable_data_ptr<double>(), checks, stream),
                "curriculum_embed");
+  end_checks(x0.device(), stream);
   return {h.to(embedding.scalar_type()), z, lse};
 }
 
@@ -173,6 +257,7 @@ at::Tensor curriculum_embed_backward_cuda(const at::Tensor& grad_h, const at::Te
                                           int64_t seed, int64_t offset) {
   check_curriculum_embed_backward_args(grad_h, x0, gamma, inv_tau, lse, vocab_size);
   const c10::cuda::CUDAGuard guard(x0.device());
+  begin_checks(x0.device(), "curriculum_embed_backward");
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous(), ls = lse.contiguous();
   const int64_t d = grad_h.size(-1);
   const at::Tensor dh = grad_h.contiguous().to(at::kFloat);
@@ -186,13 +271,28 @@ at::Tensor curriculum_embed_backward_cuda(const at::Tensor& grad_h, const at::Te
   return dE;
 }
 
+// Multiprocessors of a device (cached): the top-k launch fills every SM.
+int sm_count(const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = counts.find(device.index());
+  if (it == counts.end()) {
+    int v = 0;
+    const cudaError_t err = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device.index());
+    TORCH_CHECK(err == cudaSuccess, "duo_fast: cudaDeviceGetAttribute(MultiProcessorCount) failed: ",
+                cudaGetErrorString(err));
+    it = counts.emplace(device.index(), v).first;
+  }
+  return it->second;
+}
+
 struct TopKScratch {
-  at::Tensor map, kept;
+  at::Tensor map;
   int64_t slots;
-  TopKScratch(const at::Tensor& like, int64_t n, int64_t k, bool per_block) {
-    slots = cuda::topk_scratch_slots(n, k, per_block);
+  TopKScratch(const at::Tensor& like, int64_t n, int64_t k) {
+    slots = cuda::topk_scratch_slots(n, k, sm_count(like.device()));
     map = at::full({slots * 2 * cuda::topk_map_capacity(k)}, -1, like.options().dtype(at::kInt));
-    kept = at::empty({slots * k}, like.options().dtype(at::kDouble));
   }
 };
 
@@ -202,19 +302,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_topk_cuda(const at::Te
                                                                     int64_t offset) {
   check_topk_args(x0, gamma, inv_tau, k, vocab_size, zt_rule);
   const c10::cuda::CUDAGuard guard(x0.device());
+  uint32_t* checks = begin_checks(x0.device(), "curriculum_topk");
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous();
   auto sizes = x.sizes().vec();
   sizes.push_back(k);
   at::Tensor ids = at::empty(sizes, x.options()), weights = at::empty(sizes, x.options().dtype(at::kFloat));
   at::Tensor z = at::empty_like(x);
-  TopKScratch sc(x, x.numel(), k, false);
+  TopKScratch sc(x, x.numel(), k);
   check_launch(cuda::curriculum_topk(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
                                      it.const_data_ptr<double>(), ids.mutable_data_ptr<int64_t>(),
                                      weights.mutable_data_ptr<float>(), z.mutable_data_ptr<int64_t>(), x.numel(), k,
                                      vocab_size, int(zt_rule), uint64_t(seed), uint64_t(offset),
-                                     sc.map.mutable_data_ptr<int32_t>(), sc.kept.mutable_data_ptr<double>(), sc.slots,
-                                     c10::cuda::getCurrentCUDAStream().stream()),
+                                     sc.map.mutable_data_ptr<int32_t>(), sc.slots, checks, stream),
                "curriculum_topk");
+  end_checks(x0.device(), stream);
   return {ids, weights, z};
 }
 
@@ -229,6 +331,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> curriculum_topk_embed
   const int64_t vocab_size = embedding.size(0), d = embedding.size(1);
   check_topk_args(x0, gamma, inv_tau, k, vocab_size, zt_rule);
   const c10::cuda::CUDAGuard guard(x0.device());
+  uint32_t* checks = begin_checks(x0.device(), "curriculum_topk_embed");
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous(), emb = embedding.contiguous();
   auto sizes = x.sizes().vec();
   sizes.push_back(k);
@@ -236,15 +340,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> curriculum_topk_embed
   sizes.back() = d;
   at::Tensor h = at::empty(sizes, x.options().dtype(at::kFloat));
   at::Tensor z = at::empty_like(x);
-  TopKScratch sc(x, x.numel(), k, true);
+  TopKScratch sc(x, x.numel(), k);
   check_launch(cuda::curriculum_topk_embed(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
                                            it.const_data_ptr<double>(), emb.const_data_ptr(), embedding_dtype_code(emb),
                                            d, h.mutable_data_ptr<float>(), ids.mutable_data_ptr<int64_t>(),
                                            weights.mutable_data_ptr<float>(), z.mutable_data_ptr<int64_t>(), x.numel(),
                                            k, vocab_size, int(zt_rule), uint64_t(seed), uint64_t(offset),
-                                           sc.map.mutable_data_ptr<int32_t>(), sc.kept.mutable_data_ptr<double>(),
-                                           sc.slots, c10::cuda::getCurrentCUDAStream().stream()),
+                                           sc.map.mutable_data_ptr<int32_t>(), sc.slots, checks, stream),
                "curriculum_topk_embed");
+  end_checks(x0.device(), stream);
   return {h.to(emb.scalar_type()), z, ids, weights};
 }
 
@@ -252,6 +356,7 @@ at::Tensor topk_bag_backward_cuda(const at::Tensor& grad_h, const at::Tensor& id
                                   int64_t vocab_size, bool deterministic) {
   check_bag_backward_args(grad_h, ids, weights, vocab_size);
   const c10::cuda::CUDAGuard guard(ids.device());
+  uint32_t* checks = begin_checks(ids.device(), "topk_bag_backward");
   const at::Tensor gh = grad_h.contiguous().to(at::kFloat), ic = ids.contiguous(), wc = weights.contiguous();
   const int64_t d = gh.size(-1), k = ic.size(-1), tokens = ic.numel() / std::max<int64_t>(k, 1);
   at::Tensor grad = at::zeros({vocab_size, d}, gh.options());
@@ -259,15 +364,19 @@ at::Tensor topk_bag_backward_cuda(const at::Tensor& grad_h, const at::Tensor& id
   if (!deterministic) {
     check_launch(cuda::topk_bag_backward_atomic(gh.const_data_ptr<float>(), ic.const_data_ptr<int64_t>(),
                                                 wc.const_data_ptr<float>(), grad.mutable_data_ptr<float>(), tokens, k,
-                                                d, stream),
+                                                d, vocab_size, checks, stream),
                  "topk_bag_backward");
+    end_checks(ids.device(), stream);
     return grad;
   }
   auto [sorted, order] = at::sort(ic.reshape(-1), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor partial = at::empty({cuda::topk_bag_partial_floats(sorted.numel(), k, d)}, gh.options());
   check_launch(cuda::topk_bag_backward_sorted(gh.const_data_ptr<float>(), sorted.const_data_ptr<int64_t>(),
                                               order.const_data_ptr<int64_t>(), wc.const_data_ptr<float>(),
-                                              grad.mutable_data_ptr<float>(), sorted.numel(), k, d, stream),
+                                              grad.mutable_data_ptr<float>(), sorted.numel(), k, d, vocab_size,
+                                              partial.mutable_data_ptr<float>(), checks, stream),
                "topk_bag_backward");
+  end_checks(ids.device(), stream);
   return grad;
 }
 

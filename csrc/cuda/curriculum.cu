@@ -8,18 +8,28 @@
 //     further passes (noise regenerated). Backward: a block owns 16 ids and
 //     walks the tokens in groups of 16, regenerating P = exp(y - lse), and
 //     accumulates dE rows in registers (one writer per row, deterministic).
-// Duo++ top-k curriculum input (SPEC 2e; row math in topk.h):
-//   * curriculum_topk: one thread per token (grid-stride); each thread owns a
-//     slice of the scratch (swap map + kept values), so the launch is capped at
-//     topk_scratch_threads(n, k) threads.
-//   * curriculum_topk_embed: one block per token (grid-stride); thread 0 draws
-//     the ids and weights, then the block sums h[c] = sum_i w_i E[id_i, c] over
-//     its columns (float32 accumulation).
+// Duo++ top-k curriculum input (SPEC 2e; row math in topk.h), a warp per token
+// (warp_token): the lanes draw the k uniforms, scan log V_i and invert Phi in
+// parallel (the kept values live in the token's ids row until the ids are
+// drawn), reduce the argmax and normalizer by shuffles, write the weights, and
+// draw the Fisher-Yates indices; only the swap chain itself (k hash-map
+// steps) runs on lane 0. Each warp owns a swap map (scratch slot); the grid is
+// sized from the SM count (resident warps of every SM) with the scratch capped
+// at 128 MiB but never below one block per SM.
+//   * curriculum_topk: 4 warps (tokens) per block, grid-stride over tokens.
+//   * curriculum_topk_embed: the same, then the block sums h[t, c] = sum_i w_i
+//     E[id_i, c] for its 4 tokens (float32 accumulation).
 //   * bag backward: atomicAdd of w_i grad_h into dE rows, or, deterministic,
-//     over ids sorted by the caller (stable): the block whose chunk holds a
-//     run's first entry sums the whole run in order and writes the row.
+//     over ids sorted by the caller (stable), in segments of S = max(256, k)
+//     sorted entries: pass 1 sums, per segment that starts inside a run begun
+//     earlier, that run's piece in the segment (a partial row); pass 2: the
+//     block whose segment holds a run's first entry sums its own piece and adds
+//     the partial rows of the following segments the run covers, in segment
+//     order, and writes the row. A run of 10^4+ equal ids (padding, a frequent
+//     word) is then spread over its segments' blocks, and the sum order is fixed.
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/curriculum.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/reduce.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/topk.h"
@@ -29,38 +39,167 @@ namespace duo_fast {
 namespace cuda {
 namespace {
 
-constexpr unsigned kTopKThreads = 128;
+constexpr unsigned kTopKThreads = 128;  // 4 warps = 4 tokens in flight per block
+constexpr int kTopKWarps = int(kTopKThreads / 32);
+constexpr int64_t kResidentWarpsPerSM = 64;  // 2048 threads per SM on sm_80 and sm_90
+constexpr int64_t kTopKScratchCap = int64_t(128) << 20;
 constexpr unsigned kBagThreads = 128;
-constexpr int64_t kSortedChunk = 64;  // sorted entries per block (deterministic backward)
+constexpr int64_t kMinBagSegment = 256;  // sorted entries per segment (deterministic backward): max(this, k)
 
-struct Slot {
-  topk::SwapMap map;
-  double* kept;
-};
-
-// Scratch slot s: keys/vals of `cap` int32 each, then k doubles of kept values.
-DUO_DEVICE Slot slot_at(int32_t* map_scratch, double* kept_scratch, int64_t s, uint32_t cap, int64_t k) {
+// Swap map of scratch slot s (one per warp): keys then vals, `cap` int32 each.
+DUO_DEVICE topk::SwapMap slot_map(int32_t* map_scratch, int64_t s, uint32_t cap) {
   int32_t* keys = map_scratch + s * 2 * int64_t(cap);
-  return {{keys, keys + cap, cap - 1}, kept_scratch + s * k};
+  return {keys, keys + cap, cap - 1};
 }
 
-DUO_DEVICE void clear_map(const topk::SwapMap& m) {
-  for (uint32_t i = 0; i <= m.mask; ++i) m.keys[i] = -1;
+// (value, index) argmax step: larger value, or the lower index among ties.
+DUO_DEVICE void argmax_merge(double& v, int64_t& i, double ov, int64_t oi) {
+  if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
+}
+
+// topk::token computed by the 32 lanes of a warp (same equations and random
+// streams; sums in a different order, so weights agree to rounding). Every lane
+// returns z. `map` must be empty and is left empty. The ids row doubles as the
+// k kept values (double bits) until step 5 draws the ids.
+DUO_DEVICE int64_t warp_token(uint64_t seed, uint64_t offset, uint64_t t, int64_t x, double gamma, double inv_tau,
+                              int64_t k, int64_t vocab_size, int zt_rule, topk::SwapMap map, int64_t* ids,
+                              float* weights, uint32_t* checks) {
+  const int lane = int(threadIdx.x & 31u);
+  {  // device-side value checks (warp-uniform): ids 0 .. k-1 (valid), NaN weights, z = 0
+    const bool ok_x = check::valid_id(x, vocab_size), ok_g = check::valid_gamma(gamma);
+    const bool ok_t = check::valid_inv_tau(inv_tau);
+    if (!(ok_x && ok_g && ok_t)) {
+      if (lane == 0) {
+        if (!ok_x) check::report(checks, check::kX0);
+        if (!ok_g) check::report(checks, check::kGamma);
+        if (!ok_t) check::report(checks, check::kInvTau);
+      }
+      for (int64_t i = lane; i < k; i += 32) ids[i] = i, weights[i] = check::nan_f();
+      return 0;
+    }
+  }
+  double* kept = reinterpret_cast<double*>(ids);
+  const topk::Scales sc = topk::scales(gamma);
+  const double n_others = double(vocab_size - 1);
+  const double refine_above = 3e-8 / (1.15e-9 * sc.s * inv_tau);  // as topk::token
+
+  // 1. o_i = s~ Phi^-1(V_i), log V_i = sum_{r <= i} log U_r / (N' - r): chunks of 64
+  // entries, two per lane (one Philox block), an exclusive warp scan, a carry.
+  double carry = 0.0;
+  for (int64_t c0 = 0; c0 < k; c0 += 64) {
+    const int64_t i = c0 + 2 * lane;
+    double a0 = 0.0, a1 = 0.0;
+    if (i < k) {
+      const Uniform2 u = uniform2(philox_block(seed, t, offset + 1 + uint64_t(i / 2)));
+      a0 = log(u.a) / (n_others - double(i));
+      if (i + 1 < k) a1 = log(u.b) / (n_others - double(i + 1));
+    }
+    double incl = a0 + a1;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const double v = __shfl_up_sync(reduce::kFullMask, incl, o);
+      if (lane >= o) incl += v;
+    }
+    double excl = __shfl_up_sync(reduce::kFullMask, incl, 1);
+    if (lane == 0) excl = 0.0;
+    double log_v = carry + excl;
+    carry += __shfl_sync(reduce::kFullMask, incl, 31);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (i + e >= k) break;
+      log_v += e == 0 ? a0 : a1;
+      const double q = -expm1(log_v);  // 1 - V_i
+      double phi_inv = -ndtri_approx(q);
+      if (phi_inv > refine_above || -phi_inv > refine_above) phi_inv = -ndtri(q);
+      kept[i + e] = sc.s * phi_inv;
+    }
+  }
+  __syncwarp();  // kept[] is read by every lane
+
+  // 2. the x-entry (every lane: same values).
+  const double o_1 = kept[0], o_k = kept[k - 1];
+  const double e_x = sc.a + sc.s * topk::draw_xi(seed, offset, t);
+  const bool in_topk = e_x > o_k;
+  const double c = in_topk ? (k >= 2 ? kept[k - 2] : INFINITY) : o_k;
+  const double n_tail = double(in_topk ? vocab_size - k : vocab_size - k - 1);
+  __syncwarp();  // every lane has read kept[k - 1]
+  if (in_topk && lane == 0) kept[k - 1] = e_x;
+  __syncwarp();
+
+  // 3. tail mass.
+  const double S = sc.s * inv_tau, ct = c * inv_tau;
+  const double log_mu = 0.5 * S * S + log_ndtr((ct - S * S) / S) - log_ndtr(ct / S);
+  const double log_tail = n_tail > 0.0 ? log(n_tail) + log_mu : -INFINITY;
+
+  // 4. argmax (first index among ties), normalizer and weights.
+  double best = -INFINITY;
+  int64_t arg = k;
+  for (int64_t i = lane; i < k; i += 32) argmax_merge(best, arg, kept[i], i);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const double ov = __shfl_xor_sync(reduce::kFullMask, best, o);
+    const int64_t oi = __shfl_xor_sync(reduce::kFullMask, arg, o);
+    argmax_merge(best, arg, ov, oi);
+  }
+  double m = fmax(log_tail, best * inv_tau);
+  if (!in_topk) m = fmax(m, e_x * inv_tau);
+  double part = 0.0;
+  for (int64_t i = lane; i < k; i += 32) part += exp(kept[i] * inv_tau - m);
+  const double sum = reduce::warp_reduce(part, reduce::Sum()) + exp(log_tail - m) +
+                     (in_topk ? 0.0 : exp(e_x * inv_tau - m));
+  const double log_z = m + log(sum);
+  bool any = false;
+  for (int64_t i = lane; i < k; i += 32) {
+    weights[i] = float(exp(kept[i] * inv_tau - log_z));
+    any = any || weights[i] > 0.0f;
+  }
+  if (!__any_sync(reduce::kFullMask, any))
+    for (int64_t i = lane; i < k; i += 32) weights[i] = i == arg ? 1.0f : 0.0f;
+  __syncwarp();  // kept[] (the ids row) is overwritten below
+
+  // 5. ids: the Fisher-Yates index of every step in parallel (ids[pos] = j), then
+  // the swap chain on lane 0 (topk::draw_ranks), x in the last slot if in_topk.
+  const uint64_t base = offset + 1 + uint64_t((k + 1) / 2);
+  const uint32_t n = uint32_t(vocab_size - 1);
+  for (int64_t i = 2 * lane; i < k; i += 64) {
+    const Philox4x32 b = philox_block(seed, t, base + uint64_t(i / 2));
+    for (int64_t e = 0; e < 2 && i + e < k; ++e) {
+      const int32_t pos = int32_t(i + e);
+      ids[pos] = pos + int32_t(uniform_index(b.v[2 * e], b.v[2 * e + 1], n - uint32_t(pos)));
+    }
+  }
+  __syncwarp();
+  int64_t rank0 = 0;
+  if (lane == 0) {
+    for (int64_t pos = 0; pos < k; ++pos) {
+      const int32_t j = int32_t(ids[pos]);
+      const int32_t vj = map.get(j);
+      if (j != int32_t(pos)) map.set(j, map.get(int32_t(pos)));  // position pos is never drawn again
+      ids[pos] = int64_t(vj) + (int64_t(vj) >= x ? 1 : 0);      // [0, K-1) -> ids != x
+    }
+    rank0 = ids[0];
+    if (in_topk) ids[k - 1] = x;
+  }
+  rank0 = __shfl_sync(reduce::kFullMask, rank0, 0);
+  __syncwarp();  // lane 0's map writes are done: clear the map for the next token
+  for (uint32_t i = uint32_t(lane); i <= map.mask; i += 32) map.keys[i] = -1;
+  __syncwarp();
+
+  // 7. the discrete latent.
+  const bool x_wins = zt_rule == topk::kExact ? e_x > o_1 : in_topk;
+  return x_wins ? x : rank0;
 }
 
 __global__ void topk_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma,
                             const double* __restrict__ inv_tau, int64_t* __restrict__ ids, float* __restrict__ weights,
                             int64_t* __restrict__ z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule,
-                            uint64_t seed, uint64_t offset, int32_t* map_scratch, double* kept_scratch) {
-  const uint32_t cap = topk::swap_map_capacity(k);
-  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const Slot slot = slot_at(map_scratch, kept_scratch, s, cap, k);
-  const int64_t stride = int64_t(blockDim.x) * gridDim.x;
-  for (int64_t t = s; t < n; t += stride) {
-    const topk::TokenOut o = topk::token(seed, offset, uint64_t(t), x0[t], gamma[t], inv_tau[t], k, vocab_size,
-                                         zt_rule, slot.map, ids + t * k, weights + t * k, slot.kept);
-    clear_map(slot.map);
-    z[t] = o.z;
+                            uint64_t seed, uint64_t offset, int32_t* map_scratch, uint32_t* checks) {
+  const int64_t slot = int64_t(blockIdx.x) * kTopKWarps + int64_t(threadIdx.x >> 5);
+  const topk::SwapMap map = slot_map(map_scratch, slot, topk::swap_map_capacity(k));
+  for (int64_t t = slot; t < n; t += int64_t(gridDim.x) * kTopKWarps) {  // warp-uniform
+    const int64_t zt = warp_token(seed, offset, uint64_t(t), x0[t], gamma[t], inv_tau[t], k, vocab_size, zt_rule,
+                                  map, ids + t * k, weights + t * k, checks);
+    if ((threadIdx.x & 31u) == 0) z[t] = zt;
   }
 }
 
@@ -69,57 +208,108 @@ __global__ void topk_embed_kernel(const int64_t* __restrict__ x0, const double* 
                                   const double* __restrict__ inv_tau, const E* __restrict__ embedding, int64_t d,
                                   float* __restrict__ h, int64_t* __restrict__ ids, float* __restrict__ weights,
                                   int64_t* __restrict__ z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule,
-                                  uint64_t seed, uint64_t offset, int32_t* map_scratch, double* kept_scratch) {
-  const uint32_t cap = topk::swap_map_capacity(k);
-  const Slot slot = slot_at(map_scratch, kept_scratch, blockIdx.x, cap, k);
-  for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
-    if (threadIdx.x == 0) {
-      const topk::TokenOut o = topk::token(seed, offset, uint64_t(t), x0[t], gamma[t], inv_tau[t], k, vocab_size,
-                                           zt_rule, slot.map, ids + t * k, weights + t * k, slot.kept);
-      clear_map(slot.map);
-      z[t] = o.z;
+                                  uint64_t seed, uint64_t offset, int32_t* map_scratch, uint32_t* checks) {
+  const int warp = int(threadIdx.x >> 5);
+  const topk::SwapMap map =
+      slot_map(map_scratch, int64_t(blockIdx.x) * kTopKWarps + warp, topk::swap_map_capacity(k));
+  for (int64_t t0 = int64_t(blockIdx.x) * kTopKWarps; t0 < n; t0 += int64_t(gridDim.x) * kTopKWarps) {
+    const int64_t t = t0 + warp;
+    if (t < n) {  // warp-uniform
+      const int64_t zt = warp_token(seed, offset, uint64_t(t), x0[t], gamma[t], inv_tau[t], k, vocab_size, zt_rule,
+                                    map, ids + t * k, weights + t * k, checks);
+      if ((threadIdx.x & 31u) == 0) z[t] = zt;
     }
-    __syncthreads();  // ids/weights of token t are written (global memory, same block)
-    const int64_t* id = ids + t * k;
-    const float* w = weights + t * k;
-    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    __syncthreads();  // the block's tokens' ids and weights are written (global memory, this block)
+    // h[t0 + r, c] over (r, c), c fastest: consecutive threads read consecutive columns of a row of E.
+    const int64_t tokens = n - t0 < kTopKWarps ? n - t0 : kTopKWarps;
+    for (int64_t q = threadIdx.x; q < tokens * d; q += blockDim.x) {
+      const int64_t r = q / d, c = q - r * d;
+      const int64_t* id = ids + (t0 + r) * k;
+      const float* w = weights + (t0 + r) * k;
       float acc = 0.0f;
       for (int64_t i = 0; i < k; ++i) acc += w[i] * to_float(embedding[id[i] * d + c]);
-      h[t * d + c] = acc;
+      h[(t0 + r) * d + c] = acc;
     }
-    __syncthreads();  // thread 0 reuses the scratch for the next token
+    // (no trailing barrier: the next tokens' rows and each warp's own map are not read here)
   }
 }
 
 __global__ void bag_backward_atomic_kernel(const float* __restrict__ grad_h, const int64_t* __restrict__ ids,
                                            const float* __restrict__ weights, float* __restrict__ grad, int64_t tokens,
-                                           int64_t k, int64_t d) {
+                                           int64_t k, int64_t d, int64_t vocab_size, uint32_t* checks) {
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     for (int64_t i = 0; i < k; ++i) {
       const float w = weights[t * k + i];
-      float* row = grad + ids[t * k + i] * d;
+      const int64_t id = ids[t * k + i];
+      if (!check::valid_id(id, vocab_size)) {  // device-side check: the entry is dropped
+        if (threadIdx.x == 0) check::report(checks, check::kIds);
+        continue;
+      }
+      float* row = grad + id * d;
       for (int64_t c = threadIdx.x; c < d; c += blockDim.x) atomicAdd(&row[c], w * grad_h[t * d + c]);
     }
   }
 }
 
 // sorted_ids[e] = ids of flat entry order[e] (token = order[e] / k), ascending,
-// ties in entry order. Block b starts the runs whose first entry lies in its chunk.
-__global__ void bag_backward_sorted_kernel(const float* __restrict__ grad_h, const int64_t* __restrict__ sorted_ids,
-                                           const int64_t* __restrict__ order, const float* __restrict__ weights,
-                                           float* __restrict__ grad, int64_t entries, int64_t k, int64_t d) {
-  const int64_t chunks = (entries + kSortedChunk - 1) / kSortedChunk;
-  for (int64_t b = blockIdx.x; b < chunks; b += gridDim.x) {
-    const int64_t end_chunk = (b + 1) * kSortedChunk < entries ? (b + 1) * kSortedChunk : entries;
-    for (int64_t e = b * kSortedChunk; e < end_chunk; ++e) {
-      if (e > 0 && sorted_ids[e - 1] == sorted_ids[e]) continue;  // not a run start
+// ties in entry order; segments of `seg` sorted entries.
+
+// Column c of sum_{f in [e, end)} w_f grad_h[token_f], in entry order.
+DUO_DEVICE float bag_piece(const float* grad_h, const int64_t* order, const float* weights, int64_t e, int64_t end,
+                           int64_t k, int64_t d, int64_t c) {
+  float acc = 0.0f;
+  for (int64_t f = e; f < end; ++f) acc += weights[order[f]] * grad_h[(order[f] / k) * d + c];
+  return acc;
+}
+
+// End of the run piece starting at e within its segment (seg_end = the segment's end).
+DUO_DEVICE int64_t piece_end(const int64_t* sorted_ids, int64_t e, int64_t seg_end) {
+  int64_t f = e + 1;
+  while (f < seg_end && sorted_ids[f] == sorted_ids[e]) ++f;
+  return f;
+}
+
+// Pass 1: partial[s] = the first piece of segment s when its run began in an earlier segment.
+__global__ void bag_partials_kernel(const float* __restrict__ grad_h, const int64_t* __restrict__ sorted_ids,
+                                    const int64_t* __restrict__ order, const float* __restrict__ weights,
+                                    float* __restrict__ partial, int64_t entries, int64_t seg, int64_t k, int64_t d) {
+  const int64_t segments = (entries + seg - 1) / seg;
+  for (int64_t s = int64_t(blockIdx.x) + 1; s < segments; s += gridDim.x) {
+    const int64_t e = s * seg;
+    if (sorted_ids[e - 1] != sorted_ids[e]) continue;  // the segment starts a run: no partial
+    const int64_t end = piece_end(sorted_ids, e, e + seg < entries ? e + seg : entries);
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+      partial[s * d + c] = bag_piece(grad_h, order, weights, e, end, k, d, c);
+  }
+}
+
+// Pass 2: the block of the segment holding a run's first entry writes the run's row:
+// its own piece, then the partial rows of the later segments the run covers, in order.
+__global__ void bag_runs_kernel(const float* __restrict__ grad_h, const int64_t* __restrict__ sorted_ids,
+                                const int64_t* __restrict__ order, const float* __restrict__ weights,
+                                const float* __restrict__ partial, float* __restrict__ grad, int64_t entries,
+                                int64_t seg, int64_t k, int64_t d, int64_t vocab_size, uint32_t* checks) {
+  const int64_t segments = (entries + seg - 1) / seg;
+  for (int64_t s = blockIdx.x; s < segments; s += gridDim.x) {
+    const int64_t seg_end = (s + 1) * seg < entries ? (s + 1) * seg : entries;
+    for (int64_t e = s * seg; e < seg_end;) {
+      const int64_t end = piece_end(sorted_ids, e, seg_end);
+      if (e > 0 && sorted_ids[e - 1] == sorted_ids[e]) {  // continues a run begun earlier: pass 1's partial
+        e = end;
+        continue;
+      }
       const int64_t id = sorted_ids[e];
+      if (!check::valid_id(id, vocab_size)) {  // device-side check: the run is dropped
+        if (threadIdx.x == 0) check::report(checks, check::kIds);
+        e = end;
+        continue;
+      }
       for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-        float acc = 0.0f;
-        for (int64_t f = e; f < entries && sorted_ids[f] == id; ++f)
-          acc += weights[order[f]] * grad_h[(order[f] / k) * d + c];
+        float acc = bag_piece(grad_h, order, weights, e, end, k, d, c);
+        for (int64_t t = s + 1; t < segments && sorted_ids[t * seg] == id; ++t) acc += partial[t * d + c];
         grad[id * d + c] = acc;
       }
+      e = end;
     }
   }
 }
@@ -132,28 +322,41 @@ constexpr int kTile = 64;       // vocabulary entries per forward tile
 constexpr int kIds = 16;        // ids per backward block
 constexpr int kCols = 4;        // columns per thread per pass
 constexpr int64_t kColsPerPass = int64_t(kEmbedThreads) * kCols;
+static_assert(kTokens * (kIds / 4) % 32 == 0, "backward noise threads are whole warps (they shuffle)");
+
+// Per-token constants of the scores, computed once per token (not per Philox block).
+struct TokenLevel {
+  double a, s, inv_tau;  // a~, s~ (topk::scales), 1 / tau
+  int64_t x;             // the clean id; -1 for t past the last token
+};
+
+DUO_DEVICE TokenLevel token_level(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t n,
+                                  int64_t t) {
+  if (t >= n) return {0.0, 0.0, 0.0, -1};
+  const topk::Scales sc = topk::scales(gamma[t]);
+  return {sc.a, sc.s, inv_tau[t], x0[t]};
+}
 
 // Scores y = w / tau of token t for entries j .. j+3 (one Philox block of noise);
-// -inf past the vocabulary and for t past the last token.
-DUO_DEVICE void scores4(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t n, int64_t K,
-                        int64_t t, int64_t j, uint64_t seed, uint64_t offset, double* y) {
-  if (t >= n) {
+// -inf past the vocabulary and for t past the last token (lv.x = -1).
+DUO_DEVICE void scores4(const TokenLevel& lv, int64_t K, int64_t t, int64_t j, uint64_t seed, uint64_t offset,
+                        double* y) {
+  if (lv.x < 0) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) y[e] = -INFINITY;
     return;
   }
-  const topk::Scales sc = topk::scales(gamma[t]);
   float eps[4];
   curriculum::noise4(seed, offset, uint64_t(t), j / 4, eps);
 #pragma unroll
   for (int e = 0; e < 4; ++e)
-    y[e] = j + e < K ? curriculum::latent(eps[e], j + e == x0[t], sc.a, sc.s) * inv_tau[t] : -INFINITY;
+    y[e] = j + e < K ? curriculum::latent(eps[e], j + e == lv.x, lv.a, lv.s) * lv.inv_tau : -INFINITY;
 }
 
 __global__ void embed_forward_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma,
                                      const double* __restrict__ inv_tau, const float* __restrict__ E, int64_t n,
                                      int64_t K, int64_t d, uint64_t seed, uint64_t offset, float* __restrict__ h,
-                                     int64_t* __restrict__ z, double* __restrict__ lse) {
+                                     int64_t* __restrict__ z, double* __restrict__ lse, uint32_t* checks) {
   __shared__ double y[kTokens][kTile];
   __shared__ float P[kTokens][kTile];
   __shared__ double m[kTokens], l[kTokens], best[kTokens];
@@ -167,13 +370,23 @@ __global__ void embed_forward_kernel(const int64_t* __restrict__ x0, const doubl
       for (int r = 0; r < kTokens; ++r)
 #pragma unroll
         for (int q = 0; q < kCols; ++q) acc[r][q] = 0.0f;
-      if (threadIdx.x < kTokens) m[threadIdx.x] = -INFINITY, l[threadIdx.x] = 0.0, best[threadIdx.x] = -INFINITY;
+      // arg too: if no score beats -inf (all NaN) z would be read uninitialised.
+      if (threadIdx.x < kTokens)
+        m[threadIdx.x] = -INFINITY, l[threadIdx.x] = 0.0, best[threadIdx.x] = -INFINITY, arg[threadIdx.x] = 0;
+      // noise: thread -> (token r, Philox block q of 4 entries in each tile)
+      const int r_noise = threadIdx.x / (kTile / 4), q_noise = threadIdx.x % (kTile / 4);
+      const TokenLevel lv = token_level(x0, gamma, inv_tau, n, t0 + r_noise);
+      if (c0 == 0 && q_noise == 0 && t0 + r_noise < n) {  // device-side checks: unspecified h and z
+        if (!check::valid_id(x0[t0 + r_noise], K)) check::report(checks, check::kX0);
+        if (!check::valid_gamma(gamma[t0 + r_noise])) check::report(checks, check::kGamma);
+        if (!check::valid_inv_tau(inv_tau[t0 + r_noise])) check::report(checks, check::kInvTau);
+      }
       __syncthreads();
       for (int64_t j0 = 0; j0 < K; j0 += kTile) {
-        {  // noise: thread -> (token r, Philox block of 4 entries)
-          const int r = threadIdx.x / (kTile / 4), q = threadIdx.x % (kTile / 4);
+        {
+          const int r = r_noise, q = q_noise;
           double ys[4];
-          scores4(x0, gamma, inv_tau, n, K, t0 + r, j0 + 4 * q, seed, offset, ys);
+          scores4(lv, K, t0 + r, j0 + 4 * q, seed, offset, ys);
 #pragma unroll
           for (int e = 0; e < 4; ++e) y[r][4 * q + e] = ys[e];
         }
@@ -249,11 +462,20 @@ __global__ void embed_backward_kernel(const float* __restrict__ dh, const int64_
 #pragma unroll
         for (int q = 0; q < kCols; ++q) acc[j][q] = 0.0f;
       for (int64_t t0 = 0; t0 < n; t0 += kTokens) {
-        if (threadIdx.x < kTokens * (kIds / 4)) {  // noise: thread -> (token r, 4 ids)
+        if (threadIdx.x < kTokens * (kIds / 4)) {  // noise: thread -> (token r, 4 ids); two full warps
           const int r = threadIdx.x / (kIds / 4), q = threadIdx.x % (kIds / 4);
           const int64_t t = t0 + r;
+          // The token's constants once per token: its first thread computes, the other
+          // kIds / 4 - 1 threads of the token take them by shuffle.
+          TokenLevel lv{0.0, 0.0, 0.0, -1};
+          if (q == 0) lv = token_level(x0, gamma, inv_tau, n, t);
+          const int src = int(threadIdx.x & 31u) & ~(kIds / 4 - 1);
+          lv.a = __shfl_sync(reduce::kFullMask, lv.a, src);
+          lv.s = __shfl_sync(reduce::kFullMask, lv.s, src);
+          lv.inv_tau = __shfl_sync(reduce::kFullMask, lv.inv_tau, src);
+          lv.x = __shfl_sync(reduce::kFullMask, lv.x, src);
           double ys[4];
-          scores4(x0, gamma, inv_tau, n, K, t, j0 + 4 * q, seed, offset, ys);
+          scores4(lv, K, t, j0 + 4 * q, seed, offset, ys);
           const double l = t < n ? lse[t] : 0.0;
 #pragma unroll
           for (int e = 0; e < 4; ++e) P[r][4 * q + e] = expf(float(ys[e] - l));  // exp(-inf) = 0
@@ -287,11 +509,11 @@ unsigned blocks_for(int64_t n, int64_t cap) { return unsigned(n < cap ? (n > 0 ?
 
 int curriculum_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const float* embedding,
                      int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h, int64_t* z,
-                     double* lse, void* stream) {
+                     double* lse, uint32_t* checks, void* stream) {
   if (n == 0) return 0;
   return int(launch_kernel(embed_forward_kernel, dim3(blocks_for((n + kTokens - 1) / kTokens, 65535)),
                            dim3(kEmbedThreads), 0, static_cast<cudaStream_t>(stream), x0, gamma, inv_tau, embedding,
-                           n, vocab_size, d, seed, offset, h, z, lse));
+                           n, vocab_size, d, seed, offset, h, z, lse, checks));
 }
 
 int curriculum_embed_backward(const float* grad_h, const int64_t* x0, const double* gamma, const double* inv_tau,
@@ -302,74 +524,95 @@ int curriculum_embed_backward(const float* grad_h, const int64_t* x0, const doub
                            n, vocab_size, d, seed, offset, grad_embedding));
 }
 
-int64_t topk_scratch_slots(int64_t n, int64_t k, bool per_block) {
-  // ~32 MiB of swap maps at most; a slot per thread (topk) or per block (embed).
-  const int64_t slot_bytes = int64_t(topk::swap_map_capacity(k)) * 8 + k * 8;
-  int64_t slots = (int64_t(32) << 20) / slot_bytes;
-  const int64_t unit = per_block ? 1 : int64_t(kTopKThreads);
-  slots = slots < unit ? unit : slots / unit * unit;  // whole blocks of threads
-  const int64_t needed = per_block ? n : (n + unit - 1) / unit * unit;
+int64_t topk_scratch_slots(int64_t n, int64_t k, int64_t sm_count) {
+  // A slot (swap map) per warp: every SM's resident warps, fewer if n is small;
+  // above 128 MiB of maps fewer slots, but never below one block per SM (the
+  // maps of those are then at most ~2.7x the [n, k] outputs).
+  const int64_t sms = sm_count > 0 ? sm_count : 1;
+  const int64_t needed = (n + kTopKWarps - 1) / kTopKWarps * kTopKWarps;
+  const int64_t slot_bytes = int64_t(topk::swap_map_capacity(k)) * 8;
+  int64_t slots = sms * kResidentWarpsPerSM;
+  if (slots * slot_bytes > kTopKScratchCap) {
+    slots = kTopKScratchCap / slot_bytes / kTopKWarps * kTopKWarps;
+    if (slots < sms * kTopKWarps) slots = sms * kTopKWarps;
+  }
   slots = slots < needed ? slots : needed;
-  return slots < 65535 * unit ? (slots > 0 ? slots : unit) : 65535 * unit;
+  if (slots < kTopKWarps) slots = kTopKWarps;
+  return slots < 65535 * int64_t(kTopKWarps) ? slots : 65535 * int64_t(kTopKWarps);
 }
 
 int64_t topk_map_capacity(int64_t k) { return topk::swap_map_capacity(k); }
 
 int curriculum_topk(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t* ids, float* weights,
                     int64_t* z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule, uint64_t seed, uint64_t offset,
-                    int32_t* map_scratch, double* kept_scratch, int64_t slots, void* stream) {
+                    int32_t* map_scratch, int64_t slots, uint32_t* checks, void* stream) {
   if (n == 0) return 0;
-  const unsigned blocks = unsigned(slots / kTopKThreads);
+  const unsigned blocks = unsigned(slots / kTopKWarps);
   return int(launch_kernel(topk_kernel, dim3(blocks), dim3(kTopKThreads), 0, static_cast<cudaStream_t>(stream), x0,
                            gamma, inv_tau, ids, weights, z, n, k, vocab_size, zt_rule, seed, offset, map_scratch,
-                           kept_scratch));
+                           checks));
 }
 
 namespace {
 template <class E>
 int launch_topk_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const E* embedding, int64_t d,
                       float* h, int64_t* ids, float* weights, int64_t* z, int64_t n, int64_t k, int64_t vocab_size,
-                      int zt_rule, uint64_t seed, uint64_t offset, int32_t* map_scratch, double* kept_scratch,
-                      int64_t slots, void* stream) {
-  return int(launch_kernel(topk_embed_kernel<E>, dim3(unsigned(slots)), dim3(kBagThreads), 0,
+                      int zt_rule, uint64_t seed, uint64_t offset, int32_t* map_scratch, int64_t slots,
+                      uint32_t* checks, void* stream) {
+  return int(launch_kernel(topk_embed_kernel<E>, dim3(unsigned(slots / kTopKWarps)), dim3(kTopKThreads), 0,
                            static_cast<cudaStream_t>(stream), x0, gamma, inv_tau, embedding, d, h, ids, weights, z, n,
-                           k, vocab_size, zt_rule, seed, offset, map_scratch, kept_scratch));
+                           k, vocab_size, zt_rule, seed, offset, map_scratch, checks));
 }
 }  // namespace
 
 int curriculum_topk_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const void* embedding,
                           int emb_dtype, int64_t d, float* h, int64_t* ids, float* weights, int64_t* z, int64_t n,
                           int64_t k, int64_t vocab_size, int zt_rule, uint64_t seed, uint64_t offset,
-                          int32_t* map_scratch, double* kept_scratch, int64_t slots, void* stream) {
+                          int32_t* map_scratch, int64_t slots, uint32_t* checks, void* stream) {
   if (n == 0) return 0;
   switch (emb_dtype) {
     case 0:
       return launch_topk_embed(x0, gamma, inv_tau, static_cast<const float*>(embedding), d, h, ids, weights, z, n, k,
-                               vocab_size, zt_rule, seed, offset, map_scratch, kept_scratch, slots, stream);
+                               vocab_size, zt_rule, seed, offset, map_scratch, slots, checks, stream);
     case 1:
       return launch_topk_embed(x0, gamma, inv_tau, static_cast<const bf16_bits*>(embedding), d, h, ids, weights, z, n,
-                               k, vocab_size, zt_rule, seed, offset, map_scratch, kept_scratch, slots, stream);
+                               k, vocab_size, zt_rule, seed, offset, map_scratch, slots, checks, stream);
     case 2:
       return launch_topk_embed(x0, gamma, inv_tau, static_cast<const f16_bits*>(embedding), d, h, ids, weights, z, n,
-                               k, vocab_size, zt_rule, seed, offset, map_scratch, kept_scratch, slots, stream);
+                               k, vocab_size, zt_rule, seed, offset, map_scratch, slots, checks, stream);
   }
   return int(cudaErrorInvalidValue);
 }
 
 int topk_bag_backward_atomic(const float* grad_h, const int64_t* ids, const float* weights, float* grad,
-                             int64_t tokens, int64_t k, int64_t d, void* stream) {
+                             int64_t tokens, int64_t k, int64_t d, int64_t vocab_size, uint32_t* checks,
+                             void* stream) {
   if (tokens == 0) return 0;
   return int(launch_kernel(bag_backward_atomic_kernel, dim3(blocks_for(tokens, 65535)), dim3(kBagThreads), 0,
-                           static_cast<cudaStream_t>(stream), grad_h, ids, weights, grad, tokens, k, d));
+                           static_cast<cudaStream_t>(stream), grad_h, ids, weights, grad, tokens, k, d, vocab_size,
+                           checks));
+}
+
+int64_t topk_bag_segment(int64_t k) { return k > kMinBagSegment ? k : kMinBagSegment; }
+
+int64_t topk_bag_partial_floats(int64_t entries, int64_t k, int64_t d) {
+  const int64_t seg = topk_bag_segment(k);
+  return (entries + seg - 1) / seg * d;
 }
 
 int topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, const int64_t* order,
-                             const float* weights, float* grad, int64_t entries, int64_t k, int64_t d, void* stream) {
+                             const float* weights, float* grad, int64_t entries, int64_t k, int64_t d,
+                             int64_t vocab_size, float* partial_scratch, uint32_t* checks, void* stream) {
   if (entries == 0) return 0;
-  const int64_t chunks = (entries + kSortedChunk - 1) / kSortedChunk;
-  return int(launch_kernel(bag_backward_sorted_kernel, dim3(blocks_for(chunks, 65535)), dim3(kBagThreads), 0,
-                           static_cast<cudaStream_t>(stream), grad_h, sorted_ids, order, weights, grad, entries, k,
-                           d));
+  const int64_t seg = topk_bag_segment(k), segments = (entries + seg - 1) / seg;
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (segments > 1) {
+    const int err = int(launch_kernel(bag_partials_kernel, dim3(blocks_for(segments - 1, 65535)), dim3(kBagThreads), 0,
+                                      st, grad_h, sorted_ids, order, weights, partial_scratch, entries, seg, k, d));
+    if (err != 0) return err;
+  }
+  return int(launch_kernel(bag_runs_kernel, dim3(blocks_for(segments, 65535)), dim3(kBagThreads), 0, st, grad_h,
+                           sorted_ids, order, weights, partial_scratch, grad, entries, seg, k, d, vocab_size, checks));
 }
 
 }  // namespace cuda

@@ -1,6 +1,7 @@
 // CUDA kernel of the exact O(1) latent sampler (SPEC 2a, 2b; math in latent.h):
 // one thread per token, grid-stride; same Philox streams as the CPU kernel.
 #include "duo_fast/cuda_compat.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/latent.h"
 #include "launchers.h"
 
@@ -10,10 +11,16 @@ namespace cuda {
 __global__ void sample_zt_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma_t,
                                  const double* __restrict__ gamma_s, int64_t* __restrict__ z_t,
                                  int64_t* __restrict__ z_s, int64_t n, int64_t vocab_size, uint64_t seed,
-                                 uint64_t offset) {
+                                 uint64_t offset, uint32_t* checks) {
   const int64_t stride = int64_t(blockDim.x) * gridDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t x = x0[i];
+    if (!check::valid_id(x, vocab_size)) {  // device-side check: an unspecified valid id
+      check::report(checks, check::kX0);
+      z_t[i] = 0;
+      if (z_s != nullptr) z_s[i] = 0;
+      continue;
+    }
     const latent::Draw d = latent::draw(seed, offset, uint64_t(i), x, vocab_size);
     z_t[i] = latent::select(d, x, gamma_t[i]);
     if (z_s != nullptr) z_s[i] = latent::select(d, x, gamma_s[i]);
@@ -21,12 +28,12 @@ __global__ void sample_zt_kernel(const int64_t* __restrict__ x0, const double* _
 }
 
 int sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s, int64_t n,
-              int64_t vocab_size, uint64_t seed, uint64_t offset, void* stream) {
+              int64_t vocab_size, uint64_t seed, uint64_t offset, uint32_t* checks, void* stream) {
   if (n == 0) return 0;
   constexpr unsigned kThreads = 256;
   return int(launch_kernel(sample_zt_kernel, dim3(grid_size(n, kThreads)), dim3(kThreads), 0,
                            static_cast<cudaStream_t>(stream), x0, gamma_t, gamma_s, z_t, z_s, n, vocab_size, seed,
-                           offset));
+                           offset, checks));
 }
 
 }  // namespace cuda

@@ -1,12 +1,17 @@
 // CUDA kernels of the reverse-process step (SPEC section 4; math in sampling.h):
 // one block per row (grid-stride over rows). Sweeps: the row max; the sum of
 // the weights w_j = exp((x_j - max)/T); with top_p < 1 the radix-select passes
-// (256-bin shared histograms); then thread 0 picks the mixture part and, for
+// (256-bin histograms, one row per warp filled without atomics by
+// reduce::warp_histogram_add, merged in warp order: the first byte puts nearly
+// all entries in a few bins, where 256 threads' atomicAdds on one address
+// serialised and summed in a run-dependent order); then thread 0 picks the
+// mixture part and, for
 // the model part, the block scans tiles of 4 entries per thread until the
 // running sum passes u * kept (about half a row on average). Same weights,
 // Philox stream and selection rule as the CPU kernel, so tokens agree except
 // where a different summation order moves u * kept across a boundary.
 #include "duo_fast/cuda_compat.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/reduce.h"
 #include "duo_fast/sampling.h"
 #include "launchers.h"
@@ -16,6 +21,7 @@ namespace cuda {
 namespace {
 
 constexpr unsigned kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 constexpr int kPerThread = 4;  // entries per thread per scan tile
 
 struct Shared {
@@ -23,8 +29,8 @@ struct Shared {
   double scratch_d[32];
   int scratch_i[32];
   int64_t scratch_l[32];
-  double hist[sampling::kRadixBins];
-  uint32_t count[sampling::kRadixBins];
+  double hist[kWarps][sampling::kRadixBins];  // per-warp rows; row 0 holds the merge
+  uint32_t count[kWarps][sampling::kRadixBins];
   sampling::Nucleus nucleus;
   double tile_total;
   int64_t found;
@@ -62,24 +68,50 @@ __device__ Row prepare_row(const T* x, int64_t K, float inv_temperature, double 
   while (true) {
     const sampling::Nucleus nu = sh.nucleus;
     if (nu.done) break;
-    for (int d = threadIdx.x; d < sampling::kRadixBins; d += blockDim.x) sh.hist[d] = 0.0, sh.count[d] = 0;
+    for (int i = threadIdx.x; i < kWarps * sampling::kRadixBins; i += blockDim.x)
+      sh.hist[i / sampling::kRadixBins][i % sampling::kRadixBins] = 0.0,
+      sh.count[i / sampling::kRadixBins][i % sampling::kRadixBins] = 0;
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-      const float v = to_float(x[j]);
-      const uint64_t key = sampling::rank_key(v, j);
-      if (!sampling::nucleus_match(nu, key)) continue;
-      const int d = sampling::nucleus_digit(nu, key);
-      atomicAdd(&sh.hist[d], double(sampling::weight(v, m, inv_temperature)));
-      atomicAdd(&sh.count[d], 1u);
+    const int warp = int(threadIdx.x >> 5);
+    for (int64_t base = 0; base < K; base += blockDim.x) {  // same trip count for every lane (warp ops)
+      const int64_t j = base + threadIdx.x;
+      int d = -1;
+      double w = 0.0;
+      if (j < K) {
+        const float v = to_float(x[j]);
+        const uint64_t key = sampling::rank_key(v, j);
+        if (sampling::nucleus_match(nu, key)) d = sampling::nucleus_digit(nu, key), w = sampling::weight(v, m, inv_temperature);
+      }
+      reduce::warp_histogram_add(sh.hist[warp], sh.count[warp], d, w);
     }
     __syncthreads();
-    if (threadIdx.x == 0) sampling::choose_digit(sh.nucleus, sh.hist, sh.count);
+    for (int d = threadIdx.x; d < sampling::kRadixBins; d += blockDim.x) {  // merge in warp order
+      double h = sh.hist[0][d];
+      uint32_t c = sh.count[0][d];
+      for (int w = 1; w < int(blockDim.x >> 5); ++w) h += sh.hist[w][d], c += sh.count[w][d];
+      sh.hist[0][d] = h, sh.count[0][d] = c;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) sampling::choose_digit(sh.nucleus, sh.hist[0], sh.count[0]);
     __syncthreads();
   }
   row.nucleus = sh.nucleus;
   row.kept = row.nucleus.kept;
   __syncthreads();  // sh.nucleus is read before the next row overwrites it
   return row;
+}
+
+// Device-side value checks of row r (device_check.h): false (and reported by
+// thread 0) if z or the levels are invalid. The same values for the whole block.
+__device__ bool row_valid(int64_t z, double alpha_t, double alpha_s, int64_t K, uint32_t* checks) {
+  const bool ok_z = check::valid_id(z, K), ok_t = check::valid_alpha_t(alpha_t);
+  const bool ok_s = check::valid_alpha_s(alpha_s, alpha_t);
+  if (threadIdx.x == 0) {
+    if (!ok_z) check::report(checks, check::kZ);
+    if (!ok_t) check::report(checks, check::kAlphaT);
+    if (!ok_s) check::report(checks, check::kAlphaS);
+  }
+  return ok_z && ok_t && ok_s;
 }
 
 template <class T>
@@ -144,9 +176,14 @@ template <class T>
 __global__ void sample_step_kernel(const T* __restrict__ logits, const int64_t* __restrict__ z,
                                    const double* __restrict__ alpha_t, const double* __restrict__ alpha_s,
                                    int64_t* __restrict__ out, int64_t rows, int64_t K, double kappa,
-                                   float inv_temperature, double top_p, uint64_t seed, uint64_t offset) {
+                                   float inv_temperature, double top_p, uint64_t seed, uint64_t offset,
+                                   uint32_t* checks) {
   __shared__ Shared sh;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if (!row_valid(z[r], alpha_t[r], alpha_s[r], K, checks)) {  // unspecified valid id
+      if (threadIdx.x == 0) out[r] = 0;
+      continue;
+    }
     const T* x = logits + r * K;
     const Row row = prepare_row(x, K, inv_temperature, top_p, sh);
     const sampling::StepDraw draw = sampling::step_draw(seed, offset, uint64_t(r));
@@ -170,9 +207,13 @@ template <class T>
 __global__ void posterior_kernel(const T* __restrict__ logits, const int64_t* __restrict__ z,
                                  const double* __restrict__ alpha_t, const double* __restrict__ alpha_s,
                                  float* __restrict__ q, int64_t rows, int64_t K, double kappa, float inv_temperature,
-                                 double top_p) {
+                                 double top_p, uint32_t* checks) {
   __shared__ Shared sh;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if (!row_valid(z[r], alpha_t[r], alpha_s[r], K, checks)) {
+      for (int64_t j = threadIdx.x; j < K; j += blockDim.x) q[r * K + j] = check::nan_f();
+      continue;
+    }
     const T* x = logits + r * K;
     const Row row = prepare_row(x, K, inv_temperature, top_p, sh);
     const int64_t zr = z[r];
@@ -190,20 +231,21 @@ unsigned row_blocks(int64_t rows) { return rows < 65535 ? unsigned(rows) : 65535
 template <class T>
 int launch_sample_step(const T* logits, const int64_t* z, const double* alpha_t, const double* alpha_s, int64_t* out,
                        int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
-                       uint64_t offset, void* stream) {
+                       uint64_t offset, uint32_t* checks, void* stream) {
   if (rows == 0) return 0;
   return int(launch_kernel(sample_step_kernel<T>, dim3(row_blocks(rows)), dim3(kThreads), 0,
                            static_cast<cudaStream_t>(stream), logits, z, alpha_t, alpha_s, out, rows, K, kappa,
-                           float(1.0 / temperature), top_p, seed, offset));
+                           float(1.0 / temperature), top_p, seed, offset, checks));
 }
 
 template <class T>
 int launch_posterior(const T* logits, const int64_t* z, const double* alpha_t, const double* alpha_s, float* q,
-                     int64_t rows, int64_t K, double kappa, double temperature, double top_p, void* stream) {
+                     int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint32_t* checks,
+                     void* stream) {
   if (rows == 0) return 0;
   return int(launch_kernel(posterior_kernel<T>, dim3(row_blocks(rows)), dim3(kThreads), 0,
                            static_cast<cudaStream_t>(stream), logits, z, alpha_t, alpha_s, q, rows, K, kappa,
-                           float(1.0 / temperature), top_p));
+                           float(1.0 / temperature), top_p, checks));
 }
 
 }  // namespace
@@ -211,33 +253,34 @@ int launch_posterior(const T* logits, const int64_t* z, const double* alpha_t, c
 // dtype codes as in launchers.h: 0 float32, 1 bfloat16, 2 float16.
 int sample_step(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
                 int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
-                uint64_t offset, void* stream) {
+                uint64_t offset, uint32_t* checks, void* stream) {
   switch (dtype) {
     case 0:
       return launch_sample_step(static_cast<const float*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
-                                temperature, top_p, seed, offset, stream);
+                                temperature, top_p, seed, offset, checks, stream);
     case 1:
       return launch_sample_step(static_cast<const bf16_bits*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
-                                temperature, top_p, seed, offset, stream);
+                                temperature, top_p, seed, offset, checks, stream);
     case 2:
       return launch_sample_step(static_cast<const f16_bits*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
-                                temperature, top_p, seed, offset, stream);
+                                temperature, top_p, seed, offset, checks, stream);
   }
   return int(cudaErrorInvalidValue);
 }
 
 int posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s, float* q,
-              int64_t rows, int64_t K, double kappa, double temperature, double top_p, void* stream) {
+              int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint32_t* checks,
+              void* stream) {
   switch (dtype) {
     case 0:
       return launch_posterior(static_cast<const float*>(logits), z, alpha_t, alpha_s, q, rows, K, kappa, temperature,
-                              top_p, stream);
+                              top_p, checks, stream);
     case 1:
       return launch_posterior(static_cast<const bf16_bits*>(logits), z, alpha_t, alpha_s, q, rows, K, kappa,
-                              temperature, top_p, stream);
+                              temperature, top_p, checks, stream);
     case 2:
       return launch_posterior(static_cast<const f16_bits*>(logits), z, alpha_t, alpha_s, q, rows, K, kappa,
-                              temperature, top_p, stream);
+                              temperature, top_p, checks, stream);
   }
   return int(cudaErrorInvalidValue);
 }

@@ -5,6 +5,7 @@
 // path with its row switch, usdm_loss_rows.h, is not ported yet: on a GPU the
 // float64 rate decides whether it is needed).
 #include "duo_fast/cuda_compat.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/reduce.h"
 #include "duo_fast/usdm_loss.h"
 #include "launchers.h"
@@ -15,13 +16,29 @@ namespace cuda {
 __global__ void usdm_loss_kernel(const float* __restrict__ logits, const int64_t* __restrict__ z,
                                  const int64_t* __restrict__ x0, const double* __restrict__ alpha,
                                  const double* __restrict__ dalpha, float* __restrict__ loss,
-                                 float* __restrict__ grad, int64_t rows, int64_t K) {
+                                 float* __restrict__ grad, int64_t rows, int64_t K, uint32_t* checks) {
   __shared__ reduce::MaxSum<double> scratch_ms[32];
   __shared__ double scratch[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const float* l = logits + row * K;
     const int64_t x = x0[row], zz = z[row];
-    const usdm::Token t = usdm::token_constants(K, alpha[row], dalpha[row], x == zz);
+    const double a = alpha[row], da = dalpha[row];
+    // Device-side value checks (device_check.h); the same values for the whole block.
+    const bool ok_x = check::valid_id(x, K), ok_z = check::valid_id(zz, K);
+    const bool ok_a = check::valid_alpha(a), ok_d = check::valid_dalpha(da);
+    if (!(ok_x && ok_z && ok_a && ok_d)) {
+      if (threadIdx.x == 0) {
+        loss[row] = check::nan_f();
+        if (!ok_x) check::report(checks, check::kX0);
+        if (!ok_z) check::report(checks, check::kZ);
+        if (!ok_a) check::report(checks, check::kAlpha);
+        if (!ok_d) check::report(checks, check::kDalpha);
+      }
+      if (grad != nullptr)
+        for (int64_t j = threadIdx.x; j < K; j += blockDim.x) grad[row * K + j] = check::nan_f();
+      continue;
+    }
+    const usdm::Token t = usdm::token_constants(K, a, da, x == zz);
     reduce::MaxSum<double> ms = reduce::max_sum_identity<double>();
     for (int64_t j = threadIdx.x; j < K; j += blockDim.x) ms = reduce::max_sum_push(ms, double(l[j]));
     const double lse = reduce::max_sum_lse(reduce::block_reduce_max_sum(ms, scratch_ms));
@@ -58,12 +75,12 @@ __global__ void usdm_loss_kernel(const float* __restrict__ logits, const int64_t
 }
 
 int usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, const double* alpha, const double* dalpha,
-              float* loss, float* grad, int64_t rows, int64_t K, void* stream) {
+              float* loss, float* grad, int64_t rows, int64_t K, uint32_t* checks, void* stream) {
   if (rows == 0) return 0;
   constexpr unsigned kThreads = 256;
   const unsigned blocks = rows < 65535 ? unsigned(rows) : 65535u;
   return int(launch_kernel(usdm_loss_kernel, dim3(blocks), dim3(kThreads), 0, static_cast<cudaStream_t>(stream),
-                           logits, z, x0, alpha, dalpha, loss, grad, rows, K));
+                           logits, z, x0, alpha, dalpha, loss, grad, rows, K, checks));
 }
 
 }  // namespace cuda

@@ -33,7 +33,8 @@
 // mode), __syncthreads reached at different call sites, warp intrinsics
 // with a mask other than 0xffffffff, on a partial warp, with an exited lane,
 // or with lanes in different intrinsics; __trap(); builtins used outside a
-// kernel. Dynamic shared memory is refilled with garbage before every block.
+// kernel. Shared memory (dynamic, and every static __shared__ variable: they
+// live in one ELF section) is refilled with garbage before every block.
 //
 // Thread mode synchronizes like CUDA (block barrier: the block; warp op: the
 // warp; block start: launcher -> thread), so ThreadSanitizer reports a
@@ -46,10 +47,17 @@
 //
 // Limitations (by design): no inter-block waiting (blocks run in sequence), no
 // cooperative groups / CUB / inline PTX / half types; warp intrinsics need the
-// full mask and all 32 lanes; __expf & co. are exact host functions; static
-// __shared__ variables keep their value from the previous block (only dynamic
-// shared memory is refilled with garbage); launches are serialized process-wide;
-// thread mode's worker threads live until the process exits (do not dlclose).
+// full mask and all 32 lanes; __expf & co. are exact host functions; launches
+// are serialized process-wide; thread mode's worker threads live until the
+// process exits (do not dlclose).
+//
+// Schedules with a nonzero seed (fiber mode): every warp's lanes start each
+// block in a seeded shuffled order and warps race by random priorities; every
+// atomic read-modify-write first yields to a random ready lane of the block,
+// so atomics of different threads interleave in a seeded random order (an
+// order-dependent float sum gives different bits for different seeds). Thread
+// mode with a nonzero seed starts each block's threads in the same kind of
+// shuffled order (the OS schedules them from there).
 #pragma once
 
 #if defined(__CUDACC__)
@@ -145,8 +153,11 @@
 #define __managed__
 #define __grid_constant__
 // One block runs at a time (process-wide), so a static variable is exactly
-// one block's shared memory. Do not write `static __shared__`.
-#define __shared__ static
+// one block's shared memory. Do not write `static __shared__`. The variables
+// are placed in one section, cuda_emu_shared, which the launcher overwrites
+// with garbage before every block, as CUDA gives no initial value (GCC's ASan
+// does not pad variables of a user section, so the fill touches no redzone).
+#define __shared__ __attribute__((section("cuda_emu_shared"))) static
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
@@ -225,6 +236,12 @@ enum cudaDeviceAttr {
 };
 
 inline constexpr int warpSize = 32;
+
+// Bounds of the static __shared__ section, from the linker (weak: a program
+// without __shared__ variables has none; hidden: each shared library poisons
+// its own variables).
+extern "C" char __start_cuda_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_cuda_emu_shared[] __attribute__((weak, visibility("hidden")));
 
 namespace cuda_emu {
 
@@ -1057,11 +1074,25 @@ inline int current_fill() {
   return f;
 }
 
-// Garbage for dynamic shared memory so that reads before writes show up:
-// 0xFF (NaN / -1) with seed 0; with a seed, per block one of 0xFF, 0x7F
-// (+3.4e38: survives fmaxf, which would drop a NaN), 0xCD, or random bytes.
+inline void fill_bytes(Block* b, unsigned char* p, std::size_t n, int f) {
+  if (f >= 0) {
+    std::memset(p, f, n);
+  } else {
+    for (std::size_t i = 0; i < n; i += 8) {
+      std::uint64_t r = splitmix64(b->rng);
+      std::memcpy(p + i, &r, std::min<std::size_t>(8, n - i));
+    }
+  }
+}
+
+// Garbage for shared memory (dynamic, and the static __shared__ section) so
+// that reads before writes show up: 0xFF (NaN / -1) with seed 0; with a seed,
+// per block one of 0xFF, 0x7F (+3.4e38: survives fmaxf, which would drop a
+// NaN), 0xCD, or random bytes.
 inline void fill_smem(Block* b) {
-  if (!b->smem_bytes) return;
+  unsigned char* st = reinterpret_cast<unsigned char*>(__start_cuda_emu_shared);
+  const std::size_t st_bytes = st ? std::size_t(__stop_cuda_emu_shared - __start_cuda_emu_shared) : 0;
+  if (!b->smem_bytes && !st_bytes) return;
   int f = current_fill();
   if (f < 0) {
     if (b->seed == 0) {
@@ -1071,14 +1102,8 @@ inline void fill_smem(Block* b) {
       f = pats[splitmix64(b->rng) % 4];
     }
   }
-  if (f >= 0) {
-    std::memset(b->smem, f, b->smem_bytes);
-  } else {
-    for (std::size_t i = 0; i < b->smem_bytes; i += 8) {
-      std::uint64_t r = splitmix64(b->rng);
-      std::memcpy(b->smem + i, &r, std::min<std::size_t>(8, b->smem_bytes - i));
-    }
-  }
+  if (b->smem_bytes) fill_bytes(b, b->smem, b->smem_bytes, f);
+  if (st_bytes) fill_bytes(b, st, st_bytes, f);
 }
 
 inline void setup_block(Block* b, std::uint64_t linear_block) {
@@ -1211,6 +1236,25 @@ inline void wait_block_done(Block* b) {
   }
 }
 
+// Thread mode: the order in which a block's threads are released. Seed 0:
+// natural; else warps in a random order, each warp's lanes shuffled (as the
+// fiber scheduler starts them).
+inline void start_order(Block* b, std::vector<std::uint32_t>& out) {
+  out.clear();
+  if (b->seed == 0) {
+    for (std::uint32_t i = 0; i < b->n; ++i) out.push_back(i);
+    return;
+  }
+  std::vector<std::uint32_t> warps(b->nwarps);
+  for (std::uint32_t w = 0; w < b->nwarps; ++w) warps[w] = w;
+  for (std::uint32_t w = b->nwarps; w > 1; --w) std::swap(warps[w - 1], warps[splitmix64(b->rng) % w]);
+  for (std::uint32_t w : warps) {
+    shuffle_perm(b, b->warps[w]);
+    for (int k = 0; k < 32; ++k)
+      if (w * 32 + b->warps[w].perm[k] < b->n) out.push_back(w * 32 + b->warps[w].perm[k]);
+  }
+}
+
 inline void run_thread_blocks(Block* b, const std::vector<std::uint32_t>* order, std::uint64_t nblocks) {
   b->start_sem.reset(new sem_t[b->n]);
   for (unsigned i = 0; i < b->n; ++i) sem_init(&b->start_sem[i], 0, 0);
@@ -1227,9 +1271,11 @@ inline void run_thread_blocks(Block* b, const std::vector<std::uint32_t>* order,
     ++P.epoch;
     P.cv.notify_all();
   }
+  std::vector<std::uint32_t> start(b->n);
   for (std::uint64_t k = 0; k < nblocks; ++k) {
     setup_block(b, order ? (*order)[k] : k);  // every thread waits for its semaphore
-    for (unsigned i = 0; i < b->n; ++i) sem_post(&b->start_sem[i]);
+    start_order(b, start);
+    for (std::uint32_t i : start) sem_post(&b->start_sem[i]);
     wait_block_done(b);
   }
   b->stop = true;
@@ -1525,8 +1571,38 @@ inline void fence() { g_fence_word.fetch_add(0, std::memory_order_acq_rel); }
 #else
 inline void fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 #endif
+// Fiber mode with a nonzero seed: before an atomic read-modify-write the lane
+// yields to a random ready lane of its block (maybe itself), so atomics of
+// different threads run in a seeded random order, not in lane-schedule order.
+inline void atomic_point() {
+  Lane* me = tl_lane;
+  if (me == nullptr) return;  // host code
+  Block* b = me->blk;
+  if (b->mode != Mode::fiber || b->seed == 0) return;
+  unsigned total = 0;
+  for (unsigned i = 0; i < b->nwarps; ++i) total += unsigned(__builtin_popcount(b->warps[i].ready));
+  unsigned r = unsigned(splitmix64(b->rng) % (std::uint64_t(total) + 1));
+  if (r == total) return;  // this lane goes on
+  for (unsigned i = 0; i < b->nwarps; ++i) {
+    Warp& w = b->warps[i];
+    const unsigned c = unsigned(__builtin_popcount(w.ready));
+    if (r >= c) {
+      r -= c;
+      continue;
+    }
+    std::uint32_t m = w.ready;
+    for (; r > 0; --r) m &= m - 1;  // drop the r lowest ready lanes
+    const unsigned l = unsigned(__builtin_ctz(m));
+    w.ready &= ~(1u << l);
+    make_ready(b, me->linear);
+    switch_to(b, me, &b->lanes[i * 32 + l], false);
+    return;
+  }
+}
+
 template <class T>
 inline std::atomic_ref<T> aref(T* p) {
+  atomic_point();  // every atomic (RMW, CAS, max/min, inc/dec) goes through aref
   return std::atomic_ref<T>(*p);
 }
 template <class T>

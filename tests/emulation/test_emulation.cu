@@ -469,6 +469,46 @@ __global__ void k_fatal_trap(float*) {
 }
 #endif
 
+// Planted bugs for the emulation's poisoned static shared memory and seeded
+// atomic order (test_planted_bugs).
+// (a) An argmax whose index lives in static shared memory and is written only
+// when a score beats the running best (as curriculum_embed once did): with
+// no score above -inf (here: all NaN) the index is read uninitialised.
+__global__ void k_planted_uninit_static_smem(const float* score, int n, int* out, int init_index) {
+  __shared__ float best;
+  __shared__ int arg;
+  if (threadIdx.x == 0) {
+    best = -INFINITY;
+    if (init_index) arg = 0;
+    for (int i = 0; i < n; ++i)
+      if (score[blockIdx.x * n + i] > best) best = score[blockIdx.x * n + i], arg = i;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = arg;
+}
+// (b) An order-dependent float sum by atomics: each thread adds +x_t then -x_t
+// (magnitudes 1 .. 2^23). Run thread after thread the sum stays exactly 0
+// (0 + x - x), but when other threads' atomics interleave the roundings no
+// longer cancel: the bits depend on the order. The fixed version sums each
+// thread's terms first and reduces in a fixed tree order.
+__global__ void k_planted_atomic_order(float* out, int fixed_order) {
+  __shared__ float part[256];
+  const int t = threadIdx.x;
+  const float x = exp2f(float(t % 24)) * (1.0f + float((t * 37) % 101) / 101.0f);
+  if (!fixed_order) {
+    atomicAdd(&out[blockIdx.x], x);
+    atomicAdd(&out[blockIdx.x], -x);
+    return;
+  }
+  part[t] = (0.0f + x) - x;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s) part[t] += part[t + s];
+    __syncthreads();
+  }
+  if (t == 0) out[blockIdx.x] = part[0];
+}
+
 // Planted memory bugs for the sanitizer runs (--planted=CASE): plain CUDA,
 // but only AddressSanitizer / ThreadSanitizer turn them into failures.
 // The race uses 8-byte elements: TSan keeps 4 accesses per 8-byte shadow
@@ -1091,9 +1131,100 @@ static void test_planted_bugs() {
   }
   std::printf("    missing __syncthreads before a neighbour read: wrong with %d of seeds 1..5\n", exposed2);
   EXPECT(exposed2 >= 1, "no seed in 1..5 exposed the missing __syncthreads");
+  // (3) An index in static __shared__ memory read before any write: static shared
+  // memory is poisoned at every block start (for every seed, 0 included), so the
+  // index is garbage, not the 0 of a fresh static or the previous block's value.
+  {
+    const int n = 8, blocks = 3;
+    Buf<float> score(n * blocks);
+    Buf<int> out(blocks);
+    for (int i = 0; i < n * blocks; ++i) score[i] = NAN;  // no score beats -inf
+    score[n + 5] = 1.0f;  // block 1 finds index 5: block 2 must not inherit it
+    for (std::uint64_t s = 0; s <= 5; ++s) {
+      cuda_emu::set_seed(s);
+      LAUNCH(k_planted_uninit_static_smem, blocks, 32, 0, score.p, n, out.p, 0);
+      const bool caught = out[0] < 0 || out[0] >= n || out[2] < 0 || out[2] >= n;
+      EXPECT(caught, "uninitialised static __shared__ index looked valid with seed %llu: %d %d",
+             static_cast<unsigned long long>(s), out[0], out[2]);
+      LAUNCH(k_planted_uninit_static_smem, blocks, 32, 0, score.p, n, out.p, 1);
+      EXPECT(out[0] == 0 && out[1] == 5 && out[2] == 0, "initialised index wrong with seed %llu",
+             static_cast<unsigned long long>(s));
+    }
+  }
+  // (4) An order-dependent atomic float sum: atomics run in a seeded random order,
+  // so different seeds give different bits (thread-after-thread it always gave 0).
+  {
+    const int blocks = 2, threads = 64;
+    Buf<float> out(blocks);
+    std::vector<float> seen;
+    for (std::uint64_t s = 1; s <= 5; ++s) {
+      cuda_emu::set_seed(s);
+      for (int fixed = 0; fixed < 2; ++fixed) {
+        out[0] = out[1] = 0.0f;
+        LAUNCH(k_planted_atomic_order, blocks, threads, 0, out.p, fixed);
+        if (fixed) EXPECT(out[0] == 0.0f && out[1] == 0.0f, "fixed-order sum %g %g with seed %llu", out[0], out[1],
+                          static_cast<unsigned long long>(s));
+        else seen.push_back(out[0]), seen.push_back(out[1]);
+      }
+    }
+    std::sort(seen.begin(), seen.end());
+    const long distinct = std::unique(seen.begin(), seen.end()) - seen.begin();
+    std::printf("    order-dependent atomic sum: %ld distinct results over seeds 1..5 (2 blocks each)\n", distinct);
+    EXPECT(distinct >= 2, "seeded atomic order did not change an order-dependent float sum");
+  }
   cuda_emu::set_seed(saved_seed);
   cuda_emu::set_mode(saved_mode);
   finish("planted_bugs_caught_by_seeds", t0);
+}
+
+// Seeded start order: in fiber mode a nonzero seed starts each warp's lanes in
+// a shuffled order at every launch (reproducible for the seed), seed 0 in lane
+// order. (A plain counter is race-free here: fibers share one OS thread.)
+__global__ void k_start_order(int* order, int* counter) {
+  order[blockIdx.x * blockDim.x + threadIdx.x] = (*counter)++;
+}
+
+static void test_start_order() {
+  double t0 = now_s();
+  const cuda_emu::Mode saved_mode = cuda_emu::mode();
+  const std::uint64_t saved_seed = cuda_emu::seed();
+  cuda_emu::set_mode(cuda_emu::Mode::fiber);
+  if (cuda_emu::mode() != cuda_emu::Mode::fiber) {
+    std::printf("[SKIP] start_order (fiber mode unavailable in this build)\n");
+    cuda_emu::set_mode(saved_mode);
+    return;
+  }
+  const int threads = 64, blocks = 2;
+  Buf<int> order(threads * blocks), again(threads * blocks), counter(1);
+  auto run = [&](Buf<int>& o, std::uint64_t seed) {
+    cuda_emu::set_seed(seed);
+    counter[0] = 0;
+    LAUNCH(k_start_order, blocks, threads, 0, o.p, counter.p);
+  };
+  run(order, 0);
+  for (int i = 0; i < threads * blocks; ++i) EXPECT(order[i] == i, "seed 0: thread %d started %d-th", i, order[i]);
+  std::vector<std::vector<int>> lane_orders;
+  for (std::uint64_t s = 1; s <= 4; ++s) {
+    run(order, s);
+    run(again, s);
+    for (int b = 0; b < blocks; ++b)
+      for (int w = 0; w < threads / 32; ++w) {
+        std::vector<int> lanes(32);
+        for (int l = 0; l < 32; ++l) lanes[l] = l;
+        const int* o = order.p + b * threads + w * 32;
+        std::sort(lanes.begin(), lanes.end(), [&](int a, int c) { return o[a] < o[c]; });
+        bool identity = true;
+        for (int l = 0; l < 32; ++l) identity = identity && lanes[l] == l;
+        EXPECT(!identity, "seed %llu block %d warp %d started in lane order", static_cast<unsigned long long>(s), b, w);
+        lane_orders.push_back(lanes);
+      }
+    for (int i = 0; i < threads * blocks; ++i) EXPECT(order[i] == again[i], "seed %llu: start order not reproducible", static_cast<unsigned long long>(s));
+  }
+  std::sort(lane_orders.begin(), lane_orders.end());
+  EXPECT(std::unique(lane_orders.begin(), lane_orders.end()) - lane_orders.begin() >= 8, "lane orders repeat across warps and seeds");
+  cuda_emu::set_seed(saved_seed);
+  cuda_emu::set_mode(saved_mode);
+  finish("start_order", t0);
 }
 
 static void test_mode_api() {
@@ -1238,6 +1369,7 @@ int main(int argc, char** argv)
       {"intrinsics", test_intrinsics},
 #ifdef DUO_FAST_EMULATE_CUDA
       {"planted_bugs", test_planted_bugs},
+      {"start_order", test_start_order},
       {"mode_api", test_mode_api},
 #endif
   };

@@ -4,16 +4,20 @@
 //   * the shared host/device math headers (Philox, uniforms, normal functions),
 //     so tests can check them against known answers and scipy.
 // With -DDUO_EMU_MAIN it is also a program that runs every emulated kernel on
-// small inputs (for the AddressSanitizer + UBSan run), exiting non-zero on a
-// mismatch with the host evaluation of the same header math.
+// small inputs (for the AddressSanitizer + UBSan run; with --small, fewer and
+// smaller rows for the ThreadSanitizer run in thread mode), exiting non-zero on
+// a mismatch with the host evaluation of the same header math.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/curriculum.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/distill.h"
 #include "duo_fast/latent.h"
 #include "duo_fast/philox.h"
@@ -68,6 +72,14 @@ void df_build_schedule_table(int64_t vocab_size, double* out) {
 }
 
 // ---- emulated CUDA launchers ----
+// The device-side check counters (device_check.h) the df_emu_* launchers report to.
+static uint32_t g_checks[check::kNumArgs] = {};
+// Copies the counters to out[kNumArgs] and zeroes them; returns kNumArgs.
+int df_emu_take_checks(uint32_t* out) {
+  for (int i = 0; i < check::kNumArgs; ++i) out[i] = g_checks[i], g_checks[i] = 0;
+  return check::kNumArgs;
+}
+
 int df_emu_gamma_to_alpha_f32(const float* g, float* a, float* d, int64_t n, const double* table) {
   return cuda::gamma_to_alpha_f32(g, a, d, n, table, nullptr);
 }
@@ -77,7 +89,7 @@ int df_emu_gamma_to_alpha_f64(const double* g, double* a, double* d, int64_t n, 
 
 int df_emu_sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s,
                      int64_t n, int64_t vocab_size, uint64_t seed, uint64_t offset) {
-  return cuda::sample_zt(x0, gamma_t, gamma_s, z_t, z_s, n, vocab_size, seed, offset, nullptr);
+  return cuda::sample_zt(x0, gamma_t, gamma_s, z_t, z_s, n, vocab_size, seed, offset, g_checks, nullptr);
 }
 
 int df_emu_distill_kl(const float* student, const float* teacher, float* kl, float* grad, int64_t rows, int64_t K,
@@ -87,7 +99,7 @@ int df_emu_distill_kl(const float* student, const float* teacher, float* kl, flo
 
 int df_emu_usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, const double* alpha,
                      const double* dalpha, float* loss, float* grad, int64_t rows, int64_t K) {
-  return cuda::usdm_loss(logits, z, x0, alpha, dalpha, loss, grad, rows, K, nullptr);
+  return cuda::usdm_loss(logits, z, x0, alpha, dalpha, loss, grad, rows, K, g_checks, nullptr);
 }
 
 // dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h).
@@ -95,12 +107,13 @@ int df_emu_sample_step(const void* logits, int dtype, const int64_t* z, const do
                        int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p,
                        uint64_t seed, uint64_t offset) {
   return cuda::sample_step(logits, dtype, z, alpha_t, alpha_s, out, rows, K, kappa, temperature, top_p, seed, offset,
-                           nullptr);
+                           g_checks, nullptr);
 }
 
 int df_emu_posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
                      float* q, int64_t rows, int64_t K, double kappa, double temperature, double top_p) {
-  return cuda::posterior(logits, dtype, z, alpha_t, alpha_s, q, rows, K, kappa, temperature, top_p, nullptr);
+  return cuda::posterior(logits, dtype, z, alpha_t, alpha_s, q, rows, K, kappa, temperature, top_p, g_checks,
+                         nullptr);
 }
 
 // The random inputs of the top-k curriculum for token `stream` (topk.h), for
@@ -114,36 +127,45 @@ void df_topk_draws(uint64_t seed, uint64_t offset, uint64_t stream, int64_t k, i
                    ranks);
 }
 
+// The SM count the emulated top-k launches are sized for (the grid: slots / 4
+// blocks); a small count makes every warp loop over several tokens.
+static int64_t g_emu_sm_count = 108;
+void df_emu_set_sm_count(int64_t sm_count) { g_emu_sm_count = sm_count; }
+int64_t df_topk_scratch_slots(int64_t n, int64_t k, int64_t sm_count) { return cuda::topk_scratch_slots(n, k, sm_count); }
+
 int df_emu_curriculum_topk(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t* ids,
                            float* weights, int64_t* z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule,
                            uint64_t seed, uint64_t offset) {
-  const int64_t slots = cuda::topk_scratch_slots(n, k, false);
+  const int64_t slots = cuda::topk_scratch_slots(n, k, g_emu_sm_count);
   std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
-  std::vector<double> kept(size_t(slots * k));
   return cuda::curriculum_topk(x0, gamma, inv_tau, ids, weights, z, n, k, vocab_size, zt_rule, seed, offset,
-                               map.data(), kept.data(), slots, nullptr);
+                               map.data(), slots, g_checks, nullptr);
 }
 
 int df_emu_curriculum_topk_embed(const int64_t* x0, const double* gamma, const double* inv_tau,
                                  const void* embedding, int emb_dtype, int64_t d, float* h, int64_t* ids,
                                  float* weights, int64_t* z, int64_t n, int64_t k, int64_t vocab_size, int zt_rule,
                                  uint64_t seed, uint64_t offset) {
-  const int64_t slots = cuda::topk_scratch_slots(n, k, true);
+  const int64_t slots = cuda::topk_scratch_slots(n, k, g_emu_sm_count);
   std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
-  std::vector<double> kept(size_t(slots * k));
   return cuda::curriculum_topk_embed(x0, gamma, inv_tau, embedding, emb_dtype, d, h, ids, weights, z, n, k,
-                                     vocab_size, zt_rule, seed, offset, map.data(), kept.data(), slots, nullptr);
+                                     vocab_size, zt_rule, seed, offset, map.data(), slots, g_checks, nullptr);
 }
 
+// grad has vocab_size rows (ids outside [0, vocab_size) are dropped and counted).
 int df_emu_topk_bag_backward_atomic(const float* grad_h, const int64_t* ids, const float* weights, float* grad,
-                                    int64_t tokens, int64_t k, int64_t d) {
-  return cuda::topk_bag_backward_atomic(grad_h, ids, weights, grad, tokens, k, d, nullptr);
+                                    int64_t tokens, int64_t k, int64_t d, int64_t vocab_size) {
+  return cuda::topk_bag_backward_atomic(grad_h, ids, weights, grad, tokens, k, d, vocab_size, g_checks, nullptr);
 }
 
 int df_emu_topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, const int64_t* order,
-                                    const float* weights, float* grad, int64_t entries, int64_t k, int64_t d) {
-  return cuda::topk_bag_backward_sorted(grad_h, sorted_ids, order, weights, grad, entries, k, d, nullptr);
+                                    const float* weights, float* grad, int64_t entries, int64_t k, int64_t d,
+                                    int64_t vocab_size) {
+  std::vector<float> partial(size_t(cuda::topk_bag_partial_floats(entries, k, d)), NAN);
+  return cuda::topk_bag_backward_sorted(grad_h, sorted_ids, order, weights, grad, entries, k, d, vocab_size,
+                                        partial.data(), g_checks, nullptr);
 }
+int64_t df_topk_bag_segment(int64_t k) { return cuda::topk_bag_segment(k); }
 
 // eps[token, 0..K) of the exact curriculum input (curriculum.h): the test hook
 // that makes the noise visible.
@@ -158,7 +180,8 @@ void df_curriculum_noise(uint64_t seed, uint64_t offset, uint64_t token, int64_t
 int df_emu_curriculum_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const float* embedding,
                             int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h,
                             int64_t* z, double* lse) {
-  return cuda::curriculum_embed(x0, gamma, inv_tau, embedding, n, vocab_size, d, seed, offset, h, z, lse, nullptr);
+  return cuda::curriculum_embed(x0, gamma, inv_tau, embedding, n, vocab_size, d, seed, offset, h, z, lse, g_checks,
+                                nullptr);
 }
 
 int df_emu_curriculum_embed_backward(const float* grad_h, const int64_t* x0, const double* gamma,
@@ -175,11 +198,25 @@ uint64_t df_rank_key(float x, int64_t j) { return sampling::rank_key(x, j); }
 
 #ifdef DUO_EMU_MAIN
 // Every emulated kernel once, on odd sizes, compared with the host evaluation.
-int main() {
+// Seconds since the previous call (--small prints each section's time).
+static double lap() {
+  static auto t = std::chrono::steady_clock::now();
+  const auto now = std::chrono::steady_clock::now();
+  const double s = std::chrono::duration<double>(now - t).count();
+  t = now;
+  return s;
+}
+
+int main(int argc, char** argv) {
+  const bool small = argc > 1 && std::strcmp(argv[1], "--small") == 0;
+  auto section = [&](const char* name) {
+    if (small) std::printf("  %-20s %.2f s\n", name, lap());
+  };
+  lap();
   int failures = 0;
-  for (int64_t K : {2, 50257}) {
+  for (int64_t K : {int64_t(2), small ? int64_t(1000) : int64_t(50257)}) {
     const std::vector<double> table = schedule::build_table(double(K));
-    for (int64_t n : {1, 127, 1000}) {
+    for (int64_t n : {int64_t(1), int64_t(127), small ? int64_t(127) : int64_t(1000)}) {
       std::vector<double> g(n), a(n), d(n);
       for (int64_t i = 0; i < n; ++i) g[i] = -25.0 + 50.0 * double(i) / double(n);
       const int err = cuda::gamma_to_alpha_f64(g.data(), a.data(), d.data(), n, table.data(), nullptr);
@@ -194,8 +231,9 @@ int main() {
       }
     }
   }
+  section("gamma_to_alpha");
   for (int64_t K : {2, 1000}) {
-    const int64_t n = 777;
+    const int64_t n = small ? 100 : 777;
     std::vector<int64_t> x(n), zt(n), zs(n);
     std::vector<double> gt(n), gs(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -203,7 +241,7 @@ int main() {
       gt[i] = -4.0 + 6.0 * double(i) / double(n);
       gs[i] = gt[i] - 1.0;
     }
-    const int err = cuda::sample_zt(x.data(), gt.data(), gs.data(), zt.data(), zs.data(), n, K, 42, 6, nullptr);
+    const int err = cuda::sample_zt(x.data(), gt.data(), gs.data(), zt.data(), zs.data(), n, K, 42, 6, nullptr, nullptr);
     for (int64_t i = 0; i < n; ++i) {
       const latent::Draw d = latent::draw(42, 6, uint64_t(i), x[i], K);
       if (err != 0 || zt[i] != latent::select(d, x[i], gt[i]) || zs[i] != latent::select(d, x[i], gs[i]) || zt[i] < 0 ||
@@ -214,13 +252,17 @@ int main() {
       }
     }
   }
-  for (int64_t K : {2, 333}) {
-    const int64_t rows = 3;
+  section("sample_zt");
+  for (int64_t K : small ? std::vector<int64_t>{333} : std::vector<int64_t>{2, 333}) {
+    const int64_t rows = small ? 2 : 3;
     std::vector<float> ls(rows * K), lt(rows * K), kl(rows), grad(rows * K);
     for (int64_t i = 0; i < rows * K; ++i) {
       ls[i] = float((i * 37) % 11) - 5.0f;
       lt[i] = float((i * 53) % 7) - 3.0f;
     }
+    // Masked entries (-inf in both, probability 0): the first 300 columns of row 1.
+    if (K > 300)
+      for (int64_t j = 0; j < 300; ++j) ls[K + j] = lt[K + j] = -INFINITY;
     for (int dir : {0, 1}) {
       const int err = cuda::distill_kl(ls.data(), lt.data(), kl.data(), grad.data(), rows, K, dir, nullptr);
       for (int64_t r = 0; r < rows && err == 0; ++r) {
@@ -237,10 +279,13 @@ int main() {
       if (err != 0) ++failures;
     }
   }
-  for (int64_t K : {2, 7, 1000}) {
+  section("distill_kl");
+  for (int64_t K : small ? std::vector<int64_t>{1000} : std::vector<int64_t>{2, 7, 1000}) {
     // Loss finite, >= 0 (a KL rate) and each gradient row sums to 0 (softmax Jacobian);
-    // rows with an entry far above the rest exercise the p > 1/2 path.
-    const int64_t rows = 4;
+    // rows with an entry far above the rest exercise the p > 1/2 path; with K = 1000,
+    // row 1 has -inf (probability 0) in its first 300 columns and row 4 is all -inf
+    // (unspecified values, but nothing out of bounds).
+    const int64_t rows = K == 1000 ? 5 : 4;
     std::vector<float> logits(rows * K), loss(rows), grad(rows * K);
     std::vector<int64_t> z(rows), x(rows);
     std::vector<double> alpha(rows), dalpha(rows);
@@ -252,9 +297,13 @@ int main() {
       dalpha[r] = -1.0;
       logits[r * K + (r + 2) % K] = 40.0f;
     }
+    if (K == 1000) {
+      for (int64_t j = 0; j < 300; ++j) logits[K + j] = -INFINITY;
+      for (int64_t j = 0; j < K; ++j) logits[4 * K + j] = -INFINITY;
+    }
     const int err = cuda::usdm_loss(logits.data(), z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(),
-                                    grad.data(), rows, K, nullptr);
-    for (int64_t r = 0; r < rows; ++r) {
+                                    grad.data(), rows, K, nullptr, nullptr);
+    for (int64_t r = 0; r < (K == 1000 ? 4 : rows); ++r) {
       double sum = 0.0, mx = 0.0;
       for (int64_t j = 0; j < K; ++j) sum += grad[r * K + j], mx = fmax(mx, fabs(grad[r * K + j]));
       if (err != 0 || !(loss[r] > -1e-6f) || !std::isfinite(loss[r]) || fabs(sum) > 1e-5 * (1.0 + mx)) {
@@ -264,11 +313,12 @@ int main() {
       }
     }
   }
-  for (int64_t K : {2, 7, 1000}) {
+  section("usdm_loss");
+  for (int64_t K : small ? std::vector<int64_t>{1000} : std::vector<int64_t>{2, 7, 1000}) {
     // posterior: rows are laws (>= 0, sum 1); sample_step: ids in range, and with
     // top_p < 1, kappa = 1 and alpha_s = 1 only the point mass at z or ids of the
     // posterior's support are drawn. Ties in the logits exercise the id tie-break.
-    const int64_t rows = 5;
+    const int64_t rows = small ? 2 : 5;
     std::vector<float> logits(rows * K), q(rows * K);
     std::vector<int64_t> z(rows), out(rows);
     std::vector<double> at(rows), as(rows, 1.0);
@@ -276,9 +326,9 @@ int main() {
     for (int64_t r = 0; r < rows; ++r) z[r] = (r * 3) % K, at[r] = 0.15 * double(r);
     for (double top_p : {1.0, 0.6}) {
       int err = cuda::posterior(logits.data(), 0, z.data(), at.data(), as.data(), q.data(), rows, K, 1.0, 0.8, top_p,
-                                nullptr);
+                                nullptr, nullptr);
       err |= cuda::sample_step(logits.data(), 0, z.data(), at.data(), as.data(), out.data(), rows, K, 1.0, 0.8, top_p,
-                               3, 0, nullptr);
+                               3, 0, nullptr, nullptr);
       for (int64_t r = 0; r < rows; ++r) {
         double sum = 0.0, mn = 1.0;
         for (int64_t j = 0; j < K; ++j) sum += q[r * K + j], mn = fmin(mn, q[r * K + j]);
@@ -291,10 +341,11 @@ int main() {
       }
     }
   }
+  section("sample_step");
   for (int64_t K : {2, 9, 1000}) {
     // curriculum_topk / _embed vs the host evaluation of topk::token; bag backward
     // (atomic and sorted) vs a host scatter.
-    const int64_t n = 37, d = 5;
+    const int64_t n = small ? 9 : 37, d = 5;
     for (int64_t k : {int64_t(1), K - 1, std::min<int64_t>(K - 1, 7)}) {
       std::vector<int64_t> x(n), ids(n * k), z(n), hid(n * k), hz(n), ids2(n * k), z2(n);
       std::vector<double> g(n), it(n), kept(k);
@@ -302,19 +353,20 @@ int main() {
       for (int64_t t = 0; t < n; ++t) x[t] = (t * 7) % K, g[t] = -4.0 + 0.2 * double(t), it[t] = t % 3 ? 1.0 : 50.0;
       for (int64_t i = 0; i < K * d; ++i) emb[i] = float((i * 13) % 17) - 8.0f;
       for (int64_t i = 0; i < n * d; ++i) gh[i] = float((i * 5) % 7) - 3.0f;
-      int err = cuda::topk_scratch_slots(n, k, false) > 0 ? 0 : 1;
+      int err = 0;
       {
-        const int64_t slots = cuda::topk_scratch_slots(n, k, false);
+        // sm_count 1: 64 warps, fewer than the tokens of the full run (grid-stride loops)
+        const int64_t slots = cuda::topk_scratch_slots(n, k, 1);
         std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
-        std::vector<double> ks(size_t(slots * k));
         err |= cuda::curriculum_topk(x.data(), g.data(), it.data(), ids.data(), w.data(), z.data(), n, k, K, 0, 5, 0,
-                                     map.data(), ks.data(), slots, nullptr);
-        const int64_t bslots = cuda::topk_scratch_slots(n, k, true);
-        std::vector<int32_t> bmap(size_t(bslots * 2 * cuda::topk_map_capacity(k)), -1);
-        std::vector<double> bks(size_t(bslots * k));
+                                     map.data(), slots, nullptr, nullptr);
+        std::fill(map.begin(), map.end(), -1);
         err |= cuda::curriculum_topk_embed(x.data(), g.data(), it.data(), emb.data(), 0, d, h.data(), ids2.data(),
-                                           w2.data(), z2.data(), n, k, K, 0, 5, 0, bmap.data(), bks.data(), bslots,
+                                           w2.data(), z2.data(), n, k, K, 0, 5, 0, map.data(), slots, nullptr,
                                            nullptr);
+        const int64_t cap = cuda::topk_map_capacity(k);  // every warp leaves its map's keys empty
+        for (int64_t sl = 0; sl < slots; ++sl)
+          for (int64_t i = 0; i < cap; ++i) err |= map[size_t(sl * 2 * cap + i)] != -1;
       }
       std::vector<int32_t> keys(topk::swap_map_capacity(k), -1), vals(keys.size());
       bool ok = err == 0;
@@ -325,8 +377,16 @@ int main() {
                             hw.data() + t * k, kept.data()).z;
         ok = ok && hz[t] == z[t] && hz[t] == z2[t];
         for (int64_t i = 0; i < k; ++i) {
-          ok = ok && hid[t * k + i] == ids[t * k + i] && hw[t * k + i] == w[t * k + i] && ids2[t * k + i] == ids[t * k + i];
+          // the warp sums in another order: weights to ~1 float ulp
+          ok = ok && hid[t * k + i] == ids[t * k + i] && fabsf(hw[t * k + i] - w[t * k + i]) <= 2e-7f * hw[t * k + i] &&
+               ids2[t * k + i] == ids[t * k + i] && w2[t * k + i] == w[t * k + i];
           for (int64_t c = 0; c < d; ++c) ga[ids[t * k + i] * d + c] += w[t * k + i] * gh[t * d + c];
+        }
+        for (int64_t c = 0; c < d; ++c) {
+          float want = 0.0f, mag = 0.0f;
+          for (int64_t i = 0; i < k; ++i)
+            want += w[t * k + i] * emb[ids[t * k + i] * d + c], mag += fabsf(w[t * k + i] * emb[ids[t * k + i] * d + c]);
+          ok = ok && fabsf(h[t * d + c] - want) <= 1e-5f * (mag + 1.0f);
         }
       }
       std::vector<float> gatomic(K * d, 0.f), gsorted(K * d, 0.f);
@@ -334,9 +394,10 @@ int main() {
       for (int64_t e = 0; e < n * k; ++e) order[e] = e;
       std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
       for (int64_t e = 0; e < n * k; ++e) sorted[e] = ids[order[e]];
-      err |= cuda::topk_bag_backward_atomic(gh.data(), ids.data(), w.data(), gatomic.data(), n, k, d, nullptr);
+      err |= cuda::topk_bag_backward_atomic(gh.data(), ids.data(), w.data(), gatomic.data(), n, k, d, K, nullptr, nullptr);
+      std::vector<float> partial(size_t(cuda::topk_bag_partial_floats(n * k, k, d)), NAN);
       err |= cuda::topk_bag_backward_sorted(gh.data(), sorted.data(), order.data(), w.data(), gsorted.data(), n * k, k,
-                                            d, nullptr);
+                                            d, K, partial.data(), nullptr, nullptr);
       for (int64_t i = 0; i < K * d; ++i)
         ok = ok && fabs(gatomic[i] - ga[i]) <= 1e-3f * (1.f + fabs(ga[i])) && fabs(gsorted[i] - ga[i]) <= 1e-3f * (1.f + fabs(ga[i]));
       if (!ok || err != 0) {
@@ -349,7 +410,8 @@ int main() {
     // curriculum_embed: z in range, h a convex combination of rows of E (so inside
     // their column range), lse finite; backward: sum_j dE[j] = sum_t dh[t] (rows of
     // P sum to 1). Odd sizes: a partial token group, a partial tile, two column passes.
-    const int64_t K = 67, d = 1030, n = 19;
+    section("curriculum_topk");
+    const int64_t K = 67, d = 1030, n = small ? 17 : 19;
     std::vector<int64_t> x(n), z(n);
     std::vector<double> g(n), it(n), lse(n);
     std::vector<float> E(K * d), h(n * d), dh(n * d), dE(K * d);
@@ -357,7 +419,7 @@ int main() {
     for (int64_t i = 0; i < K * d; ++i) E[i] = float((i * 29) % 23) - 11.0f;
     for (int64_t i = 0; i < n * d; ++i) dh[i] = float((i * 7) % 5) - 2.0f;
     int err = cuda::curriculum_embed(x.data(), g.data(), it.data(), E.data(), n, K, d, 3, 0, h.data(), z.data(),
-                                     lse.data(), nullptr);
+                                     lse.data(), nullptr, nullptr);
     err |= cuda::curriculum_embed_backward(dh.data(), x.data(), g.data(), it.data(), lse.data(), n, K, d, 3, 0,
                                            dE.data(), nullptr);
     bool ok = err == 0;
@@ -377,6 +439,67 @@ int main() {
       std::printf("curriculum_embed check failed\n");
     }
   }
+  section("curriculum_embed");
+  {
+    // Device-side value checks (device_check.h): every invalid id or level is
+    // counted, never used to index memory (ASan), and gives the specified outputs.
+    uint32_t c[check::kNumArgs] = {};
+    const int64_t K = 300, rows = 3, d = 4, k = 5;
+    std::vector<float> logits(rows * K), loss(rows), grad(rows * K), q(rows * K);
+    for (int64_t i = 0; i < rows * K; ++i) logits[i] = float(i % 7) * 0.3f;
+    std::vector<int64_t> z = {1, K + 7, 2}, x = {-3, 4, 5}, out(rows), zt(rows);
+    std::vector<double> alpha = {0.5, 0.5, 1.5}, dalpha = {-1.0, -1.0, -1.0};
+    std::vector<double> at = {0.2, 0.2, 0.2}, as = {0.5, 0.5, 0.1}, gt = {0.0, 0.0, 0.0};
+    bool ok = true;
+    // usdm_loss: row 0 bad x0, row 1 bad z, row 2 bad alpha -> NaN rows
+    ok &= cuda::usdm_loss(logits.data(), z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(), grad.data(),
+                          rows, K, c, nullptr) == 0;
+    for (int64_t r = 0; r < rows; ++r) ok &= std::isnan(loss[r]) && std::isnan(grad[r * K + 7]);
+    // sample_step / posterior: row 1 bad z, row 2 alpha_s < alpha_t -> id 0 / NaN rows; row 0 valid
+    ok &= cuda::sample_step(logits.data(), 0, z.data(), at.data(), as.data(), out.data(), rows, K, 1.0, 1.0, 0.5, 1, 0,
+                            c, nullptr) == 0;
+    ok &= cuda::posterior(logits.data(), 0, z.data(), at.data(), as.data(), q.data(), rows, K, 1.0, 1.0, 0.5, c,
+                          nullptr) == 0;
+    ok &= out[0] >= 0 && out[0] < K && out[1] == 0 && out[2] == 0;
+    ok &= !std::isnan(q[0]) && std::isnan(q[K]) && std::isnan(q[2 * K + K - 1]);
+    // sample_zt: row 0 bad x0 -> 0
+    ok &= cuda::sample_zt(x.data(), gt.data(), nullptr, zt.data(), nullptr, rows, K, 1, 0, c, nullptr) == 0;
+    ok &= zt[0] == 0 && zt[1] >= 0 && zt[1] < K;
+    // top-k (+ embedding bag) and the exact curriculum: token 0 bad x0, 1 NaN gamma, 2 inv_tau 0
+    std::vector<int64_t> tx = {K + 3, 1, 2}, ids(rows * k), ids2(rows * k), tz(rows), tz2(rows), ez(rows);
+    std::vector<double> tg = {0.0, NAN, 0.0}, tit = {1.0, 1.0, 0.0}, lse(rows);
+    std::vector<float> w(rows * k), w2(rows * k), emb(K * d, 1.0f), h(rows * d), eh(rows * d);
+    const int64_t slots = cuda::topk_scratch_slots(rows, k, 1);
+    std::vector<int32_t> map(size_t(slots * 2 * cuda::topk_map_capacity(k)), -1);
+    ok &= cuda::curriculum_topk(tx.data(), tg.data(), tit.data(), ids.data(), w.data(), tz.data(), rows, k, K, 0, 1, 0,
+                                map.data(), slots, c, nullptr) == 0;
+    ok &= cuda::curriculum_topk_embed(tx.data(), tg.data(), tit.data(), emb.data(), 0, d, h.data(), ids2.data(),
+                                      w2.data(), tz2.data(), rows, k, K, 0, 1, 0, map.data(), slots, c, nullptr) == 0;
+    for (int64_t i = 0; i < rows * k; ++i) ok &= ids[i] >= 0 && ids[i] < K && std::isnan(w[i]) && ids2[i] == ids[i];
+    for (int64_t i = 0; i < rows * d; ++i) ok &= std::isnan(h[i]);
+    ok &= cuda::curriculum_embed(tx.data(), tg.data(), tit.data(), emb.data(), rows, K, d, 1, 0, eh.data(), ez.data(),
+                                 lse.data(), c, nullptr) == 0;
+    for (int64_t r = 0; r < rows; ++r) ok &= ez[r] >= 0 && ez[r] < K;
+    // embedding-bag backward: ids -1 and K are dropped (not written out of bounds)
+    std::vector<int64_t> bid = {3, -1, K, 3}, order = {1, 0, 3, 2}, sorted = {-1, 3, 3, K};
+    std::vector<float> bw = {1.0f, 1.0f, 1.0f, 2.0f}, gh(2 * d, 1.0f), ga(K * d, 0.0f), gs(K * d, 0.0f);
+    std::vector<float> partial(size_t(cuda::topk_bag_partial_floats(4, 2, d)), NAN);
+    ok &= cuda::topk_bag_backward_atomic(gh.data(), bid.data(), bw.data(), ga.data(), 2, 2, d, K, c, nullptr) == 0;
+    ok &= cuda::topk_bag_backward_sorted(gh.data(), sorted.data(), order.data(), bw.data(), gs.data(), 4, 2, d, K,
+                                         partial.data(), c, nullptr) == 0;
+    ok &= ga[3 * d] == 3.0f && gs[3 * d] == 3.0f;
+    const uint32_t want[check::kNumArgs] = {/*x0*/ 5, /*z*/ 3, /*ids*/ 4, /*alpha*/ 1, /*dalpha*/ 0,
+                                            /*alpha_t*/ 0, /*alpha_s*/ 2, /*gamma*/ 3, /*inv_tau*/ 3};
+    for (int i = 0; i < check::kNumArgs; ++i) {
+      if (c[i] != want[i]) std::printf("device check %s: %u violations, expected %u\n", check::arg_message(i), c[i], want[i]);
+      ok &= c[i] == want[i];
+    }
+    if (!ok) {
+      ++failures;
+      std::printf("device-side value checks failed\n");
+    }
+  }
+  section("device checks");
   std::printf("emulated kernels: %s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }

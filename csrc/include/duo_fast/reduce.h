@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "duo_fast/common.h"
 #include "duo_fast/cuda_compat.h"
@@ -67,10 +68,11 @@ DUO_HD MaxSum<T> max_sum_identity() {
   return {T(-INFINITY), T(0)};
 }
 
-// Add one value.
+// Add one value. x = -inf is probability 0 and leaves the state unchanged
+// (otherwise exp(-inf - (-inf)) = NaN while the state is still the identity).
 template <class T>
 DUO_HD MaxSum<T> max_sum_push(MaxSum<T> a, T x) {
-  if (x <= a.m) return {a.m, a.s + exp(x - a.m)};
+  if (x <= a.m) return x == T(-INFINITY) ? a : MaxSum<T>{a.m, a.s + exp(x - a.m)};
   return {x, a.s * exp(a.m - x) + T(1)};  // exp(-inf) = 0 for the identity
 }
 
@@ -142,6 +144,45 @@ __device__ __forceinline__ T block_inclusive_scan(T v, T* scratch) {
   if (warp > 0) v += scratch[warp - 1];
   __syncthreads();
   return v;
+}
+
+// Position of the n-th (0-based) set bit of m; n < popc(m).
+__device__ __forceinline__ int nth_set_bit(uint32_t m, int n) {
+  int base = 0;
+#pragma unroll
+  for (int w = 16; w > 0; w >>= 1) {
+    const int c = __popc(m & ((1u << w) - 1u));  // set bits in the low w bits
+    if (n >= c) n -= c, m >>= w, base += w;
+  }
+  return base;
+}
+
+// Deterministic warp-aggregated histogram add (no atomics). Every lane of the
+// warp calls it (bin < 0: no entry). Lanes with the same bin are summed by a
+// tree over their rank in that group (fixed order: partner rank r + s at step
+// s), and the group's lowest lane adds the sum and the group size to the bin of
+// this warp's own row, so each bin of a row has one writer per call and the
+// row's sums are in call order. Merge the rows of a block in warp order after a
+// __syncthreads(). Ends with __syncwarp(): the next call's writer of a bin may
+// be another lane of the warp.
+template <class T>
+__device__ __forceinline__ void warp_histogram_add(T* row, uint32_t* count, int bin, T v) {
+  if (__ballot_sync(kFullMask, bin >= 0) == 0) return;  // warp-uniform: no lane has an entry
+  const int lane = int(threadIdx.x & 31u);
+  const uint32_t peers = __match_any_sync(kFullMask, bin);
+  const int rank = __popc(peers & ((1u << lane) - 1u)), size = __popc(peers);
+#pragma unroll
+  for (int s = 1; s < 32; s <<= 1) {
+    const bool take = (rank & (2 * s - 1)) == 0 && rank + s < size;
+    const int src = take ? nth_set_bit(peers, rank + s) : lane;
+    const T o = __shfl_sync(kFullMask, v, src);
+    if (take) v += o;
+  }
+  if (rank == 0 && bin >= 0) {
+    row[bin] += v;
+    count[bin] += uint32_t(size);
+  }
+  __syncwarp();
 }
 
 }  // namespace reduce

@@ -1,0 +1,69 @@
+// Value checks of the CUDA ops on the device: no host synchronization.
+//
+// The host checks what costs nothing: shapes, dtypes, devices and scalar
+// arguments. The values inside tensors (token ids, levels) are checked by the
+// kernels that read them: a row or token with an invalid value is never used
+// to read or write out of bounds, gets unspecified outputs (NaN where
+// floating, ids in range), and counts one violation per argument in a small
+// device array of counters. The binding copies the counters to pinned host
+// memory after every op (asynchronously) and the next CUDA op of the process
+// raises an error naming the arguments (checked lazily). Counters only grow,
+// so copies landing out of order never hide or repeat a report.
+#pragma once
+
+#include <cstdint>
+
+#include "duo_fast/common.h"
+
+namespace duo_fast {
+namespace check {
+
+// Index of an argument's counter.
+enum Arg : int {
+  kX0 = 0,      // x0: token ids outside [0, K)
+  kZ = 1,       // z: token ids outside [0, K)
+  kIds = 2,     // ids (embedding-bag backward): outside [0, K)
+  kAlpha = 3,   // alpha outside (0, 1)
+  kDalpha = 4,  // dalpha > 0 or NaN
+  kAlphaT = 5,  // alpha_t outside [0, 1)
+  kAlphaS = 6,  // alpha_s outside (0, 1] or below alpha_t
+  kGamma = 7,   // gamma not finite
+  kInvTau = 8,  // inv_tau not finite and > 0
+  kNumArgs = 9,
+};
+
+inline const char* arg_message(int a) {
+  switch (a) {
+    case kX0: return "x0 holds token ids outside [0, vocab_size)";
+    case kZ: return "z holds token ids outside [0, vocab_size)";
+    case kIds: return "ids hold token ids outside [0, vocab_size)";
+    case kAlpha: return "alpha must be in (0, 1)";
+    case kDalpha: return "dalpha must be <= 0";
+    case kAlphaT: return "alpha_t must be in [0, 1)";
+    case kAlphaS: return "alpha_s must be in (0, 1] and >= alpha_t";
+    case kGamma: return "gamma must be finite";
+    case kInvTau: return "inv_tau must be finite and > 0";
+  }
+  return "?";
+}
+
+DUO_HD bool valid_id(int64_t id, int64_t vocab_size) { return id >= 0 && id < vocab_size; }
+// Written so that NaN fails every test.
+DUO_HD bool valid_alpha(double a) { return a > 0.0 && a < 1.0; }
+DUO_HD bool valid_dalpha(double d) { return d <= 0.0; }
+DUO_HD bool valid_alpha_t(double a) { return a >= 0.0 && a < 1.0; }
+DUO_HD bool valid_alpha_s(double as, double at) { return as > 0.0 && as <= 1.0 && as >= at; }
+DUO_HD bool valid_gamma(double g) { return g - g == 0.0; }  // finite
+DUO_HD bool valid_inv_tau(double t) { return t > 0.0 && t - t == 0.0; }
+
+#if defined(__CUDACC__) || defined(DUO_FAST_EMULATE_CUDA)
+// One violation of argument `a` (counters: nullptr = no reporting).
+__device__ __forceinline__ void report(uint32_t* counters, int a) {
+  if (counters != nullptr) atomicAdd(&counters[a], 1u);
+}
+
+__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
+#endif
+
+}  // namespace check
+}  // namespace duo_fast
