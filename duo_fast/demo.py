@@ -94,8 +94,9 @@ class DemoConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
-QUICK = dict(curriculum_steps=150, elbo_steps=150, dcd_rounds=4, dcd_steps=40, dcd_T=8, n_samples=128,
-             steps=(1, 2, 4, 8, 16), ckpt_every=100)
+# --quick: the whole pipeline at a smoke-test size (seconds of training; the numbers mean nothing).
+QUICK = dict(hidden=32, n_layers=2, batch_size=16, curriculum_steps=60, elbo_steps=60, dcd_rounds=3, dcd_steps=15,
+             dcd_T=64, n_samples=64, steps=(1, 2, 4), ckpt_every=50)
 
 
 # ----------------------------------------------------------------------------------
