@@ -68,22 +68,23 @@ class DemoConfig:
     lr: float = 2e-3
     warmup: int = 50
     grad_clip: float = 1.0
-    curriculum_steps: int = 1000
-    elbo_steps: int = 1000
+    curriculum_steps: int = 1500
+    elbo_steps: int = 3500
     no_curriculum: bool = False
     tau_log10_start: float = -1.0  # 1/tau = 10 at the start of the curriculum
     tau_log10_end: float = -2.0  # ... 100 at its end
     alpha_high: float = 0.99  # the Duo schedule spans T(gamma) in [alpha_low, alpha_high]
     alpha_low: float = 0.02
-    # distillation
-    dcd_rounds: int = 7
+    # distillation: dt = 2^round / dcd_T, from 1/256 to 1/2 over 8 rounds (a 9th round, dt = 1, collapses
+    # the student: see README)
+    dcd_rounds: int = 8
     dcd_steps: int = 150
-    dcd_lr: float = 5e-4
-    dcd_T: int = 64
+    dcd_lr: float = 2e-4
+    dcd_T: int = 256
     # sampling
     steps: tuple = (1, 2, 4, 8, 16, 32, 64)
     samplers: tuple = tuple(SAMPLERS)
-    n_samples: int = 256
+    n_samples: int = 128
     # run
     seed: int = 0
     ckpt_every: int = 250
