@@ -404,7 +404,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-curriculum", action="store_true", help="ablation: the same budget, plain ELBO only")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (default 1: the model is small enough that a second thread "
+                        "gains little, and one thread is not slowed down by other load on the machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--rank-report", default=None,
                    help="diagnostic: every rank writes its parameters and last draws to DIR/rank<k>.pt after training")
