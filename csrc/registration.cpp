@@ -3,6 +3,7 @@
 // cpu/*.cpp and cuda/bindings.cpp; fake (meta) kernels and autograd live in
 // duo_fast/ops.py.
 #include <Python.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <string>
@@ -66,6 +67,14 @@ TORCH_LIBRARY(duo_fast, m) {
   // SPEC 4: the dense q(z_s) [..., K] float32 that sample_step draws from.
   m.def("posterior(Tensor logits, Tensor z, Tensor alpha_t, Tensor alpha_s, float kappa, float temperature,"
         " float top_p) -> Tensor");
+  // Raises the invalid values that the CUDA kernels found on the device of
+  // `device_like` (duo_fast/device_check.h) after waiting for that device; on
+  // CPU a no-op (CPU ops raise at the call).
+  m.def("check_device_errors(Tensor device_like) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(duo_fast, CPU, m) {
+  m.impl("check_device_errors", [](const at::Tensor&) {});
 }
 
 namespace {

@@ -365,7 +365,7 @@ def test_cuda_device_matches_cpu():
         (dict(inv_tau=0.0), r"inv_tau must be finite and > 0"),
         (dict(inv_tau=torch.tensor([[1.0, -1.0]])), r"inv_tau must be finite and > 0"),
         (dict(x0=torch.tensor([[0, 10]])), r"x0 holds token ids in \[0, 10\], outside \[0, vocab_size\)"),
-        (dict(x0=torch.tensor([[0, 1]], dtype=torch.int32)), r"x0 has dtype int32"),
+        (dict(x0=torch.tensor([[0, 1]], dtype=torch.int16)), r"x0 has dtype int16"),
         (dict(gamma=torch.zeros(3)), r"gamma has shape"),
         (dict(seed=1, generator=torch.Generator()), r"either seed or generator"),
     ],
