@@ -326,7 +326,9 @@ class _UsdmLossInplaceGrad(torch.autograd.Function):
         # Reading the value would synchronize on CUDA: there the scale is always applied.
         ones = grad_loss.device.type == "cpu" and all(s == 0 for s in grad_loss.stride()) and bool(grad_loss.reshape(-1)[0] == 1)
         if not ones:
-            grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
+            # in place in grad's dtype, the product taken in float32: a 16-bit gradient is
+            # rounded once more, not grad_output first (found by the fuzzer: bf16 logits)
+            grad.mul_(grad_loss.unsqueeze(-1))
         return grad, None, None, None, None
 
 

@@ -254,6 +254,23 @@ def test_cuda_device_matches_cpu():
     torch.testing.assert_close(lc.grad.cpu(), lr.grad, rtol=1e-4, atol=1e-4 * lr.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inplace_grad_of_half_logits_rounds_once(dtype):
+    # Regression (found by tests/test_fuzz.py): with 16-bit logits the in-place backward
+    # cast grad_output to the logits' dtype before scaling, a third rounding that the
+    # out-of-place path does not make (errors up to 3/2 ulp). Both now give the same bits.
+    K = 255
+    logits, z, x0, alpha, dalpha = _batch(K, L=5, seed=4)
+    logits = logits.to(dtype)
+    w = torch.linspace(0.5, 1.5, alpha.numel() * 5).reshape(alpha.numel(), 5)  # not representable in 16 bits
+    grads = []
+    for inplace in (False, True):
+        lg = logits.clone().requires_grad_()
+        (duo_fast.usdm_loss(lg, z, x0, alpha, dalpha, inplace_grad=inplace) * w).sum().backward()
+        grads.append(lg.grad)
+    assert grads[1].dtype == dtype and torch.equal(grads[0], grads[1])
+
+
 def test_inplace_grad_matches_and_runs_once():
     K = 101
     logits, z, x0, alpha, dalpha = _batch(K, L=3, seed=9)
