@@ -46,6 +46,18 @@ Bad values: one policy for every op (tests/README.md has the table).
   (generate calls it before returning).
 * Token ids are int64 or int32 (converted; integer outputs come back in the
   dtype of the input ids), in [0, K).
+
+torch.compile, threads, checkpoint (tests/test_compile.py, test_lifetime.py):
+every op traces with fullgraph=True (fake kernels here; the seed arguments of
+the schemas are SymInt, so a CPU key drawn from the default generator inside a
+compiled function stays in the graph and each call draws a fresh one; with
+dynamic=True a changing N does not recompile). On CUDA, inside a fullgraph
+compile, pass seed= (the key is read from the CUDA generator's host state).
+Calls from several Python threads give the results of serial calls (the ops
+release the GIL; per-K schedule tables are built once under a lock).
+torch.utils.checkpoint recomputes the same noise with seed= or with the
+default generator (preserve_rng_state=True, its default), not with an explicit
+generator= (see curriculum_embed).
 """
 
 from __future__ import annotations
@@ -285,7 +297,8 @@ def usdm_loss(
     opcheck, gradcheck, retain_graph, torch.compile). ``inplace_grad=True``
     hands the forward's gradient buffer to autograd, scaled in place: peak extra
     memory is the gradient alone (1x the logits' bytes), but backward can run
-    only once.
+    only once. Inside ``torch.compile`` ``inplace_grad`` is ignored (the compiled
+    graph plans its buffers itself; the values are the same).
     """
     check_tensor(logits, "logits", _LOGIT_DTYPES)
     z, x0 = token_ids(z, "z"), token_ids(x0, "x0")
@@ -296,7 +309,10 @@ def usdm_loss(
     a = per_token_level(alpha, "alpha", z, "z")
     d = per_token_level(dalpha, "dalpha", z, "z")
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    if inplace_grad and compute_grad:
+    # Inside torch.compile the graph is traced functionally and plans its own buffers:
+    # a buffer handed over between forward and backward cannot be traced, so there the
+    # op is the plain custom op (same values).
+    if inplace_grad and compute_grad and not torch.compiler.is_compiling():
         return _UsdmLossInplaceGrad.apply(logits, z, x0, a, d)
     loss, _ = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, a, d, compute_grad)
     return loss
