@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 import duo_fast
@@ -177,3 +178,28 @@ def test_no_memory_growth_over_many_calls():
     finally:
         torch.set_num_threads(old)
     assert after - before < 8 << 20, f"resident memory grew by {(after - before) / 2**20:.1f} MiB over 10^4 calls"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; the CPU tests above cover the host side, "
+                    "test_cuda_no_sync.py the device checks in the emulated kernels")
+def test_gpu_threads_and_memory():
+    # The same on a GPU: threads at once (device-check state and schedule-table copies are
+    # per device under locks) give serial results; 10^3 calls leave torch's allocator where it was.
+    inputs = {K: {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(K, K).items()}
+              for K in (30011, 50, 1000)}
+    jobs = [(K, seed) for K in inputs for seed in (1, 2)] * 2
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        concurrent = list(pool.map(lambda job: _every_op(inputs[job[0]], job[1]), jobs))
+    torch.cuda.synchronize()
+    for job, got in zip(jobs, concurrent):
+        _same(got, _every_op(inputs[job[0]], job[1]))
+    t = inputs[50]
+    for i in range(100):
+        _every_op(t, i)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(1000):
+        _every_op(t, i)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < 1 << 20
+    duo_fast.check_device_errors()
