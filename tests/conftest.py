@@ -59,11 +59,16 @@ if FUZZ_PROFILE not in FUZZ_PROFILES:
     raise ValueError(f"DUO_FAST_FUZZ_PROFILE must be one of {sorted(FUZZ_PROFILES)}, got {FUZZ_PROFILE!r}")
 
 try:
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, Phase, settings
 except ImportError:  # only test_fuzz.py needs it (requirements-test.txt); it fails to import without
     pass
 else:
-    _common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    # No "explain" phase (it reruns a failure under coverage tracing) and one bug reported
+    # per test: failing examples with K = 2^20 hold ~100 MiB each, and keeping many of them
+    # grew a failing long run to gigabytes.
+    _common = dict(deadline=None, print_blob=True, report_multiple_bugs=False,
+                   phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.register_profile("ci", max_examples=FUZZ_PROFILES["ci"], derandomize=True, database=None, **_common)
     settings.register_profile("long", max_examples=FUZZ_PROFILES["long"], **_common)
     settings.register_profile("dev", max_examples=FUZZ_PROFILES["dev"], derandomize=True, database=None, **_common)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
+import traceback
 
 import pytest
 import torch
@@ -38,6 +40,21 @@ INF = math.inf
 EMU = settings(max_examples=fuzz_examples(0.5), suppress_health_check=[HealthCheck.too_slow])
 
 
+def lean(test):
+    """Clear the locals of a failing example's frames: hypothesis keeps failures while it
+    shrinks them, and an example with K = 2^20 holds ~100 MiB of tensors."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        try:
+            return test(*args, **kwargs)
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)
+            raise
+
+    return run
+
+
 # ---------------------------------------------------------------------------------------
 # strategies
 # ---------------------------------------------------------------------------------------
@@ -49,7 +66,7 @@ ODD_K = [255, 257, 1000, 1023, 1025, 4099, 50257]
 def vocab(draw, big=True, cap=None):
     """K: mostly small; often a size that is no multiple of any vector width; rarely 2^20."""
     r = draw(st.integers(0, 99))
-    if big and r >= 97:
+    if big and r >= 97 and (cap is None or cap >= 1 << 20):
         return 1 << 20
     if r >= 75:
         choices = [k for k in ODD_K if cap is None or k <= cap] or [cap]
@@ -209,6 +226,7 @@ def g2a_case(draw):
 
 
 @given(case=g2a_case(), n_threads=THREADS)
+@lean
 def test_gamma_to_alpha(case, n_threads):
     K, gamma = case
     alpha, dalpha = both_thread_counts(n_threads, lambda: duo_fast.gamma_to_alpha(gamma, K))
@@ -232,6 +250,7 @@ def test_gamma_to_alpha(case, n_threads):
 
 @EMU
 @given(case=g2a_case())
+@lean
 def test_gamma_to_alpha_emulated(emulated, case):
     K, gamma = case
     g = gamma.double().contiguous()
@@ -286,6 +305,7 @@ def zt_case(draw, big=True, cap=None):
 
 
 @given(case=zt_case(), n_threads=THREADS)
+@lean
 def test_sample_zt(emulated, case, n_threads):
     K, x0, gamma, gamma_s, seed = case
     out = both_thread_counts(n_threads, lambda: duo_fast.sample_zt(x0, gamma, K, gamma_s=gamma_s, seed=seed))
@@ -300,6 +320,7 @@ def test_sample_zt(emulated, case, n_threads):
 
 @EMU
 @given(case=zt_case(big=False, cap=5000))
+@lean
 def test_sample_zt_emulated(emulated, case):
     K, x0, gamma, gamma_s, seed = case
     n = x0.numel()
@@ -359,11 +380,17 @@ def check_usdm(loss, grad, logits_, z, x0, alpha, dalpha, rtol=1e-5, gtol=1e-5):
     err = (got - want).abs()
     eps = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[logits_.dtype]
     quantum = 2.0**-24 if logits_.dtype == torch.float16 else 0.0  # float16 subnormal spacing of the cast gradient
-    assert (err <= (gtol + eps) * want.abs() + (1e-6 + eps) * scale + ref_err + quantum).all(), float((err / (want.abs() + scale)).max())
+    # Known float32 limit (tests/README.md, "left"): z != x0 with z or x0 masked (p = 0) in a
+    # near-flat row: the gradient brackets cancel, errors up to ~2e-5 of the row's largest entry.
+    masked_zx = (z.long() != x0.long()) & ~(torch.isfinite(logits_.gather(-1, z.long()[..., None]).squeeze(-1))
+                                             & torch.isfinite(logits_.gather(-1, x0.long()[..., None]).squeeze(-1)))
+    absolute = torch.where(masked_zx, 3e-5, 1e-6)[..., None].double() + eps
+    assert (err <= (gtol + eps) * want.abs() + absolute * scale + ref_err + quantum).all(), float((err / (want.abs() + scale)).max())
     assert (grad[~torch.isfinite(logits_)] == 0).all()
 
 
 @given(case=usdm_case(), inplace=st.booleans(), n_threads=THREADS)
+@lean
 def test_usdm_loss(case, inplace, n_threads):
     K, lg, z, x0, alpha, dalpha = case
 
@@ -383,6 +410,7 @@ def test_usdm_loss(case, inplace, n_threads):
 
 @EMU
 @given(case=usdm_case(big=False, cap=5000, dtypes=(torch.float32,)))
+@lean
 def test_usdm_loss_emulated(emulated, case):
     K, lg, z, x0, alpha, dalpha = case
     n = z.numel()
@@ -404,7 +432,7 @@ def test_usdm_loss_emulated(emulated, case):
 
 @st.composite
 def linear_case(draw):
-    K = draw(vocab(cap=4099))
+    K = draw(vocab())
     B, L = draw(lead_shape(K, 10))
     d = draw(st.integers(1, 9))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -426,6 +454,7 @@ def linear_case(draw):
 
 
 @given(case=linear_case(), n_threads=THREADS)
+@lean
 def test_linear_usdm_loss(case, n_threads):
     K, hidden, weight, bias, z, x0, alpha, dalpha, chunk = case
 
@@ -440,16 +469,27 @@ def test_linear_usdm_loss(case, n_threads):
         loss, gh, gw, *gb = run()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     b64 = None if bias is None else bias.double().requires_grad_()
-    ref = reference.usdm_loss(torch.nn.functional.linear(h64, w64, b64), z.long(), x0.long(), alpha, dalpha)
+    logits64 = torch.nn.functional.linear(h64, w64, b64)
+    logits64.retain_grad()
+    ref = reference.usdm_loss(logits64, z.long(), x0.long(), alpha, dalpha)
     # float32 GEMMs per chunk against float64 logits: 1e-4
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-4, atol=1e-5)
     if ref.numel() == 0:
         return
     ref.sum().backward()
-    torch.testing.assert_close(gh.double(), h64.grad, rtol=1e-4, atol=1e-4 * (1 + float(h64.grad.abs().max())))
-    torch.testing.assert_close(gw.double(), w64.grad, rtol=1e-4, atol=1e-4 * (1 + float(w64.grad.abs().max())))
+    # The weight / hidden gradients are float32 GEMMs (torch's) of the logits' gradient G,
+    # whose rows sum to 0 (softmax): their K terms cancel, so the error is relative to the
+    # sums of |terms|: 1e-4 for G's own error plus the float32 dot-product bound K 2^-24
+    # (Higham; at K = 2^20 the GEMM over the vocabulary is off by ~5e-4 of the sum, found by
+    # the long profile: torch's float32 linear backward has the same error).
+    G = logits64.grad.abs().reshape(-1, K)
+    mag_h = (G @ w64.detach().abs()).reshape(h64.shape)
+    mag_w = G.t() @ h64.detach().abs().reshape(-1, h64.shape[-1])
+    dot = 1e-4 + K * 2.0**-24
+    assert ((gh.double() - h64.grad).abs() <= dot * mag_h + 1e-7).all()
+    assert ((gw.double() - w64.grad).abs() <= 1e-4 * mag_w + 1e-7).all()  # a sum over N tokens
     if gb:
-        torch.testing.assert_close(gb[0].double(), b64.grad, rtol=1e-4, atol=1e-4 * (1 + float(b64.grad.abs().max())))
+        assert ((gb[0].double() - b64.grad).abs() <= 1e-4 * G.sum(0) + 1e-7).all()
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,6 +525,7 @@ def check_kl(kl, grad, s, t, direction, rtol, atol, gtol):
 
 
 @given(case=kl_case(), n_threads=THREADS)
+@lean
 def test_distill_kl(case, n_threads):
     K, s, t, direction = case
 
@@ -501,6 +542,7 @@ def test_distill_kl(case, n_threads):
 
 @EMU
 @given(case=kl_case(big=False, cap=5000))
+@lean
 def test_distill_kl_emulated(emulated, case):
     K, s, t, direction = case
     n = s.numel() // K
@@ -622,6 +664,7 @@ def step_draws(emulated, seed, rows, K):
 
 
 @given(case=step_case(), n_threads=THREADS)
+@lean
 def test_sample_step(emulated, case, n_threads):
     K, lg, z, a_t, a_s, kappa, temperature, top_p, seed = case
     out = both_thread_counts(n_threads, lambda: duo_fast.sample_step(lg, z, a_t, a_s, kappa=kappa, temperature=temperature,
@@ -632,6 +675,7 @@ def test_sample_step(emulated, case, n_threads):
 
 
 @given(case=step_case(), n_threads=THREADS)
+@lean
 def test_posterior(case, n_threads):
     K, lg, z, a_t, a_s, kappa, temperature, top_p, _ = case
     q = both_thread_counts(n_threads, lambda: duo_fast.posterior(lg, z, a_t, a_s, kappa=kappa, temperature=temperature,
@@ -647,6 +691,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 @EMU
 @given(case=step_case(big=False, cap=5000))
+@lean
 def test_sample_step_and_posterior_emulated(emulated, case):
     K, lg, z, a_t, a_s, kappa, temperature, top_p, seed = case
     n = z.numel()
@@ -706,6 +751,7 @@ def _ref_topk(emulated, K, k, x0, gamma, inv_tau, rule, seed):
 
 
 @given(case=topk_case(), n_threads=THREADS)
+@lean
 def test_curriculum_topk(emulated, case, n_threads):
     K, k, x0, gamma, inv_tau, rule, seed, _ = case
     ids_, w, z = both_thread_counts(n_threads, lambda: duo_fast.curriculum_topk(x0, gamma, inv_tau, k, K, zt_rule=rule, seed=seed))
@@ -716,6 +762,7 @@ def test_curriculum_topk(emulated, case, n_threads):
 
 
 @given(case=topk_case(embed=True), n_threads=THREADS)
+@lean
 def test_curriculum_topk_embed(emulated, case, n_threads):
     K, k, x0, gamma, inv_tau, rule, seed, E = case
 
@@ -743,6 +790,7 @@ def test_curriculum_topk_embed(emulated, case, n_threads):
 
 @EMU
 @given(case=topk_case(big=False, cap=5000, embed=True))
+@lean
 def test_curriculum_topk_emulated(emulated, case):
     K, k, x0, gamma, inv_tau, rule, seed, E = case
     n = x0.numel()
@@ -829,6 +877,7 @@ def _dense_ref(emulated, x0, gamma, inv_tau, E, seed):
 
 
 @given(case=embed_case(), n_threads=THREADS)
+@lean
 def test_curriculum_embed(emulated, case, n_threads):
     K, x0, gamma, inv_tau, E, seed = case
 
@@ -853,6 +902,7 @@ def test_curriculum_embed(emulated, case, n_threads):
 
 @EMU
 @given(case=embed_case(big=False, cap=5000))
+@lean
 def test_curriculum_embed_emulated(emulated, case):
     K, x0, gamma, inv_tau, E, seed = case
     n = x0.numel()
@@ -889,6 +939,7 @@ def test_curriculum_embed_emulated(emulated, case):
     noise_removal=st.sampled_from(["ancestral", "greedy", "none"]), top_p=st.sampled_from([1.0, 0.7]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), seed=st.integers(0, 2**31 - 1),
 )
+@lean
 def test_generate(K, B, L, steps, schedule, sampler, noise_removal, top_p, dtype, seed):
     # A denoiser that is sure of one sequence: noise removal (ancestral or greedy) lands on it;
     # without noise removal the tokens are in range. The same seed gives the same tokens.
