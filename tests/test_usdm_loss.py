@@ -280,6 +280,10 @@ def test_clean_token_without_probability_in_a_flat_row(masked):
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
     scale = l64.grad.abs().amax(-1, keepdim=True)
     assert ((lg.grad.double() - l64.grad).abs() <= 1e-5 * l64.grad.abs() + 1e-6 * scale).all()
+    # the same loss bits without the gradient (the fuzzer caught the first version of the
+    # fix taking the float64 entries only when the gradient was asked for)
+    with torch.no_grad():
+        assert torch.equal(duo_fast.usdm_loss(logits, x0, x0, alpha, dalpha), loss.detach())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
