@@ -53,7 +53,7 @@ inline void check_same_device(const at::Tensor& a, const char* name_a, const at:
 // on the host for CPU tensors only, see above).
 inline void check_token_ids(const at::Tensor& ids, const char* name, int64_t vocab_size) {
   TORCH_CHECK(ids.scalar_type() == at::kLong, "duo_fast: ", name, " has dtype ", ids.scalar_type(),
-              ", expected Long (int64)");
+              ", expected Long (int64) (the Python functions duo_fast.* also take int32 ids and convert them)");
   if (ids.numel() == 0 || !check_values_on_host(ids)) return;
   auto [lo, hi] = at::aminmax(ids);
   const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
@@ -61,8 +61,17 @@ inline void check_token_ids(const at::Tensor& ids, const char* name, int64_t voc
               "], outside [0, vocab_size) = [0, ", vocab_size, ")");
 }
 
+// A Gaussian log-noise level that may be +-inf (the limits alpha = 1 and 0) but
+// not NaN (values on the host for CPU tensors only, see above).
+inline void check_not_nan(const at::Tensor& level, const char* name) {
+  if (level.numel() == 0 || !check_values_on_host(level)) return;
+  const int64_t nan = at::isnan(level).sum().item<int64_t>();
+  TORCH_CHECK(nan == 0, "duo_fast: ", name, " must not be NaN, got ", nan, " NaN value(s) (+-inf are allowed: the "
+              "limits alpha = 1 and alpha = 0)");
+}
+
 // sample_zt: x0 int64 ids; gamma_t (and gamma_s) float64 of x0's shape (the
-// Python wrapper broadcasts per-row levels to per-token).
+// Python wrapper broadcasts per-row levels to per-token), not NaN.
 inline void check_sample_zt_args(const at::Tensor& x0, const at::Tensor& gamma_t,
                                  const std::optional<at::Tensor>& gamma_s, int64_t vocab_size) {
   check_vocab(vocab_size);
@@ -78,7 +87,9 @@ inline void check_sample_zt_args(const at::Tensor& x0, const at::Tensor& gamma_t
     TORCH_CHECK(gamma_s->sizes() == x0.sizes(), "duo_fast: gamma_s has shape ", gamma_s->sizes(),
                 ", expected x0's shape ", x0.sizes());
     check_same_device(x0, "x0", *gamma_s, "gamma_s");
+    check_not_nan(*gamma_s, "gamma_s");
   }
+  check_not_nan(gamma_t, "gamma");
 }
 
 // distill_kl: float32 logits of one shape [..., K], K >= 2, same device.
@@ -126,6 +137,22 @@ inline void check_usdm_loss_args(const at::Tensor& logits, const at::Tensor& z, 
   }
 }
 
+// Sampling needs a probability distribution per row: no NaN, no +inf, and at
+// least one finite logit (-inf entries are probability 0). CPU tensors are
+// checked by the kernels as they read the rows; this host version serves
+// CUDA tensors under DUO_FAST_CUDA_SYNC_CHECKS=1.
+inline const char* kBadLogitsRows =
+    " hold NaN, +inf or no finite logit: no probability distribution to sample from (a diverged model?). A -inf "
+    "entry is probability 0 and allowed; a row of only -inf is not";
+
+inline void check_logits_rows_on_host(const at::Tensor& logits) {
+  if (logits.numel() == 0 || !check_values_on_host(logits)) return;
+  const at::Tensor l = logits.to(at::kFloat);
+  const at::Tensor bad = at::isnan(l).any(-1) | at::isposinf(l).any(-1) | (l.amax(-1) == -INFINITY);
+  const int64_t n = bad.sum().item<int64_t>();
+  TORCH_CHECK(n == 0, "duo_fast: logits: ", n, " row(s)", kBadLogitsRows);
+}
+
 // sample_step / posterior: logits [..., K] float32/bfloat16/float16; z int64 ids
 // of the leading shape; alpha_t, alpha_s float64 of the leading shape with
 // 0 <= alpha_t <= alpha_s <= 1 and alpha_t < 1; kappa in [0, 1]; temperature
@@ -163,6 +190,9 @@ inline void check_sample_step_args(const at::Tensor& logits, const at::Tensor& z
   const double gap = (alpha_s - alpha_t).min().item<double>();
   TORCH_CHECK(gap >= 0.0, "duo_fast: alpha_s must be >= alpha_t (s is the earlier, less noisy time), got alpha_s - "
               "alpha_t = ", gap);
+  // The CPU kernels check the logits rows as they read them (sampling.cpp); CUDA
+  // kernels on the device (check::kLogits); here only under DUO_FAST_CUDA_SYNC_CHECKS.
+  if (logits.is_cuda()) check_logits_rows_on_host(logits);
 }
 
 // Levels of the curriculum ops: float64 of x0's shape (the wrapper converts),

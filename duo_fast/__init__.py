@@ -27,6 +27,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 from . import reference, sampling
 from .ops import (
+    check_device_errors,
     curriculum_embed,
     curriculum_topk,
     curriculum_topk_embed,
@@ -52,6 +53,7 @@ def build_info() -> dict:
 
 __all__ = [
     "build_info",
+    "check_device_errors",
     "curriculum_embed",
     "curriculum_topk",
     "curriculum_topk_embed",

@@ -17,6 +17,21 @@ def check_tensor(t, name: str, dtypes: tuple[torch.dtype, ...] | None = None) ->
         raise TypeError(f"duo_fast: {name} has dtype {str(t.dtype).replace('torch.', '')}, expected one of {names}")
 
 
+ID_DTYPES = (torch.int64, torch.int32)
+
+
+def token_ids(t, name: str) -> torch.Tensor:
+    """Token ids as the kernels read them: int64 (like torch.nn.functional.embedding,
+    int32 is accepted too and converted: an O(N) copy, no host synchronization;
+    ops return integer outputs in the dtype of their input ids)."""
+    check_tensor(t, name)
+    if t.dtype not in ID_DTYPES:
+        raise TypeError(
+            f"duo_fast: {name} has dtype {str(t.dtype).replace('torch.', '')}, expected one of int64, int32 (token ids)"
+        )
+    return t if t.dtype == torch.int64 else t.long()
+
+
 def check_vocab(vocab_size, name: str = "vocab_size") -> int:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise TypeError(f"duo_fast: {name} must be an int, got {type(vocab_size).__name__}")

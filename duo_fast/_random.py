@@ -15,6 +15,12 @@ PyTorch's own CUDA random kernels; ``get_state``/``set_state`` on older torch).
 So a CUDA op makes no host-device round trip. Under CUDA graph capture a key
 drawn on the host would be frozen into the graph (every replay the same
 noise), so there the ops need an explicit ``seed``.
+
+Inside torch.compile the CPU key is drawn in the graph (``.item()`` becomes an
+unbacked SymInt, which the ops' ``SymInt seed`` schema arguments accept): each
+call of the compiled function draws a fresh key, as in eager mode. The CUDA
+path reads the generator's host state, which dynamo does not trace: pass
+``seed`` there.
 """
 
 from __future__ import annotations

@@ -20,6 +20,44 @@ CUDA op of this module reads a CUDA tensor on the host: with an explicit
 ``seed`` the ops can be captured in a CUDA graph (torch.compile
 mode="reduce-overhead"); a key drawn from a generator is read from the
 generator's host state (duo_fast/_random.py).
+
+Bad values: one policy for every op (tests/README.md has the table).
+
+* Levels (gamma, gamma_s, alpha, dalpha, alpha_t, alpha_s, inv_tau) are never
+  NaN: a NaN or out-of-range level raises, naming the argument, in every op
+  that takes one (gamma_to_alpha included). They come from a schedule, so a NaN
+  is a bug upstream, and every output drawn from it would look plausible.
+* Model values into an op with floating outputs (logits of usdm_loss,
+  linear_usdm_loss and distill_kl; hidden, weight, bias; the embedding of the
+  curriculum ops) propagate: a row with a NaN or +inf logit, or with no finite
+  logit (all -inf), gives a NaN loss / KL and a NaN gradient row, a NaN
+  embedding row gives NaN in the h that read it, as torch's own losses do. No
+  error, on purpose: mixed-precision training relies on non-finite losses
+  reaching the GradScaler (which skips the step), and the NaN is a trace.
+* Model values into an op that samples (logits of sample_step and posterior)
+  must form a distribution in every row: a row with NaN, +inf or no finite
+  logit raises, naming logits (as torch.multinomial does). A single -inf
+  entry is probability 0 and always fine.
+* Where a value error is found: CPU tensors at the call, before any output is
+  returned. CUDA tensors on the device (no synchronization): the invalid row or
+  token gets NaN (floating outputs) or an in-range id (sample_step keeps z
+  there), and the next duo_fast CUDA call raises, naming the argument;
+  :func:`check_device_errors` waits for the device and raises at once
+  (generate calls it before returning).
+* Token ids are int64 or int32 (converted; integer outputs come back in the
+  dtype of the input ids), in [0, K).
+
+torch.compile, threads, checkpoint (tests/test_compile.py, test_lifetime.py):
+every op traces with fullgraph=True (fake kernels here; the seed arguments of
+the schemas are SymInt, so a CPU key drawn from the default generator inside a
+compiled function stays in the graph and each call draws a fresh one; with
+dynamic=True a changing N does not recompile). On CUDA, inside a fullgraph
+compile, pass seed= (the key is read from the CUDA generator's host state).
+Calls from several Python threads give the results of serial calls (the ops
+release the GIL; per-K schedule tables are built once under a lock).
+torch.utils.checkpoint recomputes the same noise with seed= or with the
+default generator (preserve_rng_state=True, its default), not with an explicit
+generator= (see curriculum_embed).
 """
 
 from __future__ import annotations
@@ -27,7 +65,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
-from ._checks import check_real, check_same_device, check_tensor, check_vocab, per_token_level
+from ._checks import check_real, check_same_device, check_tensor, check_vocab, per_token_level, token_ids
 from ._random import philox_seed
 
 _FLOAT_LEVELS = (torch.float32, torch.float64)
@@ -55,7 +93,9 @@ def gamma_to_alpha(gamma: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, 
     less than 1e-300) and a second-order expansion in nu above 20. In float64:
     |alpha - exact| < 1e-14, and alpha, 1 - alpha and dalpha are each within
     1e-7 relative of the exact values (dalpha values below ~1e-300 flush to 0).
-    NaN propagates; -inf gives (1, 0) and +inf gives (0, 0).
+    -inf gives (1, 0) and +inf gives (0, 0). A NaN gamma raises (a level is
+    never NaN; on CUDA its outputs are NaN and the next duo_fast CUDA call
+    raises, see the module's "Bad values").
 
     Not differentiable (a schedule, not a model output): for d alpha / d t use
     ``dalpha_dgamma * dgamma_dt``.
@@ -89,9 +129,11 @@ def sample_zt(
     the K noises (SPEC 2a), or the coupled pair ``(z_t, z_s)`` of two levels
     sharing the same eps (SPEC 2b, consistency distillation).
 
-    ``x0``: ``[B, L]`` int64 ids in ``[0, vocab_size)``; ``gamma`` (and
-    ``gamma_s``): Gaussian log-noise levels per row ``[B]`` / ``[B, 1]`` or per
-    token ``[B, L]``, any float dtype (used in float64). Exact law:
+    ``x0``: ``[B, L]`` int64 or int32 ids in ``[0, vocab_size)`` (outputs in
+    x0's dtype); ``gamma`` (and ``gamma_s``): Gaussian log-noise levels per row
+    ``[B]`` / ``[B, 1]`` or per token ``[B, L]``, any float dtype (used in
+    float64); -inf gives x0 and +inf the uniform law, NaN raises (module
+    docstring, "Bad values"). Exact law:
     ``P(z_t = x0) = pt(gamma)`` (so ``alpha = gamma_to_alpha(gamma)[0]``),
     otherwise uniform over the other ids. O(1) work and no memory per token
     beyond the output. Randomness per ``duo_fast._random``: with ``seed`` the
@@ -99,12 +141,13 @@ def sample_zt(
     ``nu + eps_x`` and the max of the other noises tie to rounding.
     Not differentiable (integer outputs).
     """
-    check_tensor(x0, "x0", (torch.int64,))
+    ids = token_ids(x0, "x0")
     check_vocab(vocab_size)
     g_t = per_token_level(gamma, "gamma", x0)
     g_s = None if gamma_s is None else per_token_level(gamma_s, "gamma_s", x0)
     key = philox_seed(x0.device, generator, seed)
-    z_t, z_s = torch.ops.duo_fast.sample_zt.default(x0, g_t, g_s, vocab_size, key, 0)
+    z_t, z_s = torch.ops.duo_fast.sample_zt.default(ids, g_t, g_s, vocab_size, key, 0)
+    z_t, z_s = z_t.to(x0.dtype), z_s.to(x0.dtype)
     return z_t if gamma_s is None else (z_t, z_s)
 
 
@@ -134,8 +177,12 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direc
     teacher for ``"fwd"``) adds nothing and its gradient is 0; a 0 in the other
     law where the weighting law is positive gives ``+inf`` (for ``"bwd"``: a
     teacher 0 where the student is positive), as the math says, and the
-    gradient of an infinite ``"bwd"`` KL is not finite. A row that is entirely
-    ``-inf`` gives unspecified values (it never reads out of bounds)."""
+    gradient of an infinite ``"bwd"`` KL is not finite.
+
+    Bad values propagate (module docstring, "Bad values"): a row of either
+    logits with a NaN or +inf entry, or entirely ``-inf``, gives a NaN KL and
+    a NaN gradient row, as ``torch.nn.functional.kl_div`` of log_softmax does;
+    no error (AMP's GradScaler skips such steps)."""
     check_tensor(student_logits, "student_logits", (torch.float32,))
     check_tensor(teacher_logits, "teacher_logits", (torch.float32,))
     if direction not in _DIRECTIONS:
@@ -224,7 +271,7 @@ def usdm_loss(
 
     ``logits``: ``[B, L, K]`` float32, bfloat16 or float16 (math in float32; a
     16-bit input is read through a float32 copy and its gradient is cast back, so
-    it costs 3x its own bytes, not the 1x of float32); ``z``, ``x0``: ``[B, L]`` int64 ids in
+    it costs 3x its own bytes, not the 1x of float32); ``z``, ``x0``: ``[B, L]`` int64 (or int32) ids in
     ``[0, K)``; ``alpha`` in (0, 1) and ``dalpha`` <= 0 (d alpha / d t) per row
     (``[B]``, ``[B, 1]``) or per token (``[B, L]``). Returns ``[B, L]`` float32.
     Differentiable w.r.t. ``logits``: when they require grad the gradient is
@@ -237,19 +284,24 @@ def usdm_loss(
     Masked vocabularies: a ``-inf`` logit is probability 0 (``0 log 0 = 0``):
     it stays in the vocabulary size ``K`` of the uniform prior, its model
     marginal is ``1 - alpha``, its gradient is 0, and ``z`` or ``x0`` may be
-    such an id (the loss stays finite). A row that is entirely ``-inf`` gives
-    unspecified values (it never reads out of bounds).
+    such an id (the loss stays finite).
+
+    Bad values (module docstring): ``alpha`` / ``dalpha`` out of range or NaN
+    raise. Logits propagate: a row with a NaN or +inf logit, or entirely
+    ``-inf``, gives a NaN loss and a NaN gradient row (as
+    ``log_softmax``-based losses do), no error (AMP's GradScaler skips such
+    steps).
 
     Memory: by default backward returns ``gradient * grad_output`` out of place,
     so its peak holds two ``[N, K]`` tensors (the op stays a plain custom op:
     opcheck, gradcheck, retain_graph, torch.compile). ``inplace_grad=True``
     hands the forward's gradient buffer to autograd, scaled in place: peak extra
     memory is the gradient alone (1x the logits' bytes), but backward can run
-    only once.
+    only once. Inside ``torch.compile`` ``inplace_grad`` is ignored (the compiled
+    graph plans its buffers itself; the values are the same).
     """
     check_tensor(logits, "logits", _LOGIT_DTYPES)
-    check_tensor(z, "z", (torch.int64,))
-    check_tensor(x0, "x0", (torch.int64,))
+    z, x0 = token_ids(z, "z"), token_ids(x0, "x0")
     if logits.dim() < 2:
         raise ValueError(f"duo_fast: logits must be [..., K], got shape {tuple(logits.shape)}")
     check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
@@ -257,7 +309,10 @@ def usdm_loss(
     a = per_token_level(alpha, "alpha", z, "z")
     d = per_token_level(dalpha, "dalpha", z, "z")
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    if inplace_grad and compute_grad:
+    # Inside torch.compile the graph is traced functionally and plans its own buffers:
+    # a buffer handed over between forward and backward cannot be traced, so there the
+    # op is the plain custom op (same values).
+    if inplace_grad and compute_grad and not torch.compiler.is_compiling():
         return _UsdmLossInplaceGrad.apply(logits, z, x0, a, d)
     loss, _ = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, a, d, compute_grad)
     return loss
@@ -287,7 +342,9 @@ class _UsdmLossInplaceGrad(torch.autograd.Function):
         # Reading the value would synchronize on CUDA: there the scale is always applied.
         ones = grad_loss.device.type == "cpu" and all(s == 0 for s in grad_loss.stride()) and bool(grad_loss.reshape(-1)[0] == 1)
         if not ones:
-            grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
+            # in place in grad's dtype, the product taken in float32: a 16-bit gradient is
+            # rounded once more, not grad_output first (found by the fuzzer: bf16 logits)
+            grad.mul_(grad_loss.unsqueeze(-1))
         return grad, None, None, None, None
 
 
@@ -389,7 +446,10 @@ def linear_usdm_loss(
     runs in float32/float64). Differentiable w.r.t. hidden, weight and bias.
     Peak extra memory is O(chunk_size * K), independent of N. A ``-inf`` bias
     entry masks that id for every token: probability 0, as in
-    :func:`usdm_loss` (its rows of the weight and bias gradients are 0)."""
+    :func:`usdm_loss` (its rows of the weight and bias gradients are 0).
+    Bad values as :func:`usdm_loss`: NaN / +inf in hidden, weight or bias give
+    NaN losses and gradients (no error); levels are checked; ids int64 or
+    int32."""
     check_tensor(hidden, "hidden")
     check_tensor(weight, "weight")
     if not hidden.is_floating_point() or not weight.is_floating_point():
@@ -402,8 +462,7 @@ def linear_usdm_loss(
         check_tensor(bias, "bias")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"duo_fast: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    check_tensor(z, "z", (torch.int64,))
-    check_tensor(x0, "x0", (torch.int64,))
+    z, x0 = token_ids(z, "z"), token_ids(x0, "x0")
     _check_ids_like(hidden, "hidden", z, x0)
     K = check_vocab(weight.shape[0], "weight.size(0) (the vocabulary size)")
     if chunk_size is None:
@@ -421,7 +480,7 @@ def linear_usdm_loss(
 
 def _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):
     check_tensor(logits, "logits", _LOGIT_DTYPES)
-    check_tensor(z, "z", (torch.int64,))
+    z = token_ids(z, "z")
     if logits.dim() < 1:
         raise ValueError("duo_fast: logits must be [..., K], got a 0-dim tensor")
     check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
@@ -431,7 +490,7 @@ def _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):
     kappa = check_real(kappa, "kappa", 0.0, 1.0)
     temperature = check_real(temperature, "temperature", 0.0, float("inf"), lo_open=True, hi_open=True)
     top_p = check_real(top_p, "top_p", 0.0, 1.0, lo_open=True)
-    return a_t, a_s, kappa, temperature, top_p
+    return z, a_t, a_s, kappa, temperature, top_p
 
 
 def sample_step(
@@ -469,12 +528,19 @@ def sample_step(
     on CPU (any thread count) and CUDA except where rounding of the sums moves
     the uniform across a token boundary (probability ~1e-15 per token).
     A ``-inf`` logit is probability 0 (masked vocabularies): never drawn from
-    ``p`` (only the uniform part or the point mass at ``z`` can give it). Rows
-    whose logits hold NaN or only -inf give an unspecified valid id.
+    ``p`` (only the uniform part or the point mass at ``z`` can give it).
+    ``z`` may be int64 or int32 (``z_s`` comes back in its dtype).
+
+    Bad values (module docstring): a logits row with a NaN or +inf entry, or
+    with no finite entry (only -inf), is no distribution: the op raises,
+    naming ``logits`` (CPU: at the call, no tokens returned; CUDA: that row
+    keeps ``z`` and the next duo_fast CUDA call, or
+    :func:`check_device_errors`, raises). Levels out of range or NaN raise.
     """
-    a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
+    ids, a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
     key = philox_seed(logits.device, generator, seed)
-    return torch.ops.duo_fast.sample_step.default(logits, z, a_t, a_s, kappa, temperature, top_p, key, 0)
+    out = torch.ops.duo_fast.sample_step.default(logits, ids, a_t, a_s, kappa, temperature, top_p, key, 0)
+    return out.to(z.dtype)
 
 
 @torch.library.register_fake("duo_fast::sample_step")
@@ -496,10 +562,12 @@ def posterior(
     draws from, for analysis and tests (SPEC 4, ``_posterior_from_x0`` with
     ``x0 = p``, and the Psi mix for ``kappa < 1``). Same arguments as
     :func:`sample_step`. A ``-inf`` logit is probability 0 in ``p`` (its
-    ``q`` is the uniform and point-mass parts alone); a row that is entirely
-    ``-inf`` gives unspecified values. Not differentiable."""
-    a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
-    return torch.ops.duo_fast.posterior.default(logits, z, a_t, a_s, kappa, temperature, top_p)
+    ``q`` is the uniform and point-mass parts alone). Bad values as
+    :func:`sample_step`: a logits row with NaN, +inf or no finite entry raises
+    (on CUDA: a NaN row of ``q``, and the next duo_fast CUDA call raises).
+    Not differentiable."""
+    ids, a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
+    return torch.ops.duo_fast.posterior.default(logits, ids, a_t, a_s, kappa, temperature, top_p)
 
 
 @torch.library.register_fake("duo_fast::posterior")
@@ -531,8 +599,8 @@ def _check_k(k, vocab_size: int) -> int:
 
 
 def _check_x0_embedding(x0: torch.Tensor, embedding: torch.Tensor) -> int:
-    """x0 int64 and embedding [K, d] (float32/bf16/fp16) on its device; returns K."""
-    check_tensor(x0, "x0", (torch.int64,))
+    """x0 int64 / int32 and embedding [K, d] (float32/bf16/fp16) on its device; returns K."""
+    token_ids(x0, "x0")
     check_tensor(embedding, "embedding", _EMBEDDING_DTYPES)
     if embedding.dim() != 2:
         raise ValueError(f"duo_fast: embedding must be [vocab_size, d], got shape {tuple(embedding.shape)}")
@@ -573,13 +641,17 @@ def curriculum_topk(
     is in the top k, as ``utils.sample_tempered_softmax_topk`` (biased towards
     x0 for k >= 2). With ``seed`` the ids and z_t are identical on CPU (any
     thread count) and CUDA; weights agree to rounding. Not differentiable.
+    ``x0`` int64 or int32 (``ids`` and ``z_t`` come back in its dtype).
+    Bad values: ``gamma`` must be finite and ``inv_tau`` finite and > 0 (else
+    an error naming them, module docstring "Bad values").
     """
-    check_tensor(x0, "x0", (torch.int64,))
+    ids = token_ids(x0, "x0")
     check_vocab(vocab_size)
     k = _check_k(k, vocab_size)
     g, it = _curriculum_levels(x0, gamma, inv_tau)
     key = philox_seed(x0.device, generator, seed)
-    return torch.ops.duo_fast.curriculum_topk.default(x0, g, it, k, vocab_size, _zt_rule(zt_rule), key, 0)
+    out, weights, z_t = torch.ops.duo_fast.curriculum_topk.default(ids, g, it, k, vocab_size, _zt_rule(zt_rule), key, 0)
+    return out.to(x0.dtype), weights, z_t.to(x0.dtype)
 
 
 @torch.library.register_fake("duo_fast::curriculum_topk")
@@ -607,13 +679,18 @@ def curriculum_topk_embed(
     a float32 ``[K, d]`` gradient: on CPU always deterministic (threads own
     column ranges); on CUDA with atomics, or deterministic (stable sort by id,
     one writer per row) when ``torch.use_deterministic_algorithms(True)``.
+    Bad values: levels as :func:`curriculum_topk` (raise); a NaN / inf
+    embedding row gives NaN / inf in the ``h`` of the tokens whose bag holds
+    it (propagates, no error). ``x0`` int64 or int32 (``z_t`` in its dtype).
     """
     K = _check_x0_embedding(x0, embedding)
     k = _check_k(k, K)
     g, it = _curriculum_levels(x0, gamma, inv_tau)
     key = philox_seed(x0.device, generator, seed)
-    h, z_t, _, _ = torch.ops.duo_fast.curriculum_topk_embed.default(x0, g, it, k, embedding, _zt_rule(zt_rule), key, 0)
-    return h, z_t
+    h, z_t, _, _ = torch.ops.duo_fast.curriculum_topk_embed.default(
+        token_ids(x0, "x0"), g, it, k, embedding, _zt_rule(zt_rule), key, 0
+    )
+    return h, z_t.to(x0.dtype)
 
 
 @torch.library.register_fake("duo_fast::curriculum_topk_embed")
@@ -678,13 +755,28 @@ def curriculum_embed(
     ``gamma`` finite and ``inv_tau`` > 0 per row, per token or a float;
     ``inv_tau`` from 1 to 1e4 and beyond stay finite. With ``seed`` the
     outputs are identical on CPU (any thread count) and CUDA up to float
-    rounding of the sums (z_t except at exact near-ties).
+    rounding of the sums (z_t except at exact near-ties). ``x0`` int64 or
+    int32 (``z_t`` in its dtype).
+
+    Bad values: ``gamma`` must be finite and ``inv_tau`` finite and > 0
+    (raise, module docstring "Bad values"); a NaN or inf in ``embedding``
+    gives NaN / inf in ``h`` (propagates, no error).
+
+    Recomputation (``torch.utils.checkpoint``, or calling again): the noise is
+    a function of the Philox key. With ``seed`` a recomputation draws the same
+    noise. Without it the key is drawn from the generator: the default
+    (global) generator is restored by checkpoint's ``preserve_rng_state=True``
+    (its default), so the recomputation matches too; an explicit
+    ``generator=`` is not restored by checkpoint and the recomputation gets new
+    noise (wrong gradients): inside a checkpointed block pass ``seed=`` (e.g.
+    drawn from that generator outside the block) or use the default generator.
+    The same holds for every random op of this module.
     """
     _check_x0_embedding(x0, embedding)
     g, it = _curriculum_levels(x0, gamma, inv_tau)
     key = philox_seed(x0.device, generator, seed)
-    h, z_t, _ = torch.ops.duo_fast.curriculum_embed.default(x0, g, it, embedding, key, 0)
-    return h, z_t
+    h, z_t, _ = torch.ops.duo_fast.curriculum_embed.default(token_ids(x0, "x0"), g, it, embedding, key, 0)
+    return h, z_t.to(x0.dtype)
 
 
 @torch.library.register_fake("duo_fast::curriculum_embed")
@@ -718,3 +810,26 @@ torch.library.register_autograd(
 @torch.library.register_fake("duo_fast::curriculum_embed_backward")
 def _curriculum_embed_backward_fake(grad_h, x0, gamma, inv_tau, lse, vocab_size, seed, offset):
     return grad_h.new_empty((vocab_size, grad_h.shape[-1]), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Device-side value checks (module docstring, "Bad values")
+# --------------------------------------------------------------------------------------
+
+
+def check_device_errors(device: torch.device | str | int | None = None) -> None:
+    """Raise now the invalid values that duo_fast's CUDA kernels found on
+    ``device`` (default: the current CUDA device), instead of at the next
+    duo_fast CUDA call: waits for the device (one synchronization) and raises a
+    RuntimeError naming the arguments (invalid ids or levels, logits rows with
+    no distribution). A no-op for CPU tensors, whose ops raise at the call.
+    :func:`duo_fast.generate` calls it before returning its tokens."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type == "cpu":
+        return
+    torch.ops.duo_fast.check_device_errors.default(torch.empty(0, device=device))
+
+
+@torch.library.register_fake("duo_fast::check_device_errors")
+def _check_device_errors_fake(device_like):
+    return None

@@ -411,7 +411,10 @@ def curriculum_topk(x0, gamma, inv_tau, k, vocab_size, *, zt_rule="exact",
   log_z = torch.logsumexp(
     torch.cat([log_kept, log_tail[..., None], log_ex[..., None]], -1), -1)
   weights = torch.exp(log_kept - log_z[..., None])
-  zero = weights.sum(-1) == 0
+  # "Underflow" in the dtype the op returns its weights in (float32): below
+  # ~1e-45 a float64 weight is still positive but the op's is 0 (found by the
+  # fuzzer at k = 1 with a large inv_tau, where the tail term dwarfs e_x / tau).
+  zero = (weights.to(torch.float32) == 0).all(-1)
   if bool(zero.any()):
     onehot = torch.nn.functional.one_hot(kept.argmax(-1), k).to(_F64)
     weights = torch.where(zero[..., None], onehot, weights)

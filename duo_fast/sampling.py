@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from ._checks import check_real, check_vocab
-from .ops import gamma_to_alpha, sample_step
+from .ops import check_device_errors, gamma_to_alpha, sample_step
 
 SCHEDULES = ("loglinear", "cosine", "duo")
 SAMPLERS = ("ancestral", "psi")
@@ -161,6 +161,14 @@ def generate(
     noise-removal step is ancestral. ``temperature`` and ``top_p`` apply to
     every step. Randomness: ``generator`` (default: the global generator of
     ``device``) or ``seed`` (a fresh generator seeded with it).
+
+    The denoiser's output is checked at every call: a tensor of shape
+    ``[batch_size, length, vocab_size]`` on ``device`` with a floating dtype,
+    else an error naming the shape (or dtype, device) it returned and the one
+    expected. A logits row with NaN, +inf or no finite entry raises (with the
+    step and time; see :func:`duo_fast.sample_step`); on CUDA the error is
+    found on the device, and :func:`duo_fast.check_device_errors` raises it
+    before the tokens are returned (one synchronization per call of generate).
     """
     K = check_vocab(vocab_size)
     if sampler not in SAMPLERS:
@@ -182,24 +190,55 @@ def generate(
     alphas = schedule_alpha(ts, schedule, vocab_size=K, eps=schedule_eps, gamma_min=gamma_min, gamma_max=gamma_max)
     kappas = psi_kappas(kappa, alphas) if sampler == "psi" else torch.ones(steps, dtype=torch.float64)
 
+    expected = (batch_size, length, K)
+
     def call(z, i):
         t = alphas.new_full((batch_size,), float(ts[i]))
         if time_input == "sigma":
             t = torch.full_like(t, -math.log(float(alphas[i])))
         logits = denoiser(z, t.to(device))
+        where = f"duo_fast.generate: the denoiser's output at step {i} (t = {float(ts[i]):.6g})"
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"{where} is a {type(logits).__name__}, expected a logits tensor of shape {list(expected)}")
+        if tuple(logits.shape) != expected:
+            raise ValueError(
+                f"{where} has shape {list(logits.shape)}, expected [batch_size, length, vocab_size] = {list(expected)}"
+            )
+        if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(
+                f"{where} has dtype {str(logits.dtype).replace('torch.', '')}, expected float32, bfloat16, float16 or float64"
+            )
+        if logits.device != z.device:
+            raise ValueError(f"{where} is on {logits.device}, expected {z.device} (device={device})")
         return logits.float() if logits.dtype == torch.float64 else logits
+
+    def step(logits, z, i, a_s, **kw):
+        try:
+            return sample_step(logits, z, level(i), a_s, temperature=temperature, top_p=top_p, generator=generator, **kw)
+        except RuntimeError as e:
+            if "logits:" not in str(e):
+                raise
+            raise RuntimeError(f"duo_fast.generate: step {i} (t = {float(ts[i]):.6g}): {e}") from e
 
     def level(i):
         return torch.full((batch_size,), float(alphas[i]), dtype=torch.float64, device=device)
 
     z = torch.randint(0, K, (batch_size, length), generator=generator, device=device)
     for i in _progress(range(steps), progress, steps):
-        z = sample_step(call(z, i), z, level(i), level(i + 1), kappa=float(kappas[i]), temperature=temperature,
-                        top_p=top_p, generator=generator)
+        z = step(call(z, i), z, i, level(i + 1), kappa=float(kappas[i]))
     if noise_removal == "ancestral":
-        ones = torch.ones(batch_size, dtype=torch.float64, device=device)
-        z = sample_step(call(z, steps), z, level(steps), ones, temperature=temperature, top_p=top_p,
-                        generator=generator)
+        z = step(call(z, steps), z, steps, torch.ones(batch_size, dtype=torch.float64, device=device))
     elif noise_removal == "greedy":
-        z = call(z, steps).argmax(-1)
+        logits = call(z, steps)
+        # The argmax of a row with NaN is that NaN's id: the rows are checked as a sampled step's
+        # (on CUDA this reads one flag, as check_device_errors below synchronizes anyway).
+        bad = logits.isnan().any(-1) | logits.isposinf().any(-1) | (logits.amax(-1) == -math.inf)
+        if bool(bad.any()):
+            raise RuntimeError(
+                f"duo_fast.generate: step {steps} (greedy noise removal): logits: {int(bad.sum())} row(s) hold NaN, "
+                "+inf or no finite logit: no token to pick (a diverged model?)"
+            )
+        z = logits.argmax(-1)
+    if device.type != "cpu":
+        check_device_errors(device)  # errors found on the device by the steps: raise before returning tokens
     return z

@@ -4,6 +4,7 @@ against tests/emulation/cuda_emulation.h together with tests/native/exports.cpp)
 from __future__ import annotations
 
 import ctypes
+import os
 import importlib.util
 import sys
 from pathlib import Path
@@ -46,3 +47,34 @@ def emulated(harness):
     lib = harness.load_emulated([*CUDA_SOURCES, *TEST_CUDA_SOURCES, EXPORTS], "duo_fast_emulated", include_dirs=EMU_INCLUDES, opt="-O2")
     harness.configure_emulation(lib, mode="fiber", seed=0)
     return lib
+
+
+# Hypothesis profiles of the property-based tests (tests/test_fuzz.py), chosen by
+# DUO_FAST_FUZZ_PROFILE: "ci" (the default: 200 examples per test, derandomized, so
+# every run tries the same examples), "long" (10x: 2000 random examples per test and
+# the example database, for nightly runs), "dev" (20, for editing the tests).
+FUZZ_PROFILES = {"ci": 200, "long": 2000, "dev": 20}
+FUZZ_PROFILE = os.environ.get("DUO_FAST_FUZZ_PROFILE", "ci")
+if FUZZ_PROFILE not in FUZZ_PROFILES:
+    raise ValueError(f"DUO_FAST_FUZZ_PROFILE must be one of {sorted(FUZZ_PROFILES)}, got {FUZZ_PROFILE!r}")
+
+try:
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # only test_fuzz.py needs it (requirements-test.txt); it fails to import without
+    pass
+else:
+    # No "explain" phase (it reruns a failure under coverage tracing) and one bug reported
+    # per test: failing examples with K = 2^20 hold ~100 MiB each, and keeping many of them
+    # grew a failing long run to gigabytes.
+    _common = dict(deadline=None, print_blob=True, report_multiple_bugs=False,
+                   phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=FUZZ_PROFILES["ci"], derandomize=True, database=None, **_common)
+    settings.register_profile("long", max_examples=FUZZ_PROFILES["long"], **_common)
+    settings.register_profile("dev", max_examples=FUZZ_PROFILES["dev"], derandomize=True, database=None, **_common)
+    settings.load_profile(FUZZ_PROFILE)
+
+
+def fuzz_examples(fraction: float = 1.0) -> int:
+    """Examples per test for a test that runs `fraction` of the profile's volume."""
+    return max(1, int(FUZZ_PROFILES[FUZZ_PROFILE] * fraction))

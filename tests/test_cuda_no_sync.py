@@ -217,7 +217,7 @@ def test_emulated_device_checks(harness, emulated, mode, seed):
     # levels are counted per argument, their rows get NaN / in-range ids, valid rows
     # are unaffected (compared with the CPU op on the valid rows).
     harness.configure_emulation(emulated, mode=mode, seed=seed)
-    take = lambda: (lambda c: (emulated.df_emu_take_checks(ptr(c)), c)[1])(torch.zeros(9, dtype=torch.int32))  # noqa: E731
+    take = lambda: (lambda c: (emulated.df_emu_take_checks(ptr(c)), c)[1])(torch.zeros(12, dtype=torch.int32))  # noqa: E731
     try:
         take()
         K, rows = 50, 6
@@ -230,7 +230,7 @@ def test_emulated_device_checks(harness, emulated, mode, seed):
         assert emulated.df_emu_usdm_loss(ptr(logits), ptr(z), ptr(x0), ptr(alpha), ptr(dalpha), ptr(loss), ptr(grad),
                                          ctypes.c_int64(rows), ctypes.c_int64(K)) == 0
         c = take()
-        assert c.tolist() == [2, 1, 0, 2, 0, 0, 0, 0, 0]  # x0, z, ids, alpha, ...
+        assert c.tolist() == [2, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0]  # x0, z, ids, alpha, ...
         assert loss[1:].isnan().all() and grad[1:].isnan().all()
         cl, cg = torch.ops.duo_fast.usdm_loss(logits[:1], z[:1], x0[:1], alpha[:1], dalpha[:1], True)
         torch.testing.assert_close(loss[:1], cl, rtol=1e-4, atol=1e-5)
@@ -245,7 +245,7 @@ def test_emulated_device_checks(harness, emulated, mode, seed):
         assert emulated.df_emu_posterior(ptr(logits), 0, ptr(zs), ptr(a_t), ptr(a_s), ptr(q), ctypes.c_int64(rows),
                                          ctypes.c_int64(K), ctypes.c_double(1.0), ctypes.c_double(1.0), ctypes.c_double(0.7)) == 0
         c = take()
-        assert c.tolist() == [0, 2, 0, 0, 0, 2, 2, 0, 0]  # z, alpha_t, alpha_s (row 2 fails both)
+        assert c.tolist() == [0, 2, 0, 0, 0, 2, 2, 0, 0, 0, 0, 0]  # z, alpha_t, alpha_s (row 2 fails both)
         assert ((out >= 0) & (out < K)).all() and (out[1:4] == 0).all()
         assert q[1:4].isnan().all() and not q[[0, 4, 5]].isnan().any()
         ok = torch.tensor([0, 4, 5])
@@ -318,3 +318,36 @@ def test_gpu_device_checks_raise_at_a_later_call():
     with pytest.raises(RuntimeError, match=r"x0 holds token ids outside \[0, vocab_size\) \(1 rows or tokens\)"):
         duo_fast.posterior(t["logits"], t["z"], t["a_t"], t["a_s"])
     duo_fast.posterior(t["logits"], t["z"], t["a_t"], t["a_s"])  # reported once
+
+
+@needs_gpu
+def test_gpu_bad_values_raise_later_or_at_check_device_errors():
+    # The bad-values policy on the device: a NaN level, a logits row without a
+    # distribution; check_device_errors raises at once; generate raises before returning.
+    cpu, K = _fake_cuda_inputs()
+    t = {k: v.cuda() for k, v in cpu.items()}
+    duo_fast.check_device_errors()  # nothing pending
+    logits = t["logits"].clone()
+    logits[0, 1] = math.nan
+    out = duo_fast.sample_step(logits, t["z"], t["a_t"], t["a_s"], seed=1)
+    torch.cuda.synchronize()
+    assert out[0, 1].item() == t["z"][0, 1].item()  # the row keeps z
+    with pytest.raises(RuntimeError, match=r"logits rows must hold no NaN or \+inf .* \(1 rows or tokens\)"):
+        duo_fast.check_device_errors()
+    duo_fast.check_device_errors()  # reported once
+    duo_fast.sample_zt(t["x0"], torch.tensor([0.0, math.nan], device="cuda"), K, seed=1)
+    with pytest.raises(RuntimeError, match=r"gamma must not be NaN"):
+        duo_fast.gamma_to_alpha(t["gamma"], K)  # the next call raises
+    duo_fast.gamma_to_alpha(torch.tensor([math.nan], device="cuda"), K)
+    with pytest.raises(RuntimeError, match=r"gamma must not be NaN"):
+        duo_fast.check_device_errors("cuda")
+    x32 = t["x0"].int()
+    assert duo_fast.sample_zt(x32, t["gamma"], K, seed=2).dtype == torch.int32
+
+    def diverged(z, tt):
+        x = torch.randn(*z.shape, K, device="cuda")
+        x[0, 0] = -math.inf
+        return x
+
+    with pytest.raises(RuntimeError, match="logits rows must hold"):
+        duo_fast.generate(diverged, 2, 3, K, steps=2, device="cuda", progress=False, seed=0)

@@ -70,6 +70,27 @@ def test_all_weights_underflow_gives_one_hot_on_the_largest(emulated):
     assert torch.allclose(w.sum(-1), torch.ones(n), atol=1e-5) or bool((w.sum(-1) <= 1 + 1e-5).all())
 
 
+def test_k1_weight_below_float32_is_the_one_hot(emulated):
+    # Regression (found by tests/test_fuzz.py): k = 1, the x-entry in the top 1 and a large
+    # inv_tau: the tail term n e^{S^2/2} dwarfs e_x / tau and the float64 weight of the kept
+    # entry is ~1e-245, which the op's float32 weights hold as 0, so the op applies the
+    # one-hot rule (weight 1) where the reference did not (it tested for float64 underflow).
+    # The reference now decides underflow in float32, the dtype the op returns.
+    K, k, n, seed = 2, 1, 64, 0
+    x0, _ = _inputs(n, K, 5)
+    gamma = torch.full((n,), -1.0367, dtype=torch.float64)
+    ids, w, z = duo_fast.curriculum_topk(x0, gamma, 68.7734, k, K, seed=seed)
+    draws = _draws(emulated, seed, x0, k, K)
+    r_ids, r_w, r_z = reference.curriculum_topk(x0, gamma, 68.7734, k, K, draws=draws)
+    assert torch.equal(ids, r_ids) and torch.equal(z, r_z)
+    torch.testing.assert_close(w.double(), r_w, rtol=1e-6, atol=1e-30)
+    # the case itself: x in the top 1 (the kept id is x0) with the one-hot weight
+    assert int(((w[:, 0] == 1) & (ids[:, 0] == x0)).sum()) >= 10
+    h, _ = duo_fast.curriculum_topk_embed(x0, gamma, 68.7734, k, torch.tensor([[1.5], [-0.25]]), seed=seed)
+    r_h, _ = reference.curriculum_topk_embed(x0, gamma, 68.7734, k, torch.tensor([[1.5], [-0.25]]), draws=draws)
+    torch.testing.assert_close(h.double(), r_h, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("K", [2, 27, 1000, 50257])
 def test_z_marginal_is_exact(K):
     # P(z_t = x) = pt(gamma) for the exact rule, at several gammas (z-score < 5).
@@ -365,7 +386,7 @@ def test_cuda_device_matches_cpu():
         (dict(inv_tau=0.0), r"inv_tau must be finite and > 0"),
         (dict(inv_tau=torch.tensor([[1.0, -1.0]])), r"inv_tau must be finite and > 0"),
         (dict(x0=torch.tensor([[0, 10]])), r"x0 holds token ids in \[0, 10\], outside \[0, vocab_size\)"),
-        (dict(x0=torch.tensor([[0, 1]], dtype=torch.int32)), r"x0 has dtype int32"),
+        (dict(x0=torch.tensor([[0, 1]], dtype=torch.int16)), r"x0 has dtype int16"),
         (dict(gamma=torch.zeros(3)), r"gamma has shape"),
         (dict(seed=1, generator=torch.Generator()), r"either seed or generator"),
     ],

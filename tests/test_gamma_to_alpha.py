@@ -66,11 +66,12 @@ def test_two_token_closed_form():
 
 def test_limits_nan_and_monotonicity():
     g = torch.tensor([-math.inf, -1e300, -30.0, 30.0, 1e300, math.inf, math.nan], dtype=torch.float64)
-    alpha, dalpha = duo_fast.gamma_to_alpha(g, 50257)
+    with pytest.raises(RuntimeError, match="gamma must not be NaN"):  # a level is never NaN (hardening issue)
+        duo_fast.gamma_to_alpha(g, 50257)
+    alpha, dalpha = duo_fast.gamma_to_alpha(g[:6], 50257)
     assert alpha[:3].eq(1).all() and dalpha[:3].eq(0).all()
     assert alpha[3].item() == pytest.approx(reference.gamma_to_alpha(g[3:4], 50257)[0].item(), rel=1e-7)
     assert alpha[4:6].eq(0).all() and dalpha[4:6].eq(0).all()
-    assert math.isnan(alpha[6].item()) and math.isnan(dalpha[6].item())
     grid = torch.linspace(-12, 25, 20001, dtype=torch.float64)
     for K in (2, 50257, 1 << 24):
         a, d = duo_fast.gamma_to_alpha(grid, K)

@@ -2,9 +2,10 @@
 op that takes logits (usdm_loss, linear_usdm_loss, distill_kl, sample_step,
 posterior): CPU kernels and the emulated CUDA kernels against the float64
 reference, with -inf in the first columns (every CUDA thread's first entry), the
-last columns, and scattered (also at z and x0). A row that is entirely -inf is
-unspecified (the hardening issue's policy) but must not crash or read out of
-bounds."""
+last columns, and scattered (also at z and x0). A row that is entirely -inf has
+no distribution: NaN in the losses, an error in sampling (the policy of
+duo_fast/ops.py, "Bad values"; test_bad_values.py); it never crashes or reads
+out of bounds."""
 
 from __future__ import annotations
 
@@ -224,7 +225,8 @@ def test_emulated_sampling(harness, emulated, pattern):
 
 
 def test_all_minus_inf_rows_do_not_crash(harness, emulated):
-    # Unspecified values (hardening issue), but every output is written and ids stay in range.
+    # NaN in the losses, counted and z kept in sampling (the bad-values policy); every
+    # output is written and ids stay in range.
     K, rows = 300, 3
     x = torch.randn(rows, K)
     x[1] = NEG_INF
@@ -233,22 +235,30 @@ def test_all_minus_inf_rows_do_not_crash(harness, emulated):
     d = -torch.ones(rows, dtype=torch.float64)
     loss, grad = torch.full((rows,), 7.0), torch.full((rows, K), 7.0)
     assert emulated.df_emu_usdm_loss(ptr(x), ptr(z), ptr(x0), ptr(a), ptr(d), ptr(loss), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K)) == 0
-    assert torch.isfinite(loss[[0, 2]]).all()
+    assert torch.isfinite(loss[[0, 2]]).all() and loss[1].isnan()
     kl = torch.empty(rows)
     assert emulated.df_emu_distill_kl(ptr(x), ptr(x), ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), 0) == 0
-    assert torch.isfinite(kl[[0, 2]]).all()
+    assert torch.isfinite(kl[[0, 2]]).all() and kl[1].isnan()
+    c = torch.zeros(12, dtype=torch.int32)  # a name: ptr() of a temporary would point at freed memory
+    emulated.df_emu_take_checks(ptr(c))
     out = torch.full((rows,), -5, dtype=torch.int64)
     assert emulated.df_emu_sample_step(ptr(x), 0, ptr(z), ptr(a), ptr(a), ptr(out), ctypes.c_int64(rows), ctypes.c_int64(K),
                                        ctypes.c_double(1.0), ctypes.c_double(1.0), ctypes.c_double(0.5), ctypes.c_uint64(1), ctypes.c_uint64(0)) == 0
-    assert ((out >= 0) & (out < K)).all()
+    assert ((out >= 0) & (out < K)).all() and out[1] == z[1]
     q = torch.empty(rows, K)
     assert emulated.df_emu_posterior(ptr(x), 0, ptr(z), ptr(a), ptr(a), ptr(q), ctypes.c_int64(rows), ctypes.c_int64(K),
                                      ctypes.c_double(1.0), ctypes.c_double(1.0), ctypes.c_double(0.5)) == 0
-    # CPU ops: no crash either
-    duo_fast.usdm_loss(x[None], z[None], x0[None], a[None], d[None])
-    duo_fast.distill_kl(x, x)
-    out = duo_fast.sample_step(x, z, a, a, top_p=0.5, seed=1)
-    assert ((out >= 0) & (out < K)).all()
-    duo_fast.posterior(x, z, a, a, top_p=0.5)
+    assert q[1].isnan().all() and not q[[0, 2]].isnan().any()
+    c = torch.zeros(12, dtype=torch.int32)
+    emulated.df_emu_take_checks(ptr(c))
+    assert c[11] == 2 and c.sum() == 2  # check::kLogits, once per op
+    # CPU ops: NaN losses, an error from sampling
+    assert duo_fast.usdm_loss(x[None], z[None], x0[None], a[None], d[None])[0, 1].isnan()
+    assert duo_fast.distill_kl(x, x)[1].isnan()
+    with pytest.raises(RuntimeError, match=r"logits: 1 row\(s\) \(the first: row 1"):
+        duo_fast.sample_step(x, z, a, a, top_p=0.5, seed=1)
+    with pytest.raises(RuntimeError, match=r"logits: 1 row\(s\) \(the first: row 1"):
+        duo_fast.posterior(x, z, a, a, top_p=0.5)
     bias = torch.full((K,), -math.inf)
-    duo_fast.linear_usdm_loss(torch.randn(1, rows, 4), torch.randn(K, 4), bias, z[None], x0[None], a[None], d[None])
+    loss = duo_fast.linear_usdm_loss(torch.randn(1, rows, 4), torch.randn(K, 4), bias, z[None], x0[None], a[None], d[None])
+    assert loss.isnan().all()

@@ -295,7 +295,7 @@ def test_levels_per_row_and_per_token_agree():
         (dict(z=torch.tensor([[0, 10]])), r"z holds token ids in \[0, 10\], outside \[0, vocab_size\) = \[0, 10\)"),
         (dict(z=torch.tensor([[0, -1]])), r"z holds token ids"),
         (dict(z=torch.tensor([0, 1])), r"z has shape"),
-        (dict(z=torch.tensor([[0, 1]], dtype=torch.int32)), r"z has dtype int32"),
+        (dict(z=torch.tensor([[0, 1]], dtype=torch.int16)), r"z has dtype int16"),
         (dict(logits=torch.zeros(1, 2, 10, dtype=torch.int64)), r"logits has dtype int64"),
         (dict(logits=torch.zeros(1, 2, 1)), r"vocabulary size\) must be in \[2"),
         (dict(alpha_t=torch.tensor([0.8])), r"alpha_s must be >= alpha_t"),

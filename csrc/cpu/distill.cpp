@@ -35,9 +35,11 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cpu(const at::Tensor& student, con
       const float* ls = sp + r * K;
       const float* lt = tp + r * K;
       float ms = -INFINITY, mt = -INFINITY;
+      int nonfinite = 0;  // a NaN or +inf logit in either row (-inf is probability 0)
       for (int64_t j = 0; j < K; ++j) {
         ms = ls[j] > ms ? ls[j] : ms;
         mt = lt[j] > mt ? lt[j] : mt;
+        nonfinite |= int(!(ls[j] < INFINITY)) | int(!(lt[j] < INFINITY));
       }
       // e = exp(l - max) once per entry (float polynomial, vectorized), sums in double;
       // p = e / sum then sums to 1 in double, so float only adds ~1e-7 relative
@@ -50,7 +52,9 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cpu(const at::Tensor& student, con
         ss += double(es[j]);
         st += double(et[j]);
       }
-      if (!(ms > -INFINITY) || !(mt > -INFINITY)) {  // an all--inf row: unspecified (NaN), as before
+      // NaN or +inf logits, or an all--inf row: no distribution, a NaN KL and a NaN
+      // gradient row (as log_softmax would give; exp_nonpos does not propagate NaN).
+      if (nonfinite || !(ms > -INFINITY) || !(mt > -INFINITY)) {
         klp[r] = NAN;
         if (gp) std::fill(gp + r * K, gp + (r + 1) * K, NAN);
         continue;

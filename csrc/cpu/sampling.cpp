@@ -3,15 +3,21 @@
 // the max, then the weights w_j = exp((x_j - max)/T) into a per-thread scratch
 // row (K floats, cache-resident) with their sum, the nucleus boundary when
 // top_p < 1 (radix passes over the scratch), then the mixture choice and, for
-// the model part, the inverse-CDF scan of the scratch.
+// the model part, the inverse-CDF scan of the scratch. A row with NaN, +inf or
+// no finite logit has no distribution: the op raises after the rows are done
+// (naming logits, the count and the first such row), so no id is returned.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <vector>
 
 #include "checks.h"
 #include "dispatch.h"
+#include "duo_fast/device_check.h"
 #include "duo_fast/sampling.h"
 
 namespace duo_fast {
@@ -28,6 +34,7 @@ struct Scratch {
 
 // Per-row state shared by the two ops.
 struct Row {
+  bool valid;       // the row is a distribution (check::valid_weight_sum)
   bool filter;      // top_p < 1
   Nucleus nucleus;  // the boundary when filtering
   double kept;      // mass of the kept weights (all of them without filtering)
@@ -53,8 +60,8 @@ Row prepare_row(const T* x, int64_t K, float inv_temperature, double top_p, floa
     s[0] += w[j];
   }
   const double total = (s[0] + s[1]) + (s[2] + s[3]);
-  Row row{top_p < 1.0, sampling::nucleus_start(top_p, total), total};
-  if (!row.filter) return row;
+  Row row{check::valid_weight_sum(total), top_p < 1.0, sampling::nucleus_start(top_p, total), total};
+  if (!row.valid || !row.filter) return row;
   // Radix passes over the candidates only: entries sharing the decided prefix,
   // compacted after every pass (all K at the first pass, a few percent after it).
   double hist[sampling::kRadixBins];
@@ -98,6 +105,7 @@ int64_t sample_row(const T* x, int64_t K, int64_t z, double alpha_t, double alph
                    float inv_temperature, double top_p, uint64_t seed, uint64_t offset, uint64_t token, float* w,
                    int32_t* candidates) {
   const Row row = prepare_row(x, K, inv_temperature, top_p, w, candidates);
+  if (!row.valid) return -1;  // the caller raises
   const sampling::Mixture mix = row_mixture(row, w, K, z, alpha_t, alpha_s, kappa);
   const sampling::StepDraw draw = sampling::step_draw(seed, offset, token);
   switch (sampling::choose_part(mix, draw.u_part)) {
@@ -119,14 +127,33 @@ int64_t sample_row(const T* x, int64_t K, int64_t z, double alpha_t, double alph
 }
 
 template <class T>
-void posterior_row(const T* x, int64_t K, int64_t z, double alpha_t, double alpha_s, double kappa,
+bool posterior_row(const T* x, int64_t K, int64_t z, double alpha_t, double alpha_s, double kappa,
                    float inv_temperature, double top_p, float* w, int32_t* candidates, float* q) {
   const Row row = prepare_row(x, K, inv_temperature, top_p, w, candidates);
+  if (!row.valid) return false;  // the caller raises
   const sampling::Mixture mix = row_mixture(row, w, K, z, alpha_t, alpha_s, kappa);
   const double scale = mix.p / row.kept, uniform = mix.u / double(K);
   for (int64_t j = 0; j < K; ++j) q[j] = float(scale * w[j] + uniform);
   q[z] = float(double(q[z]) + mix.z);
+  return true;
 }
+
+// Rows without a distribution, counted across threads; the first one named.
+struct BadRows {
+  std::atomic<int64_t> count{0};
+  std::atomic<int64_t> first{INT64_MAX};
+  void add(int64_t r) {
+    count.fetch_add(1, std::memory_order_relaxed);
+    int64_t f = first.load(std::memory_order_relaxed);
+    while (r < f && !first.compare_exchange_weak(f, r, std::memory_order_relaxed)) {
+    }
+  }
+  void raise_if_any() const {
+    const int64_t n = count.load();
+    TORCH_CHECK(n == 0, "duo_fast: logits: ", n, " row(s) (the first: row ", first.load(), " of the flattened leading "
+                "dimensions)", kBadLogitsRows);
+  }
+};
 
 at::Tensor sample_step_cpu(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
                            const at::Tensor& alpha_s, double kappa, double temperature, double top_p, int64_t seed,
@@ -139,14 +166,18 @@ at::Tensor sample_step_cpu(const at::Tensor& logits, const at::Tensor& z, const 
   const double *atp = at_.const_data_ptr<double>(), *asp = as_.const_data_ptr<double>();
   int64_t* op = out.mutable_data_ptr<int64_t>();
   const float inv_t = float(1.0 / temperature);
+  BadRows bad;
   dispatch_float_storage(l, "logits", [&](auto* xp) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       Scratch sc(K, top_p);
-      for (int64_t r = begin; r < end; ++r)
+      for (int64_t r = begin; r < end; ++r) {
         op[r] = sample_row(xp + r * K, K, zp[r], atp[r], asp[r], kappa, inv_t, top_p, uint64_t(seed),
                            uint64_t(offset), uint64_t(r), sc.w.data(), sc.candidates.data());
+        if (op[r] < 0) bad.add(r);
+      }
     });
   });
+  bad.raise_if_any();
   return out;
 }
 
@@ -160,14 +191,17 @@ at::Tensor posterior_cpu(const at::Tensor& logits, const at::Tensor& z, const at
   const double *atp = at_.const_data_ptr<double>(), *asp = as_.const_data_ptr<double>();
   float* qp = q.mutable_data_ptr<float>();
   const float inv_t = float(1.0 / temperature);
+  BadRows bad;
   dispatch_float_storage(l, "logits", [&](auto* xp) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       Scratch sc(K, top_p);
       for (int64_t r = begin; r < end; ++r)
-        posterior_row(xp + r * K, K, zp[r], atp[r], asp[r], kappa, inv_t, top_p, sc.w.data(), sc.candidates.data(),
-                      qp + r * K);
+        if (!posterior_row(xp + r * K, K, zp[r], atp[r], asp[r], kappa, inv_t, top_p, sc.w.data(),
+                           sc.candidates.data(), qp + r * K))
+          bad.add(r);
     });
   });
+  bad.raise_if_any();
   return q;
 }
 

@@ -38,6 +38,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> gamma_to_alpha_cpu(const at::Tensor& gamma, int64_t vocab_size) {
   check_floating(gamma, "gamma", {at::kFloat, at::kDouble});
   check_vocab(vocab_size);
+  check_not_nan(gamma, "gamma");
   const double* table = schedule_table(vocab_size);
   const at::Tensor g = gamma.contiguous();
   at::Tensor alpha = at::empty_like(g), dalpha = at::empty_like(g);

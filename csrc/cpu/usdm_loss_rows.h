@@ -20,8 +20,10 @@
 // being small against the tests' 1e-5 relative + 1e-6 absolute: 1 - alpha <
 // kF32MinOneMinusAlpha (loss error ~1e-7 |dalpha| / (1 - alpha)), r < kF32MinR
 // (the loss is ~|dalpha| r there, so the fixed float error becomes a large
-// relative one), tiny vocabularies where speed does not matter, and rows with NaN
-// or +inf logits (keeps the original NaN results).
+// relative one), tiny vocabularies where speed does not matter, rows with NaN
+// or +inf logits (keeps the original NaN results), and, with the gradient, rows
+// with z == x0 whose gradient bracket C is positive (the clean token has almost
+// no probability: the brackets cancel in float for near-flat rows).
 //
 // Both x86-64 variants of the float path are compiled from the same source:
 // AVX2 + FMA (8 floats a vector) chosen at run time, else the SSE2 baseline.
@@ -184,9 +186,19 @@ template <bool kGrad>
   const double p_b = b >= 0 ? double(scratch[b]) * inv : 0.0;
   const usdm::Sums s = usdm::add_big(small, p_b, t.r, b >= 0);
   const double p_x = double(scratch[x]) * inv, p_z = double(scratch[zz]) * inv;
+  // z == x0 with C > 0: p_z P_z W < Q_z, i.e. the model gives the clean token almost
+  // no probability (below ~1/K^2). Then the brackets C - p_j q_j are the spread of
+  // p_j q_j around its mean, which cancels in float for near-flat rows (errors up to
+  // ~2e-5 of the row's largest gradient entry, found by tests/test_fuzz.py): such
+  // rows (rare: a confidently wrong model) take the float64 entries, with or without
+  // the gradient (so the loss does not depend on whether it is asked for).
+  const usdm::Grad g = usdm::grad_constants(t, p_x, p_z, s, small.P_excl, p_b);
+  if (t.e && g.C > 0.0) {
+    row_f64(a, row, t);
+    return;
+  }
   a.loss[row] = float(usdm::loss(t, p_x, p_z, s));
   if constexpr (kGrad) {
-    const usdm::Grad g = usdm::grad_constants(t, p_x, p_z, s, small.P_excl, p_b);
     // grad_j = p_j F (C - p_j q_j) = e_j (F / (r se)) (r C - u_j q_j), the bracket
     // as H - u q (H = r C) while u <= 1, else as q - G (G = 1 - r C, in double):
     // for u > 1 both r C and u q are ~1 and their difference ~q.

@@ -112,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor> gamma_to_alpha_cuda(const at::Tensor& gamma, 
   check_floating(gamma, "gamma", {at::kFloat, at::kDouble});
   check_vocab(vocab_size);
   const c10::cuda::CUDAGuard guard(gamma.device());
-  begin_checks(gamma.device(), "gamma_to_alpha");
+  uint32_t* checks = begin_checks(gamma.device(), "gamma_to_alpha");
+  check_not_nan(gamma, "gamma");  // DUO_FAST_CUDA_SYNC_CHECKS=1 only (else on the device)
   const double* table = device_schedule_table(vocab_size, gamma.device());
   const at::Tensor g = gamma.contiguous();
   at::Tensor alpha = at::empty_like(g), dalpha = at::empty_like(g);
@@ -120,12 +121,13 @@ std::tuple<at::Tensor, at::Tensor> gamma_to_alpha_cuda(const at::Tensor& gamma, 
   int err = 0;
   if (g.scalar_type() == at::kFloat) {
     err = cuda::gamma_to_alpha_f32(g.const_data_ptr<float>(), alpha.mutable_data_ptr<float>(),
-                                   dalpha.mutable_data_ptr<float>(), g.numel(), table, stream);
+                                   dalpha.mutable_data_ptr<float>(), g.numel(), table, checks, stream);
   } else {
     err = cuda::gamma_to_alpha_f64(g.const_data_ptr<double>(), alpha.mutable_data_ptr<double>(),
-                                   dalpha.mutable_data_ptr<double>(), g.numel(), table, stream);
+                                   dalpha.mutable_data_ptr<double>(), g.numel(), table, checks, stream);
   }
   check_launch(err, "gamma_to_alpha");
+  end_checks(gamma.device(), stream);
   return {alpha, dalpha};
 }
 
@@ -380,9 +382,20 @@ at::Tensor topk_bag_backward_cuda(const at::Tensor& grad_h, const at::Tensor& id
   return grad;
 }
 
+// Waits for the device (the one synchronization of this file, asked for by
+// name) and raises what its kernels have counted since the last report.
+void check_device_errors_cuda(const at::Tensor& device_like) {
+  const c10::cuda::CUDAGuard guard(device_like.device());
+  const cudaError_t err = cudaDeviceSynchronize();
+  TORCH_CHECK(err == cudaSuccess, "duo_fast: check_device_errors: cudaDeviceSynchronize failed: ",
+              cudaGetErrorString(err));
+  begin_checks(device_like.device(), "check_device_errors");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
+  m.impl("check_device_errors", &check_device_errors_cuda);
   m.impl("usdm_loss", &usdm_loss_cuda);
   m.impl("distill_kl", &distill_kl_cuda);
   m.impl("gamma_to_alpha", &gamma_to_alpha_cuda);

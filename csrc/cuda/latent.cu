@@ -15,8 +15,12 @@ __global__ void sample_zt_kernel(const int64_t* __restrict__ x0, const double* _
   const int64_t stride = int64_t(blockDim.x) * gridDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t x = x0[i];
-    if (!check::valid_id(x, vocab_size)) {  // device-side check: an unspecified valid id
-      check::report(checks, check::kX0);
+    const bool ok_x = check::valid_id(x, vocab_size), ok_t = check::not_nan(gamma_t[i]);
+    const bool ok_s = gamma_s == nullptr || check::not_nan(gamma_s[i]);
+    if (!(ok_x && ok_t && ok_s)) {  // device-side checks: an unspecified valid id
+      if (!ok_x) check::report(checks, check::kX0);
+      if (!ok_t) check::report(checks, check::kGammaNaN);
+      if (!ok_s) check::report(checks, check::kGammaSNaN);
       z_t[i] = 0;
       if (z_s != nullptr) z_s[i] = 0;
       continue;

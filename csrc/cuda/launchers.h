@@ -13,13 +13,15 @@ namespace duo_fast {
 namespace cuda {
 
 // alpha, dalpha_dgamma = T(gamma) for n values; `table` is the device copy of
-// the per-K schedule table (schedule.h). T = float or double.
+// the per-K schedule table (schedule.h). T = float or double. NaN gammas
+// give NaN and are counted (check::kGammaNaN).
 int gamma_to_alpha_f32(const float* gamma, float* alpha, float* dalpha, int64_t n, const double* table,
-                       void* stream);
+                       uint32_t* checks, void* stream);
 int gamma_to_alpha_f64(const double* gamma, double* alpha, double* dalpha, int64_t n, const double* table,
-                       void* stream);
+                       uint32_t* checks, void* stream);
 
 // z_t (and z_s when gamma_s != nullptr) for n tokens (SPEC 2a, 2b; latent.h).
+// An invalid x0 or a NaN gamma / gamma_s gives id 0 for that token (counted).
 int sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s, int64_t n,
               int64_t vocab_size, uint64_t seed, uint64_t offset, uint32_t* checks, void* stream);
 
@@ -36,7 +38,8 @@ int usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, const do
 // Reverse-process step (SPEC 4; sampling.h) over [rows, K] logits of dtype code
 // `dtype` (0 float32, 1 bfloat16, 2 float16): z_s per row into out, or the dense
 // posterior into q [rows, K]. Scalars must already be validated; a row with an
-// invalid z or level gives id 0 / a NaN row of q.
+// invalid z or level gives id 0 / a NaN row of q; a logits row with NaN, +inf
+// or no finite entry (check::kLogits) keeps z / gives a NaN row of q.
 int sample_step(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
                 int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
                 uint64_t offset, uint32_t* checks, void* stream);

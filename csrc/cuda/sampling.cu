@@ -10,6 +10,9 @@
 // running sum passes u * kept (about half a row on average). Same weights,
 // Philox stream and selection rule as the CPU kernel, so tokens agree except
 // where a different summation order moves u * kept across a boundary.
+// A row with NaN, +inf or no finite logit (the weight sum is not >= 1,
+// check::valid_weight_sum) is counted as check::kLogits and skips the nucleus
+// passes: sample_step keeps z there, posterior writes NaN (the next op raises).
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/device_check.h"
 #include "duo_fast/reduce.h"
@@ -39,6 +42,7 @@ struct Shared {
 
 struct Row {
   float m;
+  bool valid;  // a distribution (check::valid_weight_sum); the same in every thread
   bool filter;
   sampling::Nucleus nucleus;
   double kept;
@@ -61,8 +65,8 @@ __device__ Row prepare_row(const T* x, int64_t K, float inv_temperature, double 
   double s = 0.0;
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) s += sampling::weight(to_float(x[j]), m, inv_temperature);
   const double total = reduce::block_reduce(s, reduce::Sum(), 0.0, sh.scratch_d);
-  Row row{m, top_p < 1.0, sampling::nucleus_start(top_p, total), total};
-  if (!row.filter) return row;
+  Row row{m, check::valid_weight_sum(total), top_p < 1.0, sampling::nucleus_start(top_p, total), total};
+  if (!row.valid || !row.filter) return row;  // uniform across the block: total is the block's reduction
   if (threadIdx.x == 0) sh.nucleus = row.nucleus;
   __syncthreads();
   while (true) {
@@ -186,6 +190,13 @@ __global__ void sample_step_kernel(const T* __restrict__ logits, const int64_t* 
     }
     const T* x = logits + r * K;
     const Row row = prepare_row(x, K, inv_temperature, top_p, sh);
+    if (!row.valid) {  // no distribution: keep z (counted; the next op raises)
+      if (threadIdx.x == 0) {
+        check::report(checks, check::kLogits);
+        out[r] = z[r];
+      }
+      continue;
+    }
     const sampling::StepDraw draw = sampling::step_draw(seed, offset, uint64_t(r));
     if (threadIdx.x == 0) {
       const sampling::Mixture mix = row_mixture(row, x, K, z[r], alpha_t[r], alpha_s[r], kappa, inv_temperature);
@@ -216,6 +227,11 @@ __global__ void posterior_kernel(const T* __restrict__ logits, const int64_t* __
     }
     const T* x = logits + r * K;
     const Row row = prepare_row(x, K, inv_temperature, top_p, sh);
+    if (!row.valid) {  // no distribution: a NaN row (counted; the next op raises)
+      if (threadIdx.x == 0) check::report(checks, check::kLogits);
+      for (int64_t j = threadIdx.x; j < K; j += blockDim.x) q[r * K + j] = check::nan_f();
+      continue;
+    }
     const int64_t zr = z[r];
     const sampling::Mixture mix = row_mixture(row, x, K, zr, alpha_t[r], alpha_s[r], kappa, inv_temperature);
     const double scale = mix.p / row.kept, uniform = mix.u / double(K);

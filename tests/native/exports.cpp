@@ -81,10 +81,10 @@ int df_emu_take_checks(uint32_t* out) {
 }
 
 int df_emu_gamma_to_alpha_f32(const float* g, float* a, float* d, int64_t n, const double* table) {
-  return cuda::gamma_to_alpha_f32(g, a, d, n, table, nullptr);
+  return cuda::gamma_to_alpha_f32(g, a, d, n, table, g_checks, nullptr);
 }
 int df_emu_gamma_to_alpha_f64(const double* g, double* a, double* d, int64_t n, const double* table) {
-  return cuda::gamma_to_alpha_f64(g, a, d, n, table, nullptr);
+  return cuda::gamma_to_alpha_f64(g, a, d, n, table, g_checks, nullptr);
 }
 
 int df_emu_sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s,
@@ -191,6 +191,28 @@ int df_emu_curriculum_embed_backward(const float* grad_h, const int64_t* x0, con
                                          grad_embedding, nullptr);
 }
 
+// The random inputs of sample_zt for token `token` (latent.h), for the float64
+// reference: eps_x, the uniform U of the max of the K-1 other noises, and the
+// uniform index r in [0, K - 1) whose id j* = r + (r >= x) holds that max.
+void df_latent_draw(uint64_t seed, uint64_t offset, uint64_t token, int64_t vocab_size, double* eps_x, double* u,
+                    int64_t* r) {
+  const Philox4x32 b0 = philox_block(seed, token, offset);
+  const Philox4x32 b1 = philox_block(seed, token, offset + 1);
+  *eps_x = normal2(b0).a;
+  *u = uniform53(b1.v[0], b1.v[1]);
+  *r = int64_t(uniform_index(b1.v[2], b1.v[3], uint32_t(vocab_size - 1)));
+}
+
+// The random inputs of sample_step for row `token` (sampling.h): the uniform that
+// picks the mixture part, the inverse-CDF uniform, and the uniform part's id.
+void df_step_draw(uint64_t seed, uint64_t offset, uint64_t token, int64_t vocab_size, double* u_part, double* u_cat,
+                  int64_t* uniform_id) {
+  const sampling::StepDraw d = sampling::step_draw(seed, offset, token);
+  *u_part = d.u_part;
+  *u_cat = d.u_cat;
+  *uniform_id = int64_t(uniform_index(d.hi, d.lo, uint32_t(vocab_size)));
+}
+
 // rank_key of sampling.h (ties by lower id; -0 like +0).
 uint64_t df_rank_key(float x, int64_t j) { return sampling::rank_key(x, j); }
 
@@ -219,7 +241,7 @@ int main(int argc, char** argv) {
     for (int64_t n : {int64_t(1), int64_t(127), small ? int64_t(127) : int64_t(1000)}) {
       std::vector<double> g(n), a(n), d(n);
       for (int64_t i = 0; i < n; ++i) g[i] = -25.0 + 50.0 * double(i) / double(n);
-      const int err = cuda::gamma_to_alpha_f64(g.data(), a.data(), d.data(), n, table.data(), nullptr);
+      const int err = cuda::gamma_to_alpha_f64(g.data(), a.data(), d.data(), n, table.data(), nullptr, nullptr);
       for (int64_t i = 0; i < n; ++i) {
         double ea, ed;
         schedule::gamma_to_alpha(table.data(), g[i], ea, ed);
@@ -318,18 +340,28 @@ int main(int argc, char** argv) {
     // posterior: rows are laws (>= 0, sum 1); sample_step: ids in range, and with
     // top_p < 1, kappa = 1 and alpha_s = 1 only the point mass at z or ids of the
     // posterior's support are drawn. Ties in the logits exercise the id tie-break.
-    const int64_t rows = small ? 2 : 5;
+    // The last row holds a NaN (no distribution): counted, z kept, a NaN row of q.
+    const int64_t rows = small ? 3 : 6, bad = rows - 1;
     std::vector<float> logits(rows * K), q(rows * K);
     std::vector<int64_t> z(rows), out(rows);
     std::vector<double> at(rows), as(rows, 1.0);
     for (int64_t i = 0; i < rows * K; ++i) logits[i] = float((i * 17) % 11) * 0.7f - 3.0f;
-    for (int64_t r = 0; r < rows; ++r) z[r] = (r * 3) % K, at[r] = 0.15 * double(r);
+    logits[bad * K + K / 2] = NAN;
+    for (int64_t r = 0; r < rows; ++r) z[r] = (r * 3) % K, at[r] = 0.15 * double(r % 5);
     for (double top_p : {1.0, 0.6}) {
+      uint32_t counters[check::kNumArgs] = {};
       int err = cuda::posterior(logits.data(), 0, z.data(), at.data(), as.data(), q.data(), rows, K, 1.0, 0.8, top_p,
-                                nullptr, nullptr);
+                                counters, nullptr);
       err |= cuda::sample_step(logits.data(), 0, z.data(), at.data(), as.data(), out.data(), rows, K, 1.0, 0.8, top_p,
-                               3, 0, nullptr, nullptr);
-      for (int64_t r = 0; r < rows; ++r) {
+                               3, 0, counters, nullptr);
+      bool bad_ok = counters[check::kLogits] == 2 && out[bad] == z[bad];
+      for (int64_t j = 0; j < K; ++j) bad_ok = bad_ok && std::isnan(q[bad * K + j]);
+      for (int a = 0; a < check::kNumArgs; ++a) bad_ok = bad_ok && (a == check::kLogits || counters[a] == 0);
+      if (!bad_ok) {
+        ++failures;
+        std::printf("sample_step/posterior: the NaN row was not reported as check::kLogits K=%lld\n", (long long)K);
+      }
+      for (int64_t r = 0; r < bad; ++r) {
         double sum = 0.0, mn = 1.0;
         for (int64_t j = 0; j < K; ++j) sum += q[r * K + j], mn = fmin(mn, q[r * K + j]);
         const bool in_support = out[r] >= 0 && out[r] < K && q[r * K + out[r]] > 0.0f;

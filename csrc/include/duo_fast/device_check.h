@@ -29,7 +29,10 @@ enum Arg : int {
   kAlphaS = 6,  // alpha_s outside (0, 1] or below alpha_t
   kGamma = 7,   // gamma not finite
   kInvTau = 8,  // inv_tau not finite and > 0
-  kNumArgs = 9,
+  kGammaNaN = 9,    // gamma NaN (sample_zt, gamma_to_alpha: +-inf are the limits alpha = 1, 0)
+  kGammaSNaN = 10,  // gamma_s NaN (sample_zt)
+  kLogits = 11,     // a logits row with NaN, +inf or no finite entry (sample_step, posterior)
+  kNumArgs = 12,
 };
 
 inline const char* arg_message(int a) {
@@ -43,6 +46,11 @@ inline const char* arg_message(int a) {
     case kAlphaS: return "alpha_s must be in (0, 1] and >= alpha_t";
     case kGamma: return "gamma must be finite";
     case kInvTau: return "inv_tau must be finite and > 0";
+    case kGammaNaN: return "gamma must not be NaN";
+    case kGammaSNaN: return "gamma_s must not be NaN";
+    case kLogits:
+      return "logits rows must hold no NaN or +inf and at least one finite entry (no probability distribution "
+             "to sample from: a diverged model?)";
   }
   return "?";
 }
@@ -55,6 +63,11 @@ DUO_HD bool valid_alpha_t(double a) { return a >= 0.0 && a < 1.0; }
 DUO_HD bool valid_alpha_s(double as, double at) { return as > 0.0 && as <= 1.0 && as >= at; }
 DUO_HD bool valid_gamma(double g) { return g - g == 0.0; }  // finite
 DUO_HD bool valid_inv_tau(double t) { return t > 0.0 && t - t == 0.0; }
+DUO_HD bool not_nan(double g) { return g == g; }
+// A sampling row: the sum of exp((x_j - max) / T) is >= 1 (the max entry gives
+// exactly 1) when every logit is finite or -inf with a finite max; NaN logits,
+// a +inf logit (inf - inf) and a row of only -inf (-inf + inf) make it NaN.
+DUO_HD bool valid_weight_sum(double total) { return total >= 1.0; }
 
 #if defined(__CUDACC__) || defined(DUO_FAST_EMULATE_CUDA)
 // One violation of argument `a` (counters: nullptr = no reporting).

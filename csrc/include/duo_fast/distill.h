@@ -8,8 +8,9 @@
 // A logit -inf is probability 0: 0 log 0 = 0, so such an entry of the weighting
 // law (pS for bwd, pT for fwd) adds nothing (and gets gradient 0), while a 0 in
 // the other law against a positive weight makes the KL +inf (the gradient of an
-// infinite KL is not finite). Tested on log p, so an all--inf row (log p = NaN)
-// stays NaN.
+// infinite KL is not finite). A row with a NaN or +inf logit in either law, or
+// with no finite logit, has no distribution: its KL and whole gradient row are
+// NaN (the kernels test every logit with finite_or_masked and the maximum first).
 #pragma once
 
 #include <cmath>
@@ -20,6 +21,13 @@ namespace duo_fast {
 namespace distill {
 
 enum Direction : int { kBackward = 0, kForward = 1 };
+
+// A logit that keeps the row a distribution: finite or -inf (probability 0), not
+// NaN or +inf.
+template <class T>
+DUO_HD bool finite_or_masked(T l) {
+  return l < T(INFINITY);
+}
 
 // One entry's contribution to the KL sum (accumulated by the caller).
 template <class T>
