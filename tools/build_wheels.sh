@@ -8,9 +8,10 @@
 #   CUDA    cpu     no CUDA kernels (DUO_FAST_CUDA=0, no nvcc on PATH): +cputorchA.B
 #           X.Y     the CUDA kernels, compiled by a CUDA X.Y toolkit: +cuXYtorchA.B. The
 #                   toolkit is $CUDA_HOME, or nvcc on PATH, or /usr/local/cuda-X.Y, whichever
-#                   is release X.Y; else it comes from PyPI into the build venv
-#                   (nvidia-cuda-nvcc-cuX and nvidia-cuda-runtime-cuX == X.Y.*, merged into
-#                   one toolkit folder). torch must be a CUDA X.* build (CMake checks).
+#                   is release X.Y; else it comes from PyPI into build/wheel-envs
+#                   (nvidia-cuda-nvcc-cu12 and nvidia-cuda-runtime-cu12 == X.Y.* for CUDA 12,
+#                   nvidia-cuda-nvcc and nvidia-cuda-runtime for 13 on; merged into one
+#                   toolkit folder). torch must be a CUDA X.* build (CMake checks).
 #
 # Options:
 #   --out DIR            where the wheels go (default: dist/)
@@ -19,6 +20,7 @@
 #   --archs "8.0;9.0"    DUO_FAST_CUDA_ARCHS (default: CMakeLists.txt's)
 #   --jobs N             DUO_FAST_BUILD_JOBS (default: the CPU count)
 #   --no-smoke           skip tools/smoke_wheel.sh
+#   --pypi-cuda          take the toolkit from PyPI even where one of release X.Y is installed
 #   --base-python PY     an interpreter whose torch is reused when it is exactly TORCH (no
 #                        second download): the build venv sees its site-packages through a
 #                        .pth file (default: .venv/bin/python of this repository, if present)
@@ -34,7 +36,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
-out=dist torch_index="" archs="" jobs=$(nproc) smoke=1
+out=dist torch_index="" archs="" jobs=$(nproc) smoke=1 pypi_cuda=0
 base_python=""
 [[ -x .venv/bin/python ]] && base_python=$repo/.venv/bin/python
 specs=()
@@ -45,6 +47,7 @@ while (($#)); do
     --archs) archs=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --no-smoke) smoke=0; shift ;;
+    --pypi-cuda) pypi_cuda=1; shift ;;
     --base-python) base_python=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
@@ -96,23 +99,33 @@ nvcc_release() { "$1" --version 2>/dev/null | sed -n 's/.*release \([0-9]*\.[0-9
 # cuda_home X.Y PYTHON -> prints a toolkit root of release X.Y
 cuda_home() {
   local want=$1 python=$2 c
-  for c in "${CUDA_HOME:-}" "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")")" "/usr/local/cuda-$want"; do
+  ((pypi_cuda)) || for c in "${CUDA_HOME:-}" "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")")" "/usr/local/cuda-$want"; do
     if [[ -n $c && -x $c/bin/nvcc && $(nvcc_release "$c/bin/nvcc") == "$want" ]]; then echo "$c"; return; fi
   done
   # From PyPI: nvcc and the runtime (headers, libcudart) as wheels, copied into one folder
-  # laid out like a toolkit (bin, include, lib64, nvvm): nvcc finds its includes beside bin.
+  # laid out like a toolkit (bin, include, lib64, nvvm): nvcc finds its includes beside
+  # bin. CUDA 12 (and 11): nvidia-cuda-{nvcc,runtime}-cu12 (nvidia/cuda_nvcc, .../cuda_runtime);
+  # CUDA 13 on: nvidia-cuda-{nvcc,runtime} (both in nvidia/cu13).
   local major=${want%%.*} root=$envs/cuda-$want
   if [[ ! -x $root/bin/nvcc ]]; then
-    local pkgs=$envs/cuda-$want-pkgs
-    echo "CUDA $want: nvidia-cuda-nvcc-cu$major and nvidia-cuda-runtime-cu$major from PyPI" >&2
+    local pkgs=$envs/cuda-$want-pkgs suffix=""
+    ((major <= 12)) && suffix=-cu$major
+    echo "CUDA $want: nvidia-cuda-nvcc$suffix and nvidia-cuda-runtime$suffix $want.* from PyPI" >&2
     "$python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$pkgs" \
-      "nvidia-cuda-nvcc-cu$major==$want.*" "nvidia-cuda-runtime-cu$major==$want.*" >&2
+      "nvidia-cuda-nvcc$suffix==$want.*" "nvidia-cuda-runtime$suffix==$want.*" >&2
+    local nvcc_bin header
+    nvcc_bin=$(find "$pkgs/nvidia" -path '*/bin/nvcc' -type f | head -1)
+    header=$(find "$pkgs/nvidia" -path '*/include/cuda_runtime.h' -type f | head -1)
+    if [[ -z $nvcc_bin ]]; then
+      echo "PyPI's nvidia-cuda-nvcc$suffix $want has no nvcc binary (only ptxas: the CUDA 12 wheels are" \
+           "trimmed for JIT use; CUDA 13's are complete). Install a CUDA $want toolkit (NVIDIA's installer" \
+           "or repository, conda's cuda-nvcc + cuda-cudart-dev) and pass it as CUDA_HOME=/path/to/cuda-$want." >&2
+      exit 1
+    fi
+    if [[ -z $header ]]; then echo "no include/cuda_runtime.h in the CUDA wheels in $pkgs" >&2; exit 1; fi
     rm -rf "$root"; mkdir -p "$root/lib64"
-    local d
-    for d in "$pkgs"/nvidia/cuda_nvcc "$pkgs"/nvidia/cuda_runtime; do
-      [[ -d $d ]] || { echo "unexpected layout of the CUDA wheels in $pkgs" >&2; exit 1; }
-      cp -a "$d"/. "$root"/
-    done
+    cp -a "$(dirname "$(dirname "$nvcc_bin")")"/. "$root"/
+    cp -a "$(dirname "$(dirname "$header")")"/. "$root"/
     if [[ -d $root/lib ]]; then cp -a "$root"/lib/. "$root"/lib64/; fi
     (cd "$root/lib64" && for so in libcudart.so.*; do [[ -e libcudart.so ]] || ln -s "$so" libcudart.so; done)
     chmod +x "$root"/bin/* "$root"/nvvm/bin/* 2>/dev/null || true
