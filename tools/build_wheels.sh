@@ -9,9 +9,9 @@
 #           X.Y     the CUDA kernels, compiled by a CUDA X.Y toolkit: +cuXYtorchA.B. The
 #                   toolkit is $CUDA_HOME, or nvcc on PATH, or /usr/local/cuda-X.Y, whichever
 #                   is release X.Y; else it comes from PyPI into build/wheel-envs
-#                   (nvidia-cuda-nvcc-cu12 and nvidia-cuda-runtime-cu12 == X.Y.* for CUDA 12,
-#                   nvidia-cuda-nvcc and nvidia-cuda-runtime for 13 on; merged into one
-#                   toolkit folder). torch must be a CUDA X.* build (CMake checks).
+#                   (CUDA 13 on: nvidia-cuda-nvcc, -runtime, -crt and nvidia-nvvm == X.Y.*,
+#                   merged into one toolkit folder; PyPI's CUDA 12 nvcc wheels lack nvcc, so
+#                   CUDA 12 needs an installed toolkit). torch must be a CUDA X.* build.
 #
 # Options:
 #   --out DIR            where the wheels go (default: dist/)
@@ -105,14 +105,14 @@ cuda_home() {
   # From PyPI: nvcc and the runtime (headers, libcudart) as wheels, copied into one folder
   # laid out like a toolkit (bin, include, lib64, nvvm): nvcc finds its includes beside
   # bin. CUDA 12 (and 11): nvidia-cuda-{nvcc,runtime}-cu12 (nvidia/cuda_nvcc, .../cuda_runtime);
-  # CUDA 13 on: nvidia-cuda-{nvcc,runtime} (both in nvidia/cu13).
+  # CUDA 13 on: nvidia-cuda-{nvcc,runtime,crt} and nvidia-nvvm (all in nvidia/cu13).
   local major=${want%%.*} root=$envs/cuda-$want
   if [[ ! -x $root/bin/nvcc ]]; then
-    local pkgs=$envs/cuda-$want-pkgs suffix=""
-    ((major <= 12)) && suffix=-cu$major
-    echo "CUDA $want: nvidia-cuda-nvcc$suffix and nvidia-cuda-runtime$suffix $want.* from PyPI" >&2
+    local pkgs=$envs/cuda-$want-pkgs suffix="" extra=()
+    if ((major <= 12)); then suffix=-cu$major; else extra=("nvidia-cuda-crt==$want.*" "nvidia-nvvm==$want.*"); fi
+    echo "CUDA $want: nvidia-cuda-nvcc$suffix, nvidia-cuda-runtime$suffix ${extra[*]} $want.* from PyPI" >&2
     "$python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$pkgs" \
-      "nvidia-cuda-nvcc$suffix==$want.*" "nvidia-cuda-runtime$suffix==$want.*" >&2
+      "nvidia-cuda-nvcc$suffix==$want.*" "nvidia-cuda-runtime$suffix==$want.*" "${extra[@]}" >&2
     local nvcc_bin header
     nvcc_bin=$(find "$pkgs/nvidia" -path '*/bin/nvcc' -type f | head -1)
     header=$(find "$pkgs/nvidia" -path '*/include/cuda_runtime.h' -type f | head -1)
