@@ -54,10 +54,11 @@ def _check_build(path=None) -> dict | None:
         problem = (f"it was built with CUDA {info['cuda_version']}, but the installed torch {torch.__version__} "
                    f"uses CUDA {torch.version.cuda} (the CUDA major versions must match)")
     if problem:
+        spec = torch.__version__ if torch.__version__.endswith("+cpu") else torch.__version__.split("+")[0]
         raise ImportError(
             f"duo_fast {info['version']} cannot load its compiled library here: {problem}. Install the duo_fast "
             f"wheel built for this torch: duo_fast-{info['version']}{_wheel_tag()} (build it with "
-            f"`tools/build_wheels.sh {torch.__version__.split('+')[0]}:{torch.version.cuda or 'cpu'}`, or "
+            f"`tools/build_wheels.sh {spec}:{torch.version.cuda or 'cpu'}`, or "
             f"`pip install --no-build-isolation .` from the source with this torch installed), or install "
             f"torch {built}.x{' with CUDA ' + info['cuda_version'].split('.')[0] + '.x' if info.get('cuda') else ''}."
         )
