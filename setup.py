@@ -25,6 +25,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 BASE_VERSION = "0.1.0"
+BUILD_INFO = "_build_info.json"  # written by CMakeLists.txt beside _C
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,14 +94,22 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         # CPU-only builds get their own directory, so that switching DUO_FAST_CUDA does
-        # not rebuild (or reconfigure) the other variant.
+        # not rebuild (or reconfigure) the other variant; so does each torch version
+        # (objects compiled against one torch's headers must not be reused for another:
+        # tools/build_wheels.sh builds several from one tree).
         variant = "cpu" if cuda_requested() == "0" else "cuda"
-        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}-{variant}"
+        import torch
+
+        torch_tag = re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}-torch{torch_tag}-{variant}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
         args = [
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DPython_EXECUTABLE={sys.executable}",
+            # Drop FindPython's cached interpreter, so that a build folder configured
+            # from another venv (tools/build_wheels.sh) takes this one.
+            "-U_Python_*",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DDUO_FAST_CUDA={cuda_requested()}",
             # Always passed, so that a value cached by an earlier configure never outlives
@@ -122,6 +131,17 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "--config", cfg, "-j", jobs], check=True)
 
+    def copy_extensions_to_source(self) -> None:
+        """In-place builds (build_ext --inplace, editable installs): the build record
+        goes beside _C too."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            src = Path(regular_file).with_name(BUILD_INFO)
+            if src.exists():
+                self.copy_file(str(src), str(Path(inplace_file).with_name(BUILD_INFO)), level=self.verbose)
+
 
 setup(
     name="duo_fast",
@@ -133,6 +153,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "tqdm"],
     entry_points={"console_scripts": ["duo-fast=duo_fast.cli:main"]},
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "scipy", "mpmath"], "demo": ["matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "scipy", "mpmath", "matplotlib"],
+                    "demo": ["matplotlib"], "bench": ["matplotlib"]},
     zip_safe=False,
 )

@@ -5,8 +5,8 @@
 
 Ratios against the reference, peak memory and the BASELINES targets:
 `python -m benchmarks.report --ops curriculum_embed,curriculum_topk,curriculum_topk_embed`.
-References: the float32 dense Duo curriculum and utils.sample_tempered_softmax_topk
-re-implemented in cases_curriculum.py.
+References: the Duo code's simple curriculum and utils.sample_tempered_softmax_topk +
+EmbeddingLayer.forward (duo_fast/bench/cases_curriculum.py; the eager copy without the Duo code).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases_curriculum import (
+from duo_fast.bench.cases_curriculum import (
     _drop_grad,
     _embed_duo,
     _embed_ref,
@@ -31,7 +31,7 @@ N, K = 128, 8192
 @pytest.mark.parametrize("side", ["duo", "ref"])
 def test_curriculum_embed_fwd_bwd(benchmark, side):
     benchmark.group = f"curriculum_embed fwd+bwd N={N} K={K} d=768"
-    st = _setup(N, K, True)("cpu")
+    st = _setup(N, K, 768, True, ref=side == "ref")("cpu")
     fn = _embed_duo if side == "duo" else _embed_ref
 
     def run():
@@ -46,7 +46,7 @@ def test_curriculum_embed_fwd_bwd(benchmark, side):
 @pytest.mark.parametrize("side", ["duo", "ref"])
 def test_curriculum_topk(benchmark, side, k):
     benchmark.group = f"curriculum_topk k={k} N={N} K={K}"
-    st = _setup(N, K, False)("cpu")
+    st = _setup(N, K, 768, False, ref=side == "ref")("cpu")
     out = benchmark(_topk_duo(k) if side == "duo" else _topk_ref(k), st)
     ids = out[0] if side == "duo" else out[1]
     assert ids.shape == (*st["x0"].shape, k) and int(ids.max()) < K
@@ -55,7 +55,7 @@ def test_curriculum_topk(benchmark, side, k):
 @pytest.mark.parametrize("side", ["duo", "ref"])
 def test_curriculum_topk_embed_fwd_bwd(benchmark, side):
     benchmark.group = f"curriculum_topk_embed fwd+bwd k=128 N={N} K={K} d=768"
-    st = _setup(N, K, True)("cpu")
+    st = _setup(N, K, 768, True, ref=side == "ref")("cpu")
     fn = _topk_embed_duo(128) if side == "duo" else _topk_embed_ref(128)
 
     def run():

@@ -3,7 +3,7 @@
     pytest benchmarks/ --benchmark-only            # time them
     pytest benchmarks/ --benchmark-disable         # run each once, as a smoke test
 
-The ratios against the float32 eager reference and peak memory are in
+The ratios against the Duo code's kl-bwd (duo_code.kl_bwd) and peak memory are in
 `python -m benchmarks.report --ops distill_kl` (fresh process per measurement).
 """
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import duo_fast
-
-from .cases_distill_kl import _setup, eager_kl_bwd
+from duo_fast.bench import duo_code
+from duo_fast.bench.cases_distill_kl import _ref_setup
 
 SIZES = [(128, 50257), (512, 1024)]  # (N, K)
 
@@ -24,7 +24,7 @@ def _duo(st):
 
 
 def _ref(st):
-    return eager_kl_bwd(st["student"], st["teacher"])
+    return duo_code.kl_bwd(st["model"], st["student"], st["teacher"])
 
 
 def _fwd_bwd(fn, st):
@@ -38,7 +38,7 @@ def _fwd_bwd(fn, st):
 @pytest.mark.parametrize("side", ["duo", "ref"])
 def test_distill_kl_fwd_bwd(benchmark, side, N, K):
     benchmark.group = f"distill_kl bwd fwd+bwd N={N} K={K} fp32"
-    st = _setup(N, K)("cpu")
+    st = _ref_setup(N, K)("cpu")
     kl = benchmark(_fwd_bwd, _duo if side == "duo" else _ref, st)
     assert kl.shape == st["student"].shape[:-1] and kl.dtype == torch.float32
     assert bool((kl >= -1e-5).all()) and st["student"].grad is not None

@@ -5,7 +5,7 @@
 
 The ratios against the reference, peak memory and the BASELINES targets are in
 `python -m benchmarks.report --ops sample_step` (fresh process per measurement).
-The reference entry is the float64 Duo step of cases_sample_step.duo_step.
+The reference entry is the Duo code's float64 _ancestral_update (duo_code.ancestral_step).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases_sample_step import _duo_fn, _ref_fn, _setup
+from duo_fast.bench.cases_sample_step import _duo_fn, _ref_fn, _ref_setup
 
 SIZES = [(128, 50257), (512, 1024)]  # (N, K)
 
@@ -23,8 +23,10 @@ SIZES = [(128, 50257), (512, 1024)]  # (N, K)
 @pytest.mark.parametrize("side", ["duo", "ref"])
 def test_sample_step(benchmark, side, top_p, N, K):
     benchmark.group = f"sample_step N={N} K={K} top_p={top_p}"
-    st = _setup(N, K, 0.6, top_p)("cpu")
-    fn = _duo_fn if side == "duo" else _ref_fn(torch.float64)
+    st = _ref_setup(N, K, 0.6, top_p, True)("cpu")
+    if side == "duo":  # duo_fast takes the float64 levels
+        st["alpha_t"], st["alpha_s"] = st["alpha_t"].double(), st["alpha_s"].double()
+    fn = _duo_fn if side == "duo" else _ref_fn(False)
     z_s = benchmark(fn, st)
     assert z_s.shape == st["z"].shape and z_s.dtype == torch.int64
     assert int(z_s.min()) >= 0 and int(z_s.max()) < K

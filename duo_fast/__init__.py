@@ -16,6 +16,57 @@ from __future__ import annotations
 # importing torch loads them, and _C's dependencies resolve to those by soname.
 import torch  # noqa: F401
 
+
+def _torch_mm(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _wheel_tag() -> str:
+    """The local version tag of the duo_fast wheel that matches the running torch."""
+    mm = _torch_mm(torch.__version__)
+    cuda = torch.version.cuda
+    return f"+cu{cuda.replace('.', '')}torch{mm}" if cuda else f"+cputorch{mm}"
+
+
+def _check_build(path=None) -> dict | None:
+    """Compare the record that the build left beside _C (_build_info.json: the torch
+    and CUDA versions it was compiled against) with the running torch, before _C is
+    loaded: _C uses torch's C++ ABI, which changes between torch minor versions, and
+    a CUDA build links the CUDA runtime of one major version. Raises ImportError
+    naming the wheel to get; returns the record (None where a build has none)."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name("_build_info.json") if path is None else Path(path)
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    built, running = _torch_mm(info["torch_version"]), _torch_mm(torch.__version__)
+    variant = f"CUDA {info['cuda_version']}" if info.get("cuda") else "CPU only"
+    problem = None
+    if built != running:
+        problem = f"it was built against torch {info['torch_version']} ({variant}), but torch {torch.__version__} is installed"
+    elif info.get("cuda") and not torch.version.cuda:
+        problem = (f"it was built with CUDA kernels (CUDA {info['cuda_version']}) against a CUDA build of torch, "
+                   f"but the installed torch {torch.__version__} is a CPU-only build")
+    elif info.get("cuda") and torch.version.cuda.split(".")[0] != info["cuda_version"].split(".")[0]:
+        problem = (f"it was built with CUDA {info['cuda_version']}, but the installed torch {torch.__version__} "
+                   f"uses CUDA {torch.version.cuda} (the CUDA major versions must match)")
+    if problem:
+        spec = torch.__version__ if torch.__version__.endswith("+cpu") else torch.__version__.split("+")[0]
+        raise ImportError(
+            f"duo_fast {info['version']} cannot load its compiled library here: {problem}. Install the duo_fast "
+            f"wheel built for this torch: duo_fast-{info['version']}{_wheel_tag()} (build it with "
+            f"`tools/build_wheels.sh {spec}:{torch.version.cuda or 'cpu'}`, or "
+            f"`pip install --no-build-isolation .` from the source with this torch installed), or install "
+            f"torch {built}.x{' with CUDA ' + info['cuda_version'].split('.')[0] + '.x' if info.get('cuda') else ''}."
+        )
+    return info
+
+
+_check_build()
+
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - only without a build

@@ -2,6 +2,7 @@
 
     duo-fast demo [--quick] [...]        the main job: train, distill, sample, measure (duo_fast.demo)
     duo-fast duo [--parts ...] main.py   run the Duo codebase's main.py patched (duo_fast.integrations.duo)
+    duo-fast bench [--tiny|--full] [...] duo_fast vs the Duo code: table, CSV, plots (duo_fast.bench)
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 COMMANDS = {
     "demo": ("duo_fast.demo", "train a small Duo model, distill it (DCD), sample it in 1-64 steps, measure exactly"),
     "duo": ("duo_fast.integrations.duo", "run the Duo codebase's unmodified main.py with duo_fast patched in"),
+    "bench": ("duo_fast.bench.report", "benchmark duo_fast against the Duo code (eager and torch.compile): "
+                                       "markdown table, CSV, plots"),
 }
 
 
@@ -28,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     import importlib
 
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    module.main(argv[1:])
+    rc = module.main(argv[1:])
+    if isinstance(rc, int) and rc != 0:
+        raise SystemExit(rc)
 
 
 if __name__ == "__main__":

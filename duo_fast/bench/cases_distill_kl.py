@@ -7,14 +7,17 @@ Sides (each in a fresh process, see benchmarks/README.md):
 
   * duo:      duo_fast.distill_kl(student, teacher, "bwd").sum().backward()
               (student float32 requiring grad; .grad dropped before each call).
-  * ref:      float32 eager: ls = log_softmax(student), lt = log_softmax(teacher)
-              (teacher detached), KL(pS || pT) = sum_j exp(ls_j) (ls_j - lt_j),
-              .sum().backward() (autograd).
+  * ref:      Distillation.nll's kl-bwd on logits: both through the Duo code's
+              DUO_BASE._process_model_output (log_softmax; the teacher detached, as
+              _teacher_logits returns it), then the KL expression that
+              Distillation.nll writes inline, sum_j exp(ls_j) (ls_j - lt_j) (there
+              is no Duo function for it to call); .sum().backward() (duo_code.kl_bwd).
   * compiled: torch.compile of the same fwd+bwd function (--full only; compile time
               is the warm-up call, not counted).
 
 Sizes as cases_usdm_loss: --quick N=256 (B=1, L=256) x K=50257 and N=2048
-(B=2, L=1024) x K=1024; --full N in {2048, 8192} x K in {1024, 50257}; reference
+(B=2, L=1024) x K=1024; --full N in {2048, 8192} x K in {1024, 50257}; --tiny
+N=64 x K=1000; reference
 sides whose estimated peak exceeds REF_LIMIT_GIB are left out (footnote).
 
 Inputs: student, teacher ~ N(0, 1) float32, independent.
@@ -29,6 +32,7 @@ import torch
 
 import duo_fast
 
+from . import duo_code
 from .common import Case, Impl, ref_limit_gib, token_sizes
 
 OP = "distill_kl"
@@ -59,11 +63,15 @@ def _setup(N: int, K: int):
     return setup
 
 
-def eager_kl_bwd(student, teacher):
-    """KL(pS || pT) per token, float32 eager, gradient to the student only."""
-    ls = torch.log_softmax(student, dim=-1)
-    lt = torch.log_softmax(teacher.detach(), dim=-1)
-    return (ls.exp() * (ls - lt)).sum(-1)
+def _ref_setup(N: int, K: int):
+    base = _setup(N, K)
+
+    def setup(device):
+        st = base(device)
+        st["model"] = duo_code.reference().Model(K, device)
+        return st
+
+    return setup
 
 
 def _drop_grad(st):
@@ -75,7 +83,7 @@ def duo_fwd_bwd(st):
 
 
 def ref_fwd_bwd(st):
-    eager_kl_bwd(st["student"], st["teacher"]).sum().backward()
+    duo_code.kl_bwd(st["model"], st["student"], st["teacher"]).sum().backward()
 
 
 def ref_peak_gib(N: int, K: int, side: str) -> float:
@@ -97,15 +105,17 @@ def cases(mode: str, device: str) -> list[Case]:
         ref = compiled = None
         est = ref_peak_gib(N, K, "ref")
         if est <= limit:
-            ref = Impl(ref_fwd_bwd, before_each=_drop_grad,
-                       note="float32 eager: log_softmax of both, sum exp(ls)(ls - lt), autograd backward")
+            ref = Impl(ref_fwd_bwd, before_each=_drop_grad, setup=_ref_setup(N, K), source=duo_code.source,
+                       note="Distillation.nll's kl-bwd: DUO_BASE._process_model_output (log_softmax) of both, "
+                            "its inline sum exp(ls)(ls - lt), autograd backward")
         else:
             notes.append(f"{OP} N={N} K={K}: eager reference not run: it would need ~{est:.1f} GiB "
                          f"(~{REF_PEAK_UNITS['ref']:g} x one logits tensor) > {limit:g} GiB here")
         if full:
             est_c = ref_peak_gib(N, K, "compiled")
             if est_c <= limit:
-                compiled = Impl(ref_fwd_bwd, before_each=_drop_grad, compile=True,
+                compiled = Impl(ref_fwd_bwd, before_each=_drop_grad, compile=True, setup=_ref_setup(N, K),
+                                source=duo_code.source,
                                 note="torch.compile of the same fwd+bwd function (compile time not counted)")
             else:
                 notes.append(f"{OP} N={N} K={K}: compiled reference not run: it would need ~{est_c:.1f} GiB "

@@ -25,9 +25,10 @@ Steps (BASELINES.md, "The drop-in, end to end"):
 True)`` (its own ``_loss`` cannot call it: see integrations/duo.py). t is the
 reference's ``_sample_t``; ``.grad`` is dropped before each call.
 
-Sizes: ``tiny`` (hidden 64, 2 blocks, 4 heads, vocab 256, B=4, L=32) and
-``gpt2`` (hidden 256, 4 blocks, 4 heads, vocab 50257, B=4, L=256: BASELINES'
-size; --quick uses B=2, L=128).
+Sizes: ``tiny`` (hidden 64, 2 blocks, 4 heads, vocab 256, B=4, L=32; the only
+one in --tiny) and ``gpt2`` (hidden 256, 4 blocks, 4 heads, vocab 50257, B=4,
+L=256: BASELINES' size; --quick uses B=2, L=128). Without the Duo code these
+cases are skipped (CasesUnavailable).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .common import Case, Impl, Target
+from .common import Case, CasesUnavailable, Impl, Target
 
 OP = "duo_dropin"
 
@@ -117,12 +118,12 @@ def _available() -> None:
     from duo_fast.integrations.duo_reference import find_reference_dir
 
     if find_reference_dir() is None:
-        raise RuntimeError("the Duo codebase was not found ($DUO_REFERENCE_DIR): the drop-in cases need it")
+        raise CasesUnavailable("the Duo codebase was not found ($DUO_REFERENCE_DIR): the drop-in cases need it")
 
 
 def cases(mode: str, device: str) -> list[Case]:
     _available()
-    configs = ["tiny", "gpt2"] if mode == "full" else ["tiny", "gpt2-quick"]
+    configs = {"full": ["tiny", "gpt2"], "quick": ["tiny", "gpt2-quick"], "tiny": ["tiny"]}[mode]
     out = []
     for config in configs:
         hidden, blocks, heads, _, K, B, L = CONFIGS[config]
@@ -132,7 +133,7 @@ def cases(mode: str, device: str) -> list[Case]:
                 duo = Impl(_run(step), before_each=_drop_grad, setup=lambda dev, c=config, s=step: _build(c, s, True, dev),
                            note="the Duo code's own model, duo_fast.integrations.duo.patch() applied")
             ref = Impl(_run(step), before_each=_drop_grad, setup=lambda dev, c=config, s=step: _build(c, s, False, dev),
-                       note="the Duo code's own model, unpatched")
+                       note="the Duo code's own model, unpatched", source="Duo code")
             out.append(Case(
                 op=OP, name=f"{config}-{step}",
                 size=f"{step}: DiT h={hidden} x{blocks} K={K} B={B} L={L}",

@@ -3,35 +3,30 @@
 BASELINES.md target: "usdm_loss fwd+bwd, N=2048, K=50257, fp32 logits: >= 8x
 reference, >= 2.5x compiled; peak extra memory <= 1.1x the logits' bytes (the
 gradient)". The BASELINES reference row is "log_softmax + ELBO loss, forward +
-backward" (the Duo code run as is: float32 logits, log_softmax in float32, then
-DUO_BASE.nll_per_token, autograd backward).
+backward" (the Duo code run as is).
 
 Sides (each in a fresh process, see benchmarks/README.md):
 
-  * duo:      duo_fast.usdm_loss(logits, z, x0, alpha, dalpha).sum().backward()
-              (logits float32 requiring grad; .grad dropped before each call).
-  * ref:      `duo_eager_loss` below: a float32 eager re-implementation of the Duo
-              code's path -- log_softmax(logits) in float32, then SPEC section 3's
-              formula with every [N, K] temporary materialized as
-              DUO_BASE.nll_per_token does (exp, K*alpha*p, +1, -alpha, log, sum) --
-              then .sum().backward(). This mirrors BASELINES.md's reference row.
-              duo_fast.reference.usdm_loss (float64 math) is NOT the timed
-              reference: it is slower than the Duo code (float64 [N, K] tensors);
-              it is only the accuracy oracle (tests/).
-  * compiled: torch.compile(the same fwd+bwd function) (--full only; compile time is
-              the first warm-up call and is not counted; it compiles in well under
-              2 min here).
+  * duo:      duo_fast.usdm_loss(logits, z, x0, alpha, dalpha, inplace_grad=True)
+              .sum().backward() (logits float32 requiring grad; .grad dropped
+              before each call).
+  * ref:      the Duo code's DUO_BASE._process_model_output (log_softmax, float32)
+              and DUO_BASE.nll_per_token, called on a stand-in model
+              (duo_code.loss; the eager copy where the Duo code is absent), then
+              .sum().backward(). duo_fast.reference.usdm_loss (float64) is the
+              accuracy oracle of the tests, not timed.
+  * compiled: torch.compile of the same fwd+bwd function (--full and --tiny;
+              compile time is the first warm-up call and is not counted).
 
 Sizes: --quick N=256 (B=1, L=256) x K=50257 and N=2048 (B=2, L=1024) x K=1024;
---full N in {2048, 8192} (L=1024) x K in {1024, 50257}. The eager / compiled
-reference sides are left out where their estimated peak extra memory exceeds
-REF_LIMIT_GIB (see REF_PEAK_UNITS); said in a footnote.
+--full N in {2048, 8192} (L=1024) x K in {1024, 50257}; --tiny N=64 x K=1000.
+Reference sides whose estimated peak exceeds the limit (REF_PEAK_UNITS) are
+left out, said in a footnote.
 
 Inputs: alpha per batch row ([B, 1], float32, as DUO_BASE passes alpha_t) from
-duo_fast.gamma_to_alpha on gamma uniform in the Duo training range (so alpha in
-(0, 1)); dalpha = (gamma_max - gamma_min) * dalpha/dgamma < 0 (d alpha / d t for
-the linear gamma schedule); z = x0 for about half the tokens, a uniform random id
-otherwise; logits ~ N(0, 1).
+duo_fast.gamma_to_alpha on gamma uniform in the Duo training range;
+dalpha = (gamma_max - gamma_min) * dalpha/dgamma < 0; z = x0 for about half the
+tokens, a uniform random id otherwise; logits ~ N(0, 1).
 
 GB/s: duo_fast's 3 sweeps over the row read the logits 3 times (log-sum-exp,
 reductions, gradient) and write the gradient once: 4 * N * K * 4 bytes.
@@ -46,17 +41,15 @@ import torch
 import duo_fast
 from duo_fast import reference as R
 
+from . import duo_code
 from .common import Case, Impl, Target, ref_limit_gib, token_sizes
 
 OP = "usdm_loss"
 GAMMA_MIN, GAMMA_MAX = R.DUO_GAMMA_MIN, R.DUO_GAMMA_MAX  # Duo default training range
 TARGET_K = 50257
-# Peak extra memory of the eager float32 reference fwd+bwd, in units of the logits'
-# bytes (N*K*4), measured here at N=2048, K=50257: eager 5.0 (1963 MiB, as BASELINES),
-# compiled 4.0 (1570 MiB, as BASELINES); with some margin. Sides whose estimate
-# exceeds the limit are not run.
+# Peak extra memory of the reference fwd+bwd, in units of the logits' bytes (N*K*4),
+# measured at N=2048, K=50257: eager 5.0, compiled 4.0; with some margin.
 REF_PEAK_UNITS = {"ref": 5.5, "compiled": 4.5}
-REF_LIMIT_GIB = {"cpu": 9.0, "cuda": 40.0}
 MEM_TARGET = 1.1  # x the logits' bytes
 
 
@@ -84,56 +77,34 @@ def _setup(N: int, K: int):
             "x0": x0.to(device),
             "alpha": alpha.to(device=device, dtype=torch.float32)[:, None],   # [B, 1]
             "dalpha": dalpha.to(device=device, dtype=torch.float32)[:, None],  # [B, 1]
+            "K": K,
         }
 
     return setup
 
 
-def duo_eager_loss(logits, z, x0, alpha, dalpha):
-    """Float32 eager loss along the Duo code's path (SPEC section 3 on
-    log_x_theta = log_softmax(logits)); alpha, dalpha [B, 1] (or [B, L]).
+def with_model(setup, **model_kw):
+    """setup, plus st["model"]: the reference's stand-in Duo model (vocab_size = st["K"])."""
 
-    Every [N, K] temporary is materialized as DUO_BASE.nll_per_token does:
-    log_softmax, exp, K*alpha*p, +1, -alpha (the model marginal xb), log(xb), and
-    the row sum of log(xb); the entries at z and x are gathered from xb.
-    """
-    K = logits.shape[-1]
-    log_x_theta = logits.log_softmax(dim=-1)  # float32, as DUO_BASE._process_model_output
-    a = alpha[:, :, None]
-    p = log_x_theta.exp()
-    xb = K * a * p + 1 - a                       # model's marginal at t, all j: [B, L, K]
-    coeff = dalpha / (K * alpha)
-    e = (x0 == z).float()
-    ne = 1 - e
-    xbar_z = (1 - alpha) + K * alpha * e         # true marginal at z
-    xb_z = torch.gather(xb, -1, z.unsqueeze(-1)).squeeze(-1)
-    xb_x = torch.gather(xb, -1, x0.unsqueeze(-1)).squeeze(-1)
-    term1 = K * (1 / xbar_z - 1 / xb_z)
-    c = (1 - alpha) / (K * alpha + 1 - alpha)
-    A = e * c + ne
-    offset = ((K - 1) * c * e - (1 / c) * ne) * c.log()
-    S = xb.log().sum(-1)
-    term2 = -A * (S - K * xb_z.log())
-    term2 = term2 - K * alpha / (1 - alpha) * (xb_x.log() - xb_z.log()) * ne
-    term2 = term2 + offset
-    return coeff * (term1 - term2)
+    def wrapped(device):
+        st = setup(device)
+        st["model"] = duo_code.reference().Model(st["K"], device, **model_kw)
+        return st
+
+    return wrapped
 
 
 def _drop_grad(st):
     st["logits"].grad = None
 
 
-def _fwd_bwd(loss_fn):
-    def fn(st):
-        loss = loss_fn(st["logits"], st["z"], st["x0"], st["alpha"], st["dalpha"])
-        loss.sum().backward()
-        # the gradient stays in logits.grad until the next before_each: it is counted
-
-    return fn
+def duo_fwd_bwd(st):
+    duo_fast.usdm_loss(st["logits"], st["z"], st["x0"], st["alpha"], st["dalpha"], inplace_grad=True).sum().backward()
+    # the gradient stays in logits.grad until the next before_each: it is counted
 
 
-duo_fwd_bwd = _fwd_bwd(functools.partial(duo_fast.usdm_loss, inplace_grad=True))
-ref_fwd_bwd = _fwd_bwd(duo_eager_loss)
+def ref_fwd_bwd(st):
+    duo_code.loss(st["model"], st["logits"], st["z"], st["x0"], st["alpha"], st["dalpha"]).sum().backward()
 
 
 def ref_peak_gib(N: int, K: int, side: str) -> float:
@@ -144,31 +115,31 @@ def _bytes(st) -> int:
     return 4 * st["logits"].numel() * 4  # 3 reads of the logits + 1 write of the gradient
 
 
-REF_NOTE = ("float32 eager Duo path: log_softmax(logits) + SPEC 3 formula with the [N, K] temporaries "
-            "of DUO_BASE.nll_per_token, autograd backward (mirrors BASELINES' 'log_softmax + ELBO loss, "
-            "forward + backward'); duo_fast.reference.usdm_loss (float64) is the accuracy oracle, not timed")
+REF_NOTE = ("DUO_BASE._process_model_output (log_softmax, float32) + DUO_BASE.nll_per_token on a stand-in model "
+            "(vocab_size), autograd backward (BASELINES' 'log_softmax + ELBO loss, forward + backward')")
 COMPILED_NOTE = "torch.compile of the same fwd+bwd function (compile time in the warm-up call: not counted)"
 
 
 def cases(mode: str, device: str) -> list[Case]:
-    full = mode == "full"
-    limit = ref_limit_gib(device, cpu_gib=REF_LIMIT_GIB["cpu"])
-    sizes = token_sizes(mode)
+    compile_ = mode in ("full", "tiny")
+    limit = ref_limit_gib(device)
     out = []
-    for N, K in sizes:
+    for N, K in token_sizes(mode):
         B, L = _shape(N)
         notes = []
         ref = compiled = None
         est = ref_peak_gib(N, K, "ref")
         if est <= limit:
-            ref = Impl(ref_fwd_bwd, before_each=_drop_grad, note=REF_NOTE)
+            ref = Impl(ref_fwd_bwd, before_each=_drop_grad, note=REF_NOTE, setup=with_model(_setup(N, K)),
+                       source=duo_code.source)
         else:
-            notes.append(f"{OP} N={N} K={K}: eager reference not run: it would need ~{est:.1f} GiB "
+            notes.append(f"{OP} N={N} K={K}: reference not run: it would need ~{est:.1f} GiB "
                          f"(~{REF_PEAK_UNITS['ref']:g} x the logits' bytes) > {limit:g} GiB here")
-        if full:
+        if compile_:
             est_c = ref_peak_gib(N, K, "compiled")
             if est_c <= limit:
-                compiled = Impl(ref_fwd_bwd, before_each=_drop_grad, compile=True, note=COMPILED_NOTE)
+                compiled = Impl(ref_fwd_bwd, before_each=_drop_grad, compile=True, note=COMPILED_NOTE,
+                                setup=with_model(_setup(N, K)), source=duo_code.source)
             else:
                 notes.append(f"{OP} N={N} K={K}: compiled reference not run: it would need ~{est_c:.1f} GiB "
                              f"> {limit:g} GiB here")
@@ -184,7 +155,7 @@ def cases(mode: str, device: str) -> list[Case]:
             if compiled is not None:
                 conds["min_speedup_compiled"] = 2.5
                 parts.append(">= 2.5x compiled")
-            elif not full:
+            else:
                 parts.append("(2.5x compiled: --full)")
             target = Target("; ".join([", ".join(parts), mem_text]) if parts else mem_text,
                             max_mem_mib=mem_mib, **conds)
@@ -198,7 +169,8 @@ def cases(mode: str, device: str) -> list[Case]:
             size=f"fwd+bwd N={N} (B={B}, L={L}) K={K} fp32, alpha per row",
             setup=_setup(N, K),
             duo=Impl(duo_fwd_bwd, before_each=_drop_grad,
-                     note="duo_fast.usdm_loss(..., inplace_grad=True).sum().backward() (gradient computed in the forward call and handed to autograd)"),
+                     note="duo_fast.usdm_loss(..., inplace_grad=True).sum().backward() (gradient computed in the "
+                          "forward call and handed to autograd)"),
             ref=ref, compiled=compiled,
             bytes_moved=_bytes,
             target=target,

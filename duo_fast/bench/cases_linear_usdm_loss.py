@@ -6,15 +6,15 @@ showing memory independent of N". Sides (fresh process each):
 
   * duo: duo_fast.linear_usdm_loss(hidden, W, b, z, x0, alpha, dalpha).sum().backward()
     (tokens in chunks of ~64 MiB of float32 logits; logits recomputed per chunk in backward);
-  * ref: logits = hidden @ W.T + b, then cases_usdm_loss.duo_eager_loss (the float32 eager
-    Duo loss path with its [N, K] temporaries), .sum().backward().
+  * ref: logits = hidden @ W.T + b, then the Duo code's loss (DUO_BASE._process_model_output
+    and DUO_BASE.nll_per_token on a stand-in model, duo_code.loss), .sum().backward().
 
 Both sides hold the parameter gradients (W: K*d*4 bytes = 147 MiB at K=50257, d=768).
 The memory target is the point of the op: duo_fast's peak extra memory must not grow
 with N -- each row carries a bound computed from the chunk size (one chunk's logits + gradient + the parameter
 gradients + O(N d) activations), and the table shows it flat across N.
 Sizes: --quick N in {256, 1024} x K=50257; --full N in {512, 2048, 8192} x K=50257
-(the reference is left out where it would need more than ~9 GiB).
+(the reference is left out where it would need more than ~9 GiB); --tiny N=64, K=1000, d=64.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import duo_fast
 from duo_fast import reference as R
 from duo_fast.ops import _default_chunk_size
 
-from .cases_usdm_loss import duo_eager_loss
+from . import duo_code
+from .cases_usdm_loss import with_model
 from .common import Case, Impl, Target, ref_limit_gib
 
 OP = "linear_usdm_loss"
@@ -34,8 +35,8 @@ K = 50257
 REF_PEAK_UNITS = 5.5  # x the logits' bytes, as the eager usdm_loss reference
 
 
-def _setup(N: int):
-    B, L = (N // 256, 256)
+def _setup(N: int, K: int = K, D: int = D):
+    B, L = (N // 256, 256) if N >= 256 else (1, N)
 
     def setup(device):
         g = torch.Generator().manual_seed(3000 + N)
@@ -50,6 +51,7 @@ def _setup(N: int):
             "z": z.to(device), "x0": x0.to(device),
             "alpha": alpha.float()[:, None].to(device),
             "dalpha": ((R.DUO_GAMMA_MAX - R.DUO_GAMMA_MIN) * dalpha_dgamma).float()[:, None].to(device),
+            "K": K,
         }
 
     return setup
@@ -66,10 +68,10 @@ def _duo(st):
 
 def _ref(st):
     logits = st["hidden"] @ st["W"].T + st["b"]
-    duo_eager_loss(logits, st["z"], st["x0"], st["alpha"], st["dalpha"]).sum().backward()
+    duo_code.loss(st["model"], logits, st["z"], st["x0"], st["alpha"], st["dalpha"]).sum().backward()
 
 
-def _duo_peak_bound_mib(N: int) -> float:
+def _duo_peak_bound_mib(N: int, K: int = K, D: int = D) -> float:
     chunk = _default_chunk_size(K, D)
     per_chunk = 3 * chunk * K * 4  # logits, their gradient, and the GEMM's output of a chunk
     params = 2 * (K * D + K) * 4  # parameter gradients and a chunk's grad_weight product
@@ -78,21 +80,23 @@ def _duo_peak_bound_mib(N: int) -> float:
 
 
 def cases(mode: str, device: str) -> list[Case]:
-    sizes = [512, 2048, 8192] if mode == "full" else [256, 1024]
+    sizes = {"full": [512, 2048, 8192], "quick": [256, 1024], "tiny": [64]}[mode]
+    k, d = (1000, 64) if mode == "tiny" else (K, D)
     limit = ref_limit_gib(device)
     out = []
     for N in sizes:
-        est = REF_PEAK_UNITS * N * K * 4 / 2**30 + 0.3
+        est = REF_PEAK_UNITS * N * k * 4 / 2**30 + 0.3
         notes = []
-        ref = Impl(_ref, before_each=_drop_grads, note="hidden @ W.T + b, then the float32 eager Duo loss, autograd") \
+        ref = Impl(_ref, before_each=_drop_grads, setup=with_model(_setup(N, k, d)), source=duo_code.source,
+                   note="hidden @ W.T + b, then the Duo code's loss (log_softmax + DUO_BASE.nll_per_token), autograd") \
             if est <= limit else None
         if ref is None:
             notes.append(f"{OP} N={N}: reference not run (~{est:.1f} GiB > {limit:g} GiB)")
-        bound = _duo_peak_bound_mib(N)
+        bound = _duo_peak_bound_mib(N, k, d)
         out.append(Case(
-            op=OP, name=f"fwd_bwd-N{N}-K{K}", size=f"fwd+bwd N={N} K={K} d={D} fp32",
-            setup=_setup(N),
-            duo=Impl(_duo, before_each=_drop_grads, note=f"duo_fast.linear_usdm_loss (chunk {_default_chunk_size(K, D)} tokens)"),
+            op=OP, name=f"fwd_bwd-N{N}-K{k}", size=f"fwd+bwd N={N} K={k} d={d} fp32",
+            setup=_setup(N, k, d),
+            duo=Impl(_duo, before_each=_drop_grads, note=f"duo_fast.linear_usdm_loss (chunk {_default_chunk_size(k, d)} tokens)"),
             ref=ref,
             target=Target(f"peak O(chunk*K + K*d), independent of N: <= {bound:.0f} MiB", max_mem_mib=bound),
             notes=notes,

@@ -7,23 +7,27 @@ reference's default for sampling) and the float32 one under torch.compile.
 
 Sides (each in a fresh process, see benchmarks/README.md):
 
-  * duo:      duo_fast.sample_step(logits, z, alpha_t, alpha_s, seed=...).
-  * ref:      `duo_step` below in float64: softmax of the float64 logits, the
-              dense `_posterior_from_x0` ([N, K] temporaries as the Duo code has
-              them), then trainer_base.sample_categorical (Gumbel-style race
-              `argmax q / (1e-10 - log(U + 1e-10))` with float64 U).
-  * compiled: torch.compile of `duo_step` in float32 (--full only; compile time
-              in the warm-up call, not counted).
+  * duo:      duo_fast.sample_step(logits, z, alpha_t, alpha_s, top_p=..., seed=...).
+  * ref:      the Duo code's own `_ancestral_update` on a stand-in model whose
+              forward returns `_process_model_output(logits)` (log_softmax) in place
+              of the backbone's: `_get_ancestral_posterior`, `_get_posterior_from_xt`
+              (float64 cast as `sampling.use_float64=True`, its default;
+              `utils.top_k_top_p_filtering` when p_nucleus < 1), the dense
+              `DUO_BASE._posterior_from_x0` and `trainer_base.sample_categorical`
+              (duo_code.ancestral_step; the eager copy where the Duo code is absent).
+              Its schedule is the Duo code's LogLinear with eps = 0, t = 1 - alpha_t.
+  * compiled: torch.compile of the same step with `use_float64=False` (--full only;
+              compile time in the warm-up call, not counted).
 
 Rows: "ancestral" (alpha_t = 0.3, alpha_s = 0.6 per row: the model part of the
 mixture gets ~43% of the mass, so ~43% of the rows run the inverse-CDF scan) at
-every size; at K=50257 also "noise_removal" (alpha_t = 0.3, alpha_s = 1: ~100%
-of the rows scan, the slowest case for duo_fast) and "top_p=0.9" (nucleus:
-radix-select passes; the reference sorts each row). Logits ~ N(0, 2^2).
+every size; at K=50257 also "noise_removal" (`noise_removal_step=True`, alpha_s
+= 1: ~100% of the rows scan, the slowest case for duo_fast) and "top_p=0.9"
+(nucleus: radix-select passes; the reference sorts each row). Logits ~ N(0, 2^2).
 
 Sizes: --quick N=256 (B=1, L=256) x K=50257 and N=2048 x K=1024; --full N in
-{2048, 8192} (L=1024) x K in {1024, 50257}. The float64 reference is left out
-where its estimated peak exceeds the limit (N=8192, K=50257: ~19 GiB).
+{2048, 8192} (L=1024) x K in {1024, 50257}; --tiny N=64 x K=1000. The float64
+reference is left out where its estimated peak exceeds the limit.
 
 GB/s: duo_fast reads the logits twice (max, then the weight sum) plus part of a
 row for the scan: counted as 2 * N * K * 4 bytes.
@@ -35,16 +39,16 @@ import torch
 
 import duo_fast
 
+from . import duo_code
 from .common import Case, Impl, Target, ref_limit_gib, token_sizes
 
 OP = "sample_step"
 SEED = 4242
 TARGET_K = 50257
-# Peak extra memory of the reference step in [N, K] tensors of its dtype's size
-# (BASELINES: float64 4712 MiB = 5.7 x N*K*8 at N=2048, K=50257; float32 compiled
-# 785 MiB = 2.0 x N*K*4), with margin.
-REF_PEAK_UNITS = {"ref": 6.5 * 8, "compiled": 3.0 * 4}  # bytes per [N, K] entry
-REF_LIMIT_GIB = {"cpu": 9.0, "cuda": 40.0}
+# Peak extra memory of the reference step in bytes per [N, K] entry (BASELINES: float64
+# 4712 MiB = 5.7 x N*K*8 at N=2048, K=50257; float32 compiled 785 MiB = 2.0 x N*K*4),
+# with margin.
+REF_PEAK_UNITS = {"ref": 6.5 * 8, "compiled": 3.0 * 4}
 
 VARIANTS = {
     "ancestral": dict(alpha_s=0.6, top_p=1.0),
@@ -73,48 +77,36 @@ def _setup(N: int, K: int, alpha_s: float, top_p: float):
     return setup
 
 
-def duo_step(logits, z, alpha_t, alpha_s, dtype):
-    """The Duo code's ancestral step from logits: softmax (x0 = p), the dense
-    _posterior_from_x0, sample_categorical. alpha_t, alpha_s: [B, 1]."""
-    K = logits.shape[-1]
-    p = logits.to(dtype).softmax(-1)
-    at = alpha_t.to(dtype)[..., None]
-    as_ = alpha_s.to(dtype)[..., None]
-    onehot = torch.nn.functional.one_hot(z, K).to(dtype)
-    p_z = p.gather(-1, z[..., None])
-    num = (K * at * p_z * onehot + (at / as_ - at) * onehot + (as_ - at) * p + (1 - at / as_) * (1 - as_) / K)
-    q = num / (K * at * p_z + 1 - at)
-    gumbel_norm = 1e-10 - (torch.rand_like(q) + 1e-10).log()
-    return (q / gumbel_norm).argmax(-1)
-
-
-def duo_nucleus_step(logits, z, alpha_t, alpha_s, top_p, dtype):
-    """utils.top_k_top_p_filtering on the logits (full sort per row), then duo_step."""
-    sorted_logits, order = torch.sort(logits.to(dtype), descending=True, dim=-1)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum > top_p
-    drop[..., 1:] = drop[..., :-1].clone()
-    drop[..., 0] = False
-    mask = drop.scatter(-1, order, drop)
-    return duo_step(logits.to(dtype).masked_fill(mask, float("-inf")), z, alpha_t, alpha_s, dtype)
-
-
 def _duo_fn(st):
     return duo_fast.sample_step(st["logits"], st["z"], st["alpha_t"], st["alpha_s"], top_p=st["top_p"], seed=SEED)
 
 
-def _ref_fn(dtype):
+def _ref_setup(N: int, K: int, alpha_s: float, top_p: float, use_float64: bool):
+    """The inputs, and the stand-in Duo model holding the logits; alpha_t, alpha_s
+    float32 [B, 1] as the Duo code's schedule gives them."""
+    base = _setup(N, K, alpha_s, top_p)
+
+    def setup(device):
+        st = base(device)
+        st["model"] = duo_code.reference().Model(K, device, use_float64=use_float64, p_nucleus=top_p,
+                                                 logits=st["logits"])
+        st["alpha_t"] = st["alpha_t"].float()
+        st["alpha_s"] = st["alpha_s"].float()
+        return st
+
+    return setup
+
+
+def _ref_fn(noise_removal: bool):
     def fn(st):
-        if st["top_p"] < 1.0:
-            return duo_nucleus_step(st["logits"], st["z"], st["alpha_t"], st["alpha_s"], st["top_p"], dtype)
-        return duo_step(st["logits"], st["z"], st["alpha_t"], st["alpha_s"], dtype)
+        return duo_code.ancestral_step(st["model"], st["z"], st["alpha_t"], st["alpha_s"], noise_removal)
 
     return fn
 
 
 def cases(mode: str, device: str) -> list[Case]:
     full = mode == "full"
-    limit = ref_limit_gib(device, cpu_gib=REF_LIMIT_GIB["cpu"])
+    limit = ref_limit_gib(device)
     out = []
     for N, K in token_sizes(mode):
         B, L = _shape(N)
@@ -124,17 +116,22 @@ def cases(mode: str, device: str) -> list[Case]:
             notes = []
             ref = compiled = None
             est = REF_PEAK_UNITS["ref"] * N * K / 2**30
+            nr = variant == "noise_removal"
             if est <= limit:
-                ref = Impl(_ref_fn(torch.float64), note="float64 Duo step: softmax, dense _posterior_from_x0, "
-                           "sample_categorical (BASELINES' float64 row)")
+                ref = Impl(_ref_fn(nr), setup=_ref_setup(N, K, kw["alpha_s"], kw["top_p"], True),
+                           source=duo_code.source,
+                           note="the Duo code's _ancestral_update, float64 (sampling.use_float64=True, its default): "
+                                "log_softmax, dense _posterior_from_x0, sample_categorical (BASELINES' float64 row)")
             else:
                 notes.append(f"{OP} {variant} N={N} K={K}: float64 reference not run: it would need ~{est:.1f} GiB "
                              f"> {limit:g} GiB here")
             if full:
                 est_c = REF_PEAK_UNITS["compiled"] * N * K / 2**30
                 if est_c <= limit:
-                    compiled = Impl(_ref_fn(torch.float32), compile=True,
-                                    note="torch.compile of the float32 Duo step (compile time not counted)")
+                    compiled = Impl(_ref_fn(nr), compile=True, setup=_ref_setup(N, K, kw["alpha_s"], kw["top_p"], False),
+                                    source=duo_code.source,
+                                    note="torch.compile of the Duo code's _ancestral_update in float32 "
+                                         "(use_float64=False; compile time not counted)")
             mem_mib = (3 * 8 * N + 2 * K * 4) / 2**20 + 2.0  # z_s, the float64 levels, scratch rows
             mem_text = f"peak O(N): <= {mem_mib:.1f} MiB"
             if K == TARGET_K and variant == "ancestral":

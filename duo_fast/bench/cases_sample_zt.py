@@ -8,29 +8,25 @@ Rows (op "sample_zt"), each for the single latent z_t and for the coupled pair
 
   * duo_fast.sample_zt(x0, gamma, K, seed=...) /
     duo_fast.sample_zt(x0, gamma_t, K, gamma_s=gamma_s, seed=...)
-  * against duo_fast.reference.sample_zt_dense(x0, gamma, K, gamma_s=None,
-    generator=...), which materializes the [B, L, K] float64 Gaussian noise, the
-    one-hot and the scaled sum and takes the argmax, as the Duo code does
-    (peak ~5 x N*K*8 bytes, single or coupled);
-  * where cheap, torch.compile of that dense reference (global RNG, so that
-    inductor may fuse the noise into the argmax).
+  * against the Duo code's own dense draws (duo_code; the eager copy where the
+    Duo code is absent), float32 gamma as its t is: single = argmax of
+    DUO._q_xt_gaussian(F.one_hot(x0)) (the z_t of the simple curriculum);
+    coupled = Distillation._sample_trajectory + two argmax (BASELINES'
+    "distillation pair"). Each materializes [B, L, K] one-hot, float32 noise and
+    the scaled sums (peak ~24 B per entry single, ~32 coupled);
+  * where cheap (N=2048, K=1024), torch.compile of the same function.
 
 Sizes: --full N = B*L in {2048, 8192} (L = 1024) x K in {1024, 50257}; the
 reference side is left out where its estimated peak exceeds ~8 GiB (CPU):
-N=8192, K=50257 (~15 GiB). --quick: N=256 (B=2, L=128), K=50257 and
-N=2048, K=1024.
+N=8192, K=50257. --quick: N=256 (B=2, L=128), K=50257 and N=2048, K=1024;
+--tiny N=64 x K=1000.
 
-gamma (and gamma_s) per batch row ([B], float64), uniform in the Duo training
-range [DUO_GAMMA_MIN, DUO_GAMMA_MAX] = [-3.5, -1.75]; for the coupled pair the
-two draws of a row are sorted so that gamma_s <= gamma_t (s is the earlier,
-less noisy time).
+gamma (and gamma_s) per batch row ([B]), uniform in the Duo training range; for
+the coupled pair the two draws of a row are sorted so that gamma_s <= gamma_t.
 
 Targets: the BASELINES speed target (>= 1000x) is stated for K=50257, so the
 K=50257 rows carry it (at N=2048 in --full; --quick's N=256 is a proxy); every
-row carries the O(N) memory target: duo_fast's peak <= 4 * 8 * N bytes + 1 MiB
-(outputs z_t, z_s and the per-token float64 levels the wrapper materializes). The
-K=1024 rows do 49x less dense work on the reference side, so the 1000x target is
-not applied to them (memory target only).
+row carries the O(N) memory target: duo_fast's peak <= 4 * 8 * N bytes + 1 MiB.
 """
 
 from __future__ import annotations
@@ -40,16 +36,17 @@ import torch
 import duo_fast
 from duo_fast import reference as R
 
+from . import duo_code
 from .common import Case, Impl, Target, ref_limit_gib, token_sizes
 
 OP = "sample_zt"
 GAMMA_MIN, GAMMA_MAX = R.DUO_GAMMA_MIN, R.DUO_GAMMA_MAX  # Duo default training range
 SEED = 20240613
 TARGET_K = 50257
-# The dense reference's peak, in [N, K] float64 tensors: eps, one-hot, a*onehot, s*eps,
-# their sum (measured 5.0 at N=2048, K=50257 and N=8192, K=1024, single and coupled: the
-# second level reuses the first's freed temporaries; up to 8 at small sizes, malloc slack).
-REF_PEAK_UNITS = {False: 5, True: 5}
+# The dense reference's peak in bytes per [N, K] entry: int64 one-hot, float32 noise,
+# a*onehot, s*eps and the sum (single); float32 one-hot, noise and both levels' sums
+# (coupled); with margin.
+REF_PEAK_UNITS = {False: 24, True: 32}
 REF_LIMIT_GIB = {"cpu": 8.0, "cuda": 40.0}
 
 
@@ -61,7 +58,7 @@ def _shape(N: int) -> tuple[int, int]:
 
 def ref_peak_gib(N: int, K: int, coupled: bool) -> float:
     """Estimated peak extra memory of the dense reference (GiB)."""
-    return REF_PEAK_UNITS[coupled] * N * K * 8 / 2**30
+    return REF_PEAK_UNITS[coupled] * N * K / 2**30
 
 
 def duo_mem_limit_mib(N: int) -> float:
@@ -82,7 +79,6 @@ def _setup(N: int, K: int, coupled: bool):
             "gamma": (hi if coupled else lv[0]).to(device),   # gamma_t
             "gamma_s": lo.to(device) if coupled else None,    # gamma_s <= gamma_t
             "K": K,
-            "gen": torch.Generator(device=device).manual_seed(7),  # reference's noise
         }
         return st
 
@@ -97,22 +93,27 @@ def _duo_coupled(st):
     return duo_fast.sample_zt(st["x0"], st["gamma"], st["K"], gamma_s=st["gamma_s"], seed=SEED)
 
 
+def _ref_setup(N: int, K: int, coupled: bool):
+    """The inputs as float32 levels (the Duo code's gamma_t), and the stand-in Duo model."""
+    base = _setup(N, K, coupled)
+
+    def setup(device):
+        st = base(device)
+        st["gamma"] = st["gamma"].float()
+        if coupled:
+            st["gamma_s"] = st["gamma_s"].float()
+        st["model"] = duo_code.reference().Model(K, device)
+        return st
+
+    return setup
+
+
 def _ref_single(st):
-    return R.sample_zt_dense(st["x0"], st["gamma"], st["K"], generator=st["gen"])
+    return duo_code.latent_argmax(st["model"], st["x0"], st["gamma"])
 
 
 def _ref_coupled(st):
-    return R.sample_zt_dense(st["x0"], st["gamma"], st["K"], gamma_s=st["gamma_s"], generator=st["gen"])
-
-
-# torch.compile'd reference: the global RNG (no generator argument), so that inductor
-# can generate the noise itself and fuse it into the argmax (its strongest form).
-def _ref_single_global_rng(st):
-    return R.sample_zt_dense(st["x0"], st["gamma"], st["K"])
-
-
-def _ref_coupled_global_rng(st):
-    return R.sample_zt_dense(st["x0"], st["gamma"], st["K"], gamma_s=st["gamma_s"])
+    return duo_code.trajectory_argmax(st["model"], st["x0"], st["gamma"], st["gamma_s"])
 
 
 def _bytes(N: int, coupled: bool) -> int:
@@ -121,7 +122,6 @@ def _bytes(N: int, coupled: bool) -> int:
 
 
 def cases(mode: str, device: str) -> list[Case]:
-    full = mode == "full"
     limit = ref_limit_gib(device, cpu_gib=REF_LIMIT_GIB["cpu"])
     sizes = token_sizes(mode)
     rng = f"gamma per row in [{GAMMA_MIN}, {GAMMA_MAX}]"
@@ -133,17 +133,18 @@ def cases(mode: str, device: str) -> list[Case]:
             notes = []
             ref = compiled = None
             est = ref_peak_gib(N, K, coupled)
+            fn = _ref_coupled if coupled else _ref_single
+            what = ("Distillation._sample_trajectory + argmax of both levels" if coupled else
+                    "argmax of DUO._q_xt_gaussian(F.one_hot(x0))")
             if est <= limit:
-                ref = Impl(_ref_coupled if coupled else _ref_single,
-                           note="duo_fast.reference.sample_zt_dense: dense [B, L, K] float64 noise + one-hot "
-                                "+ argmax (as the Duo code), torch.Generator")
+                ref = Impl(fn, setup=_ref_setup(N, K, coupled), source=duo_code.source,
+                           note=f"{what} (dense [B, L, K] one-hot and float32 noise, as the Duo code)")
             else:
                 notes.append(f"{OP} {kind} N={N} K={K}: reference side not run: the dense reference would "
-                             f"need ~{est:.0f} GiB ({REF_PEAK_UNITS[coupled]} x N*K*8 bytes) > {limit:g} GiB here")
+                             f"need ~{est:.0f} GiB ({REF_PEAK_UNITS[coupled]} B per [N, K] entry) > {limit:g} GiB here")
             if N == 2048 and K == 1024:
-                compiled = Impl(_ref_coupled_global_rng if coupled else _ref_single_global_rng, compile=True,
-                                note="torch.compile(duo_fast.reference.sample_zt_dense) with the global RNG "
-                                     "(compile time, a few s, in the warm-up call: not counted)")
+                compiled = Impl(fn, compile=True, setup=_ref_setup(N, K, coupled), source=duo_code.source,
+                                note=f"torch.compile of the same ({what}; compile time in the warm-up call: not counted)")
             mem_mib = duo_mem_limit_mib(N)
             mem_text = f"O(N): peak <= 4*8*N B + 1 MiB = {mem_mib:.2f} MiB"
             if K == TARGET_K:

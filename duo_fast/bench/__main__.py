@@ -1,0 +1,7 @@
+"""``python -m duo_fast.bench``: ``duo-fast bench`` (also the measuring subprocesses' entry)."""
+
+import sys
+
+from .report import main
+
+sys.exit(main())
