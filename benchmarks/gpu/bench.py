@@ -55,7 +55,7 @@ from duo_fast.bench import common, duo_code
 from . import cost_model
 
 GPU_SIZES = {"N": (16384, 65536), "K": cost_model.K_GPT2, "d": cost_model.D_MODEL, "L": 1024}
-DRY_SIZES = {"N": (64, 128), "K": 1000, "d": 64, "L": 64}
+DRY_SIZES = {"N": (64,), "K": 1000, "d": 64, "L": 32}
 TOPK = cost_model.TOPK
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 AUTOCAST_NOTE = ("16-bit rows: the Duo code's side runs under torch.autocast(bfloat16), as Lightning's "
@@ -377,8 +377,8 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _free(device):
-    gc.collect()
-    if common.is_cuda(device):
+    if common.is_cuda(device):  # (on the CPU the memory measurement collects anyway)
+        gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
@@ -400,7 +400,7 @@ def measure(row: Row, side_name: str, device: str, dry: bool) -> dict:
         nbytes = _state_bytes(states[0])
         L2 = l2_bytes(device)
         small = nbytes < 4 * L2
-        copies = min(8, max(1, math.ceil(4 * L2 / max(nbytes, 1)))) if small else 1
+        copies = min(8, max(1, math.ceil(4 * L2 / max(nbytes, 1)))) if small and not dry else 1
         for _ in range(copies - 1):
             states.append(side.setup(device))
         flush = torch.empty(2 * L2, dtype=torch.uint8, device=device) if small else None
@@ -414,7 +414,7 @@ def measure(row: Row, side_name: str, device: str, dry: bool) -> dict:
         big = nbytes >= (4 << 30)
         repeats = 3 if big else (5 if nbytes >= (256 << 20) else 15)
         if dry:
-            repeats = 3
+            repeats = 2
         warmup = 3 if side.compile else 1
         i = 0
 
