@@ -58,6 +58,7 @@ GPU_SIZES = {"N": (16384, 65536), "K": cost_model.K_GPT2, "d": cost_model.D_MODE
 DRY_SIZES = {"N": (64,), "K": 1000, "d": 64, "L": 32}
 TOPK = cost_model.TOPK
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SIDE_BUDGET_MS = 8000.0  # timed calls per side, at most (repeats are cut for slow calls)
 AUTOCAST_NOTE = ("16-bit rows: the Duo code's side runs under torch.autocast(bfloat16), as Lightning's "
                  "bf16-mixed precision runs it in training (log_softmax autocasts to float32)")
 
@@ -435,6 +436,11 @@ def measure(row: Row, side_name: str, device: str, dry: bool) -> dict:
             prep(st)
             ms = common.time_call_ms(lambda: call(st), device)
             first_ms = ms if first_ms is None else first_ms
+        # a slow call (a kernel far off its model) must not eat the step's box: at most
+        # ~SIDE_BUDGET_MS of timed calls per side (at least one)
+        last_ms = ms
+        if last_ms * repeats > SIDE_BUDGET_MS:
+            repeats = max(1, int(SIDE_BUDGET_MS // max(last_ms, 1e-3)))
         st = states[0]
         prep(st)
         peak_mib, method = common.peak_growth_mib(lambda: call(st), device)

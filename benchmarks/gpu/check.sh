@@ -35,6 +35,9 @@ cd "$ROOT" || exit 2
 OUT=${OUT:-./gpu-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
+# the interpreter's own bin folder first: cmake, ninja, pytest of its environment
+PY_BIN=$(dirname "$(command -v "$PY" 2>/dev/null || echo "$PY")")
+[ -d "$PY_BIN" ] && export PATH="$PY_BIN:$PATH"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/duo_gpu_check.XXXXXX")
 LOG=$OUT/gpu_log.txt
 : > "$LOG"

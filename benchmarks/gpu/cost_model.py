@@ -339,8 +339,8 @@ def _fmt_flops(c):
 def markdown_table(sizes=((N_BASELINES, "BASELINES"), (N_TRAIN, "training"))) -> str:
     """The table of benchmarks/README.md's cost model section."""
     lines = ["| op | N | logits | floor bytes | floor flops | floor ms | ours today: bytes, ms | "
-             "ours planned: bytes, ms | Duo code bytes, ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "ours planned: bytes, ms | planned by (issue 12) | Duo code bytes, ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ROWS:
         for N, _ in sizes:
             for b in (r.dtypes or (None,)):
@@ -354,6 +354,7 @@ def markdown_table(sizes=((N_BASELINES, "BASELINES"), (N_TRAIN, "training"))) ->
                     f"| {_fmt_ms(p['floor']['ms'])} | "
                     + ("not taken today" if today is None else f"{_fmt_bytes(today['bytes'])}, {_fmt_ms(today['ms'])}")
                     + " | " + ("same as today" if same else f"{_fmt_bytes(planned['bytes'])}, {_fmt_ms(planned['ms'])}")
+                    + f" | {(r.planned_by.split(' (')[0] if r.planned_by and not same else '—')}"
                     + f" | {_fmt_bytes(p['duo']['bytes'])}, {_fmt_ms(p['duo']['ms'])} |")
     return "\n".join(lines)
 
