@@ -31,9 +31,9 @@ for a in "$@"; do
   esac
 done
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${OUT:-$ROOT/gpu-out}  # a relative OUT is taken from the caller's folder
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 cd "$ROOT" || exit 2
-OUT=${OUT:-./gpu-out}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 # the interpreter's own bin folder first: cmake, ninja, pytest of its environment
 PY_BIN=$(dirname "$(command -v "$PY" 2>/dev/null || echo "$PY")")
