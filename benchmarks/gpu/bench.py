@@ -286,6 +286,9 @@ def rows(dry: bool) -> list[Row]:
                 "duo": Side(C_ZT._duo_coupled if coupled else C_ZT._duo_single, st, note="duo_fast.sample_zt"),
                 "ref": Side(C_ZT._ref_coupled if coupled else C_ZT._ref_single, _ref_levels32(_with_model(st), coupled),
                             source=src, note="dense one-hot + noise + argmax (Duo code)"),
+                "compiled": Side(C_ZT._ref_coupled if coupled else C_ZT._ref_single,
+                                 _ref_levels32(_with_model(st), coupled), compile=True, source=src,
+                                 note="torch.compile of the same"),
             }))
         st = _cur_state(N, K, L, d, True)
         out.append(Row("curriculum_embed", "fwd_bwd", N, K, d, None, {
@@ -312,6 +315,8 @@ def rows(dry: bool) -> list[Row]:
             "duo": Side(C_LIN._duo, st, C_LIN._drop_grads, note="duo_fast.linear_usdm_loss fwd+bwd (chunked)"),
             "ref": Side(C_LIN._ref, _with_model(st), C_LIN._drop_grads, source=src,
                         note="hidden @ W.T + b, the Duo code's loss, autograd"),
+            "compiled": Side(C_LIN._ref, _with_model(st), C_LIN._drop_grads, compile=True, source=src,
+                             note="torch.compile of the same"),
         }))
         st = _g2a_state(N, K)
         sides = {"duo": Side(C_G2A._duo, st, note="duo_fast.gamma_to_alpha on N float64 levels")}
@@ -555,7 +560,8 @@ def main(argv=None) -> int:
     plan = [(row, s) for row in all_rows for s in row.sides if s != "compiled"]
     # compiled sides by importance (each compile takes tens of seconds; the box may end first):
     # the training-step ops at the smaller size first, fp32 before bf16
-    order = {"usdm_loss": 0, "sample_step": 1, "curriculum_embed": 2, "distill_kl": 3}
+    order = {"usdm_loss": 0, "sample_step": 1, "curriculum_embed": 2, "distill_kl": 3, "linear_usdm_loss": 4,
+             "sample_zt": 5}
     comp = [row for row in all_rows if "compiled" in row.sides]
     comp.sort(key=lambda r: (r.N, r.dtype == "bf16", order.get(r.op, 9)))
     plan += [(row, "compiled") for row in comp]
