@@ -25,7 +25,7 @@ EMU_INCLUDES = (ROOT / "csrc" / "cuda",)
 # present (every CUDA kernel also runs in tests/emulation on the CPU). The GPU check
 # (benchmarks/gpu/check.sh) selects them with `pytest tests -m cuda`; GPU-only tests
 # carry `@cuda_only` (the same marker and skip).
-NO_CUDA = "no CUDA device (the emulated twin in tests/emulation runs this kernel's source on the CPU)"
+NO_CUDA = "no CUDA device (the cpu case runs here, and tests/emulation runs the CUDA kernels' source on the CPU)"
 
 
 def cuda_only(fn):
