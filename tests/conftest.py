@@ -20,6 +20,30 @@ EXPORTS = ROOT / "tests" / "native" / "exports.cpp"
 EMU_INCLUDES = (ROOT / "csrc" / "cuda",)
 
 
+# Real-GPU twins. A test that takes the `device` fixture runs on "cpu" and on "cuda";
+# the cuda case carries the `cuda` marker (pyproject.toml) and skips where no device is
+# present (every CUDA kernel also runs in tests/emulation on the CPU). The GPU check
+# (benchmarks/gpu/check.sh) selects them with `pytest tests -m cuda`; GPU-only tests
+# carry `@cuda_only` (the same marker and skip).
+NO_CUDA = "no CUDA device (the cpu case runs here, and tests/emulation runs the CUDA kernels' source on the CPU)"
+
+
+def cuda_only(fn):
+    """Decorator of a GPU-only test: the `cuda` marker, skipped without a device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)(fn))
+
+
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda,
+                                                  pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """"cpu", then "cuda" (marked `cuda`, skipped without a device)."""
+    return request.param
+
+
 def load_harness():
     name = "duo_fast_tests_emulation_harness"
     if name not in sys.modules:
@@ -78,3 +102,16 @@ else:
 def fuzz_examples(fraction: float = 1.0) -> int:
     """Examples per test for a test that runs `fraction` of the profile's volume."""
     return max(1, int(FUZZ_PROFILES[FUZZ_PROFILE] * fraction))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every real-GPU test carries the `cuda` marker: the `device="cuda"` cases (marked
+    in DEVICES) and the GPU-only tests, recognised by their skip reason ("no CUDA
+    device..."), so that `pytest -m cuda` selects all of them and nothing else."""
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            continue
+        for m in item.iter_markers("skipif"):
+            if str(m.kwargs.get("reason", "")).startswith("no CUDA device"):
+                item.add_marker(pytest.mark.cuda)
+                break

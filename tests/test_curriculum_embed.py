@@ -52,33 +52,35 @@ def test_matches_dense_formula_on_the_same_scores(emulated, K, d, inv_tau):
     torch.testing.assert_close(E.grad.double(), E64.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_huge_inv_tau_is_the_one_hot_of_z():
+def test_huge_inv_tau_is_the_one_hot_of_z(device):
     K, d, n = 500, 6, 64
     x0, gamma = _inputs(n, K, 3)
     E = torch.randn(K, d)
-    h, z = duo_fast.curriculum_embed(x0, gamma, 1e6, E, seed=1)
+    h, z = (t.cpu() for t in duo_fast.curriculum_embed(x0.to(device), gamma.to(device), 1e6, E.to(device), seed=1))
     assert bool(torch.isfinite(h).all())
     torch.testing.assert_close(h, E[z], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("K", [2, 27, 1000])
-def test_z_marginal_is_exact(K):
+def test_z_marginal_is_exact(K, device):
     n = 20_000
     for gamma in (-4.0, -2.0, 0.0):
         x0 = torch.randint(0, K, (n,), generator=torch.Generator().manual_seed(K))
-        _, z = duo_fast.curriculum_embed(x0, torch.full((n,), gamma, dtype=torch.float64), 1.0, torch.zeros(K, 1), seed=int(K - 7 * gamma))
+        _, z = duo_fast.curriculum_embed(x0.to(device), torch.full((n,), gamma, dtype=torch.float64, device=device), 1.0,
+                                         torch.zeros(K, 1, device=device), seed=int(K - 7 * gamma))
+        z = z.cpu()
         p_hat = float((z == x0).double().mean())
         p = float(reference.pt_from_gamma(torch.tensor([gamma], dtype=torch.float64), K)[0])
         assert abs(p_hat - p) / math.sqrt(max(p * (1 - p), 1e-12) / n) < 5, (K, gamma, p_hat, p)
 
 
-def test_mean_of_h_matches_dense_reference():
+def test_mean_of_h_matches_dense_reference(device):
     # E[h | x, gamma, tau] by Monte Carlo on both sides (dense reference with torch noise).
     K, d, n = 7, 3, 40_000
     x0 = torch.full((n,), 2)
     gamma = torch.full((n,), -1.0, dtype=torch.float64)
     E = torch.randn(K, d, generator=torch.Generator().manual_seed(0))
-    h, _ = duo_fast.curriculum_embed(x0, gamma, 2.0, E, seed=5)
+    h = duo_fast.curriculum_embed(x0.to(device), gamma.to(device), 2.0, E.to(device), seed=5)[0].cpu()
     h_ref, _ = reference.curriculum_embed_dense(x0, gamma, 2.0, E, generator=torch.Generator().manual_seed(6))
     diff = h.double().mean(0) - h_ref.mean(0)
     se = torch.sqrt(h.double().var(0) / n + h_ref.var(0) / n)

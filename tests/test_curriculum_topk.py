@@ -92,12 +92,14 @@ def test_k1_weight_below_float32_is_the_one_hot(emulated):
 
 
 @pytest.mark.parametrize("K", [2, 27, 1000, 50257])
-def test_z_marginal_is_exact(K):
+def test_z_marginal_is_exact(K, device):
     # P(z_t = x) = pt(gamma) for the exact rule, at several gammas (z-score < 5).
     n, k = 60_000, min(16, K - 1)
     for gamma in (-5.0, -3.0, -1.75, 0.5):
         x0 = torch.randint(0, K, (n,), generator=torch.Generator().manual_seed(K))
-        _, _, z = duo_fast.curriculum_topk(x0, torch.full((n,), gamma, dtype=torch.float64), 1.0, k, K, seed=int(K - 10 * gamma))
+        _, _, z = duo_fast.curriculum_topk(x0.to(device), torch.full((n,), gamma, dtype=torch.float64, device=device), 1.0, k,
+                                           K, seed=int(K - 10 * gamma))
+        z = z.cpu()
         p_hat = float((z == x0).double().mean())
         p = float(reference.pt_from_gamma(torch.tensor([gamma], dtype=torch.float64), K)[0])
         zscore = abs(p_hat - p) / math.sqrt(max(p * (1 - p), 1e-12) / n)
@@ -119,10 +121,11 @@ def test_reference_rule_reproduces_the_reference_bias():
     assert a > p + 5 * math.sqrt(p * (1 - p) / n)
 
 
-def test_ids_uniform_at_every_rank_and_distinct():
+def test_ids_uniform_at_every_rank_and_distinct(device):
     K, k, n, x = 50, 10, 60_000, 7
-    x0 = torch.full((n,), x)
-    ids, w, z = duo_fast.curriculum_topk(x0, torch.full((n,), 1.0, dtype=torch.float64), 1.0, k, K, seed=11)
+    x0 = torch.full((n,), x, device=device)
+    ids, w, z = (t.cpu() for t in duo_fast.curriculum_topk(x0, torch.full((n,), 1.0, dtype=torch.float64, device=device),
+                                                            1.0, k, K, seed=11))
     in_topk = ids[:, -1] == x
     # distinct in every row, never x except the in-top-k slot
     s, _ = ids.sort(-1)
@@ -176,12 +179,13 @@ def test_reproducible_across_threads_and_generator():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_embed_matches_embedding_bag_forward_and_backward(dtype):
+def test_embed_matches_embedding_bag_forward_and_backward(dtype, device):
     K, k, d, B, L = 300, 16, 24, 3, 40
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, K, (B, L), generator=g)
     gamma = torch.rand(B, generator=g, dtype=torch.float64) * 3 - 3
-    E = torch.randn(K, d, generator=g).to(dtype).requires_grad_(True)
+    E = torch.randn(K, d, generator=g).to(dtype).to(device).requires_grad_(True)
+    x0, gamma = x0.to(device), gamma.to(device)
     h, z = duo_fast.curriculum_topk_embed(x0, gamma, 2.0, k, E, seed=4)
     ids, w, z2 = duo_fast.curriculum_topk(x0, gamma, 2.0, k, K, seed=4)
     assert torch.equal(z, z2) and h.dtype == dtype and h.shape == (B, L, d)
@@ -189,7 +193,7 @@ def test_embed_matches_embedding_bag_forward_and_backward(dtype):
     h_ref = F.embedding_bag(ids.reshape(-1, k), E_ref, per_sample_weights=w.reshape(-1, k), mode="sum").reshape(B, L, d)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(h.float(), h_ref, **tol)
-    dh = torch.randn(B, L, d, generator=g)
+    dh = torch.randn(B, L, d, generator=g).to(device)
     (h.float() * dh).sum().backward()
     (h_ref * dh).sum().backward()
     assert E.grad.dtype == dtype

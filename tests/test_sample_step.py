@@ -31,6 +31,11 @@ def _logits(rows, K, seed, scale=2.0, ties=False, neg_inf=False):
     return x
 
 
+def _on(device, *tensors):
+    """The inputs on the test's device (the `device` fixture: cpu, and cuda on a GPU)."""
+    return tuple(t.to(device) for t in tensors)
+
+
 def _levels(rows, seed, noise_removal=False):
     g = torch.Generator().manual_seed(seed + 1)
     a_t = torch.rand(rows, generator=g, dtype=torch.float64) * 0.9
@@ -46,24 +51,24 @@ def _levels(rows, seed, noise_removal=False):
 @pytest.mark.parametrize("K", [2, 7, 50, 1000])
 @pytest.mark.parametrize("kappa", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (2.0, 0.9), (1.0, 0.3), (1.0, 0.01)])
-def test_posterior_matches_reference(K, kappa, temperature, top_p):
+def test_posterior_matches_reference(K, kappa, temperature, top_p, device):
     rows = 64
     x = _logits(rows, K, K, ties=(K == 50))
     z = torch.randint(0, K, (rows,), generator=torch.Generator().manual_seed(3))
     a_t, a_s = _levels(rows, K, noise_removal=(kappa == 0.0))
-    q = duo_fast.posterior(x, z, a_t, a_s, kappa=kappa, temperature=temperature, top_p=top_p)
+    q = duo_fast.posterior(*_on(device, x, z, a_t, a_s), kappa=kappa, temperature=temperature, top_p=top_p).cpu()
     ref = reference.posterior(x, z, a_t, a_s, kappa=kappa, temperature=temperature, top_p=top_p)
     assert q.dtype == torch.float32 and q.shape == x.shape
     torch.testing.assert_close(q.double(), ref, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_posterior_half_logits(dtype):
+def test_posterior_half_logits(dtype, device):
     K, rows = 333, 32
     x = _logits(rows, K, 5, scale=3.0).to(dtype)
     z = torch.randint(0, K, (rows,), generator=torch.Generator().manual_seed(1))
     a_t, a_s = _levels(rows, 9)
-    q = duo_fast.posterior(x, z, a_t, a_s, top_p=0.8)
+    q = duo_fast.posterior(*_on(device, x, z, a_t, a_s), top_p=0.8).cpu()
     # The reference sees the same 16-bit values (exactly representable in float32).
     ref = reference.posterior(x.float(), z, a_t, a_s, top_p=0.8)
     torch.testing.assert_close(q.double(), ref, rtol=0, atol=1e-6)
@@ -123,7 +128,7 @@ CASES = [
 
 @pytest.mark.parametrize("K", [7, 50])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_draws_follow_posterior(K, case):
+def test_draws_follow_posterior(K, case, device):
     n = 200_000
     row = _logits(1, K, 11 + K, scale=1.5, neg_inf=(K == 50))
     z0 = 3
@@ -133,11 +138,11 @@ def test_draws_follow_posterior(K, case):
     probs = reference.posterior(row, torch.tensor([z0]), a_t, a_s, **kw)[0]
     logits = row.expand(n, K)
     z = torch.full((n,), z0)
-    tokens = duo_fast.sample_step(logits, z, a_t.expand(n), a_s.expand(n), seed=1234 + K, **kw)
+    tokens = duo_fast.sample_step(*_on(device, logits, z, a_t.expand(n), a_s.expand(n)), seed=1234 + K, **kw).cpu()
     assert _chi2_pvalue(tokens, probs) > 1e-4
 
 
-def test_draws_follow_posterior_per_token_levels():
+def test_draws_follow_posterior_per_token_levels(device):
     # Different z and levels per token: pool (z, token) cells against the summed probabilities.
     K, n = 5, 120_000
     g = torch.Generator().manual_seed(0)
@@ -145,7 +150,8 @@ def test_draws_follow_posterior_per_token_levels():
     z = torch.arange(n) % K
     a_t = (torch.arange(n) % 3).double() * 0.2 + 0.1
     a_s = a_t + 0.25
-    tokens = duo_fast.sample_step(logits.reshape(n // 10, 10, K), z.reshape(-1, 10), a_t.reshape(-1, 10), a_s.reshape(-1, 10), seed=5).flatten()
+    tokens = duo_fast.sample_step(*_on(device, logits.reshape(n // 10, 10, K), z.reshape(-1, 10), a_t.reshape(-1, 10),
+                                       a_s.reshape(-1, 10)), seed=5).flatten().cpu()
     q = reference.posterior(logits, z, a_t, a_s)
     # Cells: group tokens by (row pattern, z, level): 4 * 5 * 3 = 60 patterns, lcm period 60.
     pattern = torch.arange(n) % 60
@@ -167,18 +173,19 @@ def test_small_probability_drawn_at_its_rate():
     assert pval > 1e-4, (k, mu)
 
 
-def test_no_noise_limits():
+def test_no_noise_limits(device):
     K, n = 30, 2000
     logits = _logits(n, K, 7)
     z = torch.randint(0, K, (n,), generator=torch.Generator().manual_seed(2))
     # alpha_t = alpha_s: nothing moves.
     a = torch.full((n,), 0.4, dtype=torch.float64)
-    assert torch.equal(duo_fast.sample_step(logits, z, a, a, seed=1), z)
+    assert torch.equal(duo_fast.sample_step(*_on(device, logits, z, a, a), seed=1).cpu(), z)
     # kappa = 1, alpha_t = 0, alpha_s = 1, a one-hot model: the model's token.
     target = torch.randint(0, K, (n,), generator=torch.Generator().manual_seed(3))
     onehot = torch.full((n, K), -1e4).scatter_(1, target[:, None], 0.0)
-    out = duo_fast.sample_step(onehot, z, torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64), seed=2)
-    assert torch.equal(out, target)
+    out = duo_fast.sample_step(*_on(device, onehot, z, torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)),
+                               seed=2)
+    assert torch.equal(out.cpu(), target)
 
 
 # ---------------------------------------------------------------------------------------

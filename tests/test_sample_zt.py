@@ -24,12 +24,12 @@ def _z(p_hat: float, p: float, n: int) -> float:
 
 
 @pytest.mark.parametrize("vocab_size", [2, 27, 1000, 50257])
-def test_marginal_matches_exact_pt(vocab_size):
+def test_marginal_matches_exact_pt(vocab_size, device):
     gammas = [-6.0, -3.5, -2.5, -1.75, 0.0, 3.0]
     n_tok = 100_000
     x0 = torch.randint(0, vocab_size, (len(gammas), n_tok), generator=torch.Generator().manual_seed(1))
     gamma = torch.tensor(gammas, dtype=torch.float64)  # one level per row
-    z = duo_fast.sample_zt(x0, gamma, vocab_size, seed=1234 + vocab_size)
+    z = duo_fast.sample_zt(x0.to(device), gamma.to(device), vocab_size, seed=1234 + vocab_size).cpu()
     assert z.dtype == torch.int64 and z.shape == x0.shape
     assert ((z >= 0) & (z < vocab_size)).all()
     pt = reference.latent_marginal(x0[:, :1], gamma, vocab_size)[:, 0]
@@ -38,34 +38,35 @@ def test_marginal_matches_exact_pt(vocab_size):
         assert _z(p_hat, pt[row].item(), n_tok) < 5, (gammas[row], p_hat, pt[row].item())
 
 
-def test_other_token_is_uniform_over_the_rest():
+def test_other_token_is_uniform_over_the_rest(device):
     K, n = 27, 300_000
     x0 = torch.full((1, n), 5, dtype=torch.int64)
-    z = duo_fast.sample_zt(x0, torch.tensor([2.0]), K, seed=7)[0]
+    z = duo_fast.sample_zt(x0.to(device), torch.tensor([2.0], device=device), K, seed=7)[0].cpu()
     others = z[z != 5].numpy()
     counts = np.bincount(others, minlength=K)
     assert counts[5] == 0
     assert st.chisquare(np.delete(counts, 5)).pvalue > 1e-4
 
 
-def test_top_ids_reachable():
+def test_top_ids_reachable(device):
     """No gap at the top: id K-1 appears as the noisy latent at its rate."""
     K, n = 50257, 400_000
     x0 = torch.zeros(1, n, dtype=torch.int64)
-    z = duo_fast.sample_zt(x0, torch.tensor([20.0]), K, seed=3)[0]  # nearly uniform
+    z = duo_fast.sample_zt(x0.to(device), torch.tensor([20.0], device=device), K, seed=3)[0].cpu()  # nearly uniform
     hi = (z >= K - 1000).double().mean().item()
     p = 1000 / K * (1 - reference.latent_marginal(x0[:, :1], torch.tensor([20.0]), K).item()) * K / (K - 1)
     assert _z(hi, p, n) < 5
 
 
 @pytest.mark.parametrize("vocab_size", [2, 50, 50257])
-def test_coupled_pair_joint_law(vocab_size):
+def test_coupled_pair_joint_law(vocab_size, device):
     pairs = [(-1.0, -3.0), (-2.5, -3.5), (0.0, -1.0), (-3.0, -1.0)]  # (gamma_t, gamma_s); t noisier or not
     n_tok = 80_000
     x0 = torch.randint(0, vocab_size, (len(pairs), n_tok), generator=torch.Generator().manual_seed(2))
     g_t = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
     g_s = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
-    z_t, z_s = duo_fast.sample_zt(x0, g_t, vocab_size, gamma_s=g_s, seed=99)
+    z_t, z_s = (z.cpu() for z in duo_fast.sample_zt(x0.to(device), g_t.to(device), vocab_size, gamma_s=g_s.to(device),
+                                                    seed=99))
     law = reference.coupled_joint_law(g_t, g_s, vocab_size)  # [rows, 2, 2]
     for r in range(len(pairs)):
         a = (z_t[r] == x0[r]).long()
@@ -81,10 +82,10 @@ def test_coupled_pair_joint_law(vocab_size):
         assert torch.equal(z_t[r][both], z_s[r][both])
 
 
-def test_limits_of_gamma():
+def test_limits_of_gamma(device):
     K = 1000
     x0 = torch.randint(0, K, (2, 50_000), generator=torch.Generator().manual_seed(5))
-    z = duo_fast.sample_zt(x0, torch.tensor([-math.inf, math.inf]), K, seed=11)
+    z = duo_fast.sample_zt(x0.to(device), torch.tensor([-math.inf, math.inf], device=device), K, seed=11).cpu()
     assert torch.equal(z[0], x0[0])  # no noise
     assert _z((z[1] == x0[1]).double().mean().item(), 1 / K, 50_000) < 5  # pure noise: uniform
 
