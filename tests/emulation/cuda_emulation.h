@@ -313,6 +313,7 @@ inline std::size_t stack_bytes() {
 enum class Op : std::uint8_t {
   none, syncwarp, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, all, any, match_any,
   red_add, red_min_s, red_max_s, red_min_u, red_max_u, red_and, red_or, red_xor,
+  collective,  // a warp-wide matrix instruction (mma.sync, ldmatrix): Warp::coll_fn over all lanes' operands
 };
 
 inline const char* op_name(Op op) {
@@ -333,6 +334,7 @@ inline const char* op_name(Op op) {
     case Op::red_and: return "__reduce_and_sync";
     case Op::red_or: return "__reduce_or_sync";
     case Op::red_xor: return "__reduce_xor_sync";
+    case Op::collective: return "a warp matrix instruction (mma.sync / ldmatrix)";
   }
   return "?";
 }
@@ -409,6 +411,10 @@ struct Warp {
   std::uint64_t in[32];
   int arg[32];
   std::uint64_t out[32];
+  // Op::collective: the instruction's semantics, run once by the last arriving lane
+  // over every lane's operand block (in[l] holds lane l's pointer); coll_name names it.
+  void (*coll_fn)(void* const* lane_operands) = nullptr;
+  const char* coll_name = "";
   // fiber scheduling with a nonzero seed: ready lanes, warp priority, lane order
   std::uint32_t ready = 0;
   std::uint64_t prio = 0;
@@ -900,6 +906,13 @@ inline void compute_warp_op(Warp& w) {
       for (unsigned l = 0; l < 32; ++l) w.out[l] = r;
       break;
     }
+    case Op::collective: {
+      void* ops[32];
+      for (unsigned l = 0; l < 32; ++l) ops[l] = reinterpret_cast<void*>(std::uintptr_t(w.in[l]));
+      w.coll_fn(ops);
+      for (unsigned l = 0; l < 32; ++l) w.out[l] = 0;
+      break;
+    }
     case Op::match_any:
       for (unsigned l = 0; l < 32; ++l) {
         std::uint32_t m = 0;
@@ -932,7 +945,8 @@ inline void compute_warp_op(Warp& w) {
 // Every warp intrinsic: deposit this lane's value, wait for all 32 lanes,
 // read this lane's result (computed once by the last arriver).
 inline std::uint64_t warp_op(Op op, unsigned mask, std::uint64_t in, int arg, int width,
-                             const std::source_location& where) {
+                             const std::source_location& where, void (*coll_fn)(void* const*) = nullptr,
+                             const char* coll_name = nullptr) {
   Lane* me = cur_lane();
   Block* b = me->blk;
   Warp& w = b->warps[me->warp];
@@ -958,6 +972,12 @@ inline std::uint64_t warp_op(Op op, unsigned mask, std::uint64_t in, int arg, in
     w.op = op;
     w.width = width;
     w.where = loc;
+    w.coll_fn = coll_fn;
+    w.coll_name = coll_name ? coll_name : "";
+  } else if (op == Op::collective && w.op == op && w.coll_fn != coll_fn) {
+    fatal("divergent warp: this lane executes %s at %s:%u while lanes %s of warp %u wait in %s at %s:%u",
+          coll_name, loc.file, loc.line, lane_mask_str(w.arrived).c_str(), me->warp, w.coll_name, w.where.file,
+          w.where.line);
   } else if (w.op != op || w.width != width) {
     fatal("divergent warp: this lane calls %s (width %d) at %s:%u while lanes %s of warp %u wait in %s (width %d) at %s:%u",
           op_name(op), width, loc.file, loc.line, lane_mask_str(w.arrived).c_str(), me->warp, op_name(w.op),
@@ -1980,3 +2000,123 @@ inline cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, std::size_t n,
   std::memcpy(reinterpret_cast<char*>(&symbol) + offset, src, n);
   return cudaSuccess;
 }
+
+// ---------------------------------------------------------------------------
+// Warp matrix instructions (tensor cores), lane by lane per the PTX ISA
+// ---------------------------------------------------------------------------
+// Inline PTX does not compile under g++, so kernels reach these instructions
+// through small __device__ wrappers (csrc/cuda/mma_sm80.cuh: inline asm on the
+// device, these functions under DUO_FAST_EMULATE_CUDA). Each is one warp-wide
+// collective: every lane deposits pointers to its own registers, the last lane
+// to arrive computes the whole warp's result from all lanes' operands with the
+// fragment layouts of the PTX ISA (below), and writes each lane's registers.
+// All 32 lanes must call, with the full warp converged, as on the GPU.
+//
+// Notation: g = lane >> 2 (groupID), q = lane % 4 (thread in group). A 32-bit
+// register holds two 16-bit elements, the lower-indexed one in bits 0..15.
+namespace cuda_emu {
+namespace detail {
+
+inline float bf16_to_float(std::uint16_t b) { return std::bit_cast<float>(std::uint32_t(b) << 16); }
+inline std::uint16_t half_of(std::uint32_t r, int i) { return std::uint16_t(i ? r >> 16 : r & 0xffffu); }
+
+// A 16-byte-aligned address inside this block's shared memory (dynamic or static).
+inline bool in_shared(const void* p, std::size_t bytes) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  const Block* b = cur_lane()->blk;
+  const unsigned char* st = reinterpret_cast<const unsigned char*>(__start_cuda_emu_shared);
+  const unsigned char* en = reinterpret_cast<const unsigned char*>(__stop_cuda_emu_shared);
+  if (b->smem && c >= b->smem && c + bytes <= b->smem + b->smem_bytes) return true;
+  return st && c >= st && c + bytes <= en;
+}
+
+struct MmaOperands {
+  const std::uint32_t* a;  // 4 registers
+  const std::uint32_t* b;  // 2 registers
+  const float* c;          // 4
+  float* d;                // 4 (may alias c)
+};
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D[16x8] = A[16x16] B[16x8] + C.
+//   A: a_i, i = 0..7 (register i/2, half i%2): row g + 8 ((i/2) % 2), col 2q + (i%2) + 8 (i >= 4)
+//   B: b_i, i = 0..3 (register i/2, half i%2): row (k) 2q + (i%2) + 8 (i >= 2), col (n) g
+//   C, D: c_i, i = 0..3: row g + 8 (i >= 2), col 2q + (i%2)
+// The bf16 products are exact in float; the emulation sums them and C in double and
+// rounds once (the hardware's internal rounding of the sum differs slightly:
+// tests compare with tolerances, never bits).
+inline void mma_m16n8k16_bf16_fn(void* const* lanes) {
+  float A[16][16], B[16][8], C[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const MmaOperands& o = *static_cast<const MmaOperands*>(lanes[l]);
+    const int g = l >> 2, q = l & 3;
+    for (int i = 0; i < 8; ++i) A[g + 8 * ((i >> 1) & 1)][2 * q + (i & 1) + 8 * (i >= 4)] = bf16_to_float(half_of(o.a[i >> 1], i & 1));
+    for (int i = 0; i < 4; ++i) B[2 * q + (i & 1) + 8 * (i >= 2)][g] = bf16_to_float(half_of(o.b[i >> 1], i & 1));
+    for (int i = 0; i < 4; ++i) C[g + 8 * (i >= 2)][2 * q + (i & 1)] = o.c[i];
+  }
+  for (int l = 0; l < 32; ++l) {
+    const MmaOperands& o = *static_cast<const MmaOperands*>(lanes[l]);
+    const int g = l >> 2, q = l & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int r = g + 8 * (i >= 2), c = 2 * q + (i & 1);
+      double s = C[r][c];
+      for (int k = 0; k < 16; ++k) s += double(A[r][k] * B[k][c]);
+      o.d[i] = float(s);
+    }
+  }
+}
+
+struct LdmatrixOperands {
+  const void* addr;  // this lane's row address (lanes 8m .. 8m+7: rows 0..7 of matrix m)
+  std::uint32_t* r;  // `count` registers
+  int count;
+  bool trans;
+};
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: matrix m (8x8 of 16-bit
+// elements) has its row rr (8 contiguous elements, 16-byte aligned) at the address
+// of lane 8m + rr (for .x1 / .x2 the other lanes' addresses are not used). Lane l
+// receives in register m: without .trans row g, cols 2q, 2q+1 of matrix m; with
+// .trans the transposed matrix: (row 2q, col g) and (row 2q+1, col g).
+inline void ldmatrix_fn(void* const* lanes) {
+  const LdmatrixOperands& o0 = *static_cast<const LdmatrixOperands*>(lanes[0]);
+  const int count = o0.count;
+  std::uint16_t M[4][8][8];
+  for (int m = 0; m < count; ++m)
+    for (int rr = 0; rr < 8; ++rr) {
+      const LdmatrixOperands& o = *static_cast<const LdmatrixOperands*>(lanes[8 * m + rr]);
+      if (o.count != count || o.trans != o0.trans) fatal("ldmatrix: lanes disagree on .x%d / .trans", count);
+      if ((reinterpret_cast<std::uintptr_t>(o.addr) & 15u) != 0 || !in_shared(o.addr, 16))
+        fatal("ldmatrix: lane %d's row address %p is not a 16-byte-aligned shared memory row", 8 * m + rr, o.addr);
+      std::memcpy(M[m][rr], o.addr, 16);
+    }
+  for (int l = 0; l < 32; ++l) {
+    const LdmatrixOperands& o = *static_cast<const LdmatrixOperands*>(lanes[l]);
+    const int g = l >> 2, q = l & 3;
+    for (int m = 0; m < count; ++m) {
+      const std::uint16_t lo = o0.trans ? M[m][2 * q][g] : M[m][g][2 * q];
+      const std::uint16_t hi = o0.trans ? M[m][2 * q + 1][g] : M[m][g][2 * q + 1];
+      o.r[m] = std::uint32_t(lo) | (std::uint32_t(hi) << 16);
+    }
+  }
+}
+
+}  // namespace detail
+
+// d = A B + c for the warp (registers as in detail::mma_m16n8k16_bf16_fn).
+inline void mma_m16n8k16_bf16_f32(float* d, const std::uint32_t* a, const std::uint32_t* b, const float* c,
+                                  std::source_location w = std::source_location::current()) {
+  detail::MmaOperands o{a, b, c, d};
+  detail::warp_op(detail::Op::collective, 0xffffffffu, std::uint64_t(reinterpret_cast<std::uintptr_t>(&o)), 0, 32,
+                  w, &detail::mma_m16n8k16_bf16_fn, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
+}
+
+// count = 1, 2 or 4 matrices into r[0 .. count-1].
+inline void ldmatrix_m8n8_b16(std::uint32_t* r, const void* row_addr, int count, bool trans,
+                              std::source_location w = std::source_location::current()) {
+  if (count != 1 && count != 2 && count != 4) detail::fatal("ldmatrix: .x%d is not .x1, .x2 or .x4", count);
+  detail::LdmatrixOperands o{row_addr, r, count, trans};
+  detail::warp_op(detail::Op::collective, 0xffffffffu, std::uint64_t(reinterpret_cast<std::uintptr_t>(&o)), 0, 32,
+                  w, &detail::ldmatrix_fn, "ldmatrix.sync.aligned.m8n8.b16");
+}
+
+}  // namespace cuda_emu

@@ -1,0 +1,387 @@
+// curriculum_embed (SPEC 2c, 2d; curriculum.h) on tensor cores (sm_80+): the
+// GEMMs h = P E ([N,K] x [K,d]) and dE = P^T dh ([K,N] x [N,d]) with bf16
+// operands and float32 accumulation (mma.sync m16n8k16, ldmatrix; wrappers in
+// mma_sm80.cuh), tiled like flash-attention 2. The portable float kernels of
+// curriculum.cu stay for sm < 80 (and on request, DUO_FAST_EMBED_PORTABLE=1).
+//
+// Forward, a block = 64 tokens x a slice of C = 128 CW columns of d (CW = 1 or
+// 2 column warps), 4 CW warps; the block walks K in tiles of 64 entries:
+//   1. scores in registers: thread (row r = tid / TPR, segment s = tid % TPR)
+//      draws the 64 / TPR entries s*64/TPR .. of token t0 + r from Philox (the
+//      same counters as curriculum.cu: block j / 4 of stream t), y = w / tau
+//      in double; the row's TPR threads (consecutive lanes) reduce the tile's
+//      max / argmax by shuffles; online softmax: m_new = max(m, tile max),
+//      P = exp(y - m_new) (float), l = l exp(m - m_new) + sum P, per thread
+//      (the row's threads hold partial l of the same scale; summed at the end).
+//   2. P (bf16) and the rescale factor exp(m - m_new) go to shared memory, the
+//      E tile [64 x C] (bf16) is staged next to it.
+//   3. warp (row group wr, column group wc) rescales its accumulators
+//      O[16 x 128] (flash-attention 2: O *= exp(m_old - m_new)), loads the A
+//      fragments of P with ldmatrix.x4 and the B fragments of E with
+//      ldmatrix.x4.trans, and runs 4 x 16 mma per tile.
+//   h = O / l at the end; z = the running argmax; lse = m + log l (double).
+// The P tile goes through shared memory (not straight from the score registers
+// into A fragments as in flash-attention 2) because its scores are shared by
+// the CW column warps and by the 4 row warps' ldmatrix: the Philox draws, not
+// the tensor cores, are the expensive part (below), so each score is drawn
+// once per block.
+//
+// Cost per (token, entry) and column slice: one Philox block per 4 entries
+// (10 rounds, ~2 mul.wide each) plus Box-Muller (log, sqrt, sin/cos
+// polynomials) plus a double FMA and an expf: ~60 instructions per entry,
+// against 2 C flops of mma per entry. On an H200 (~60 TFLOP/s fp32-class
+// issue, ~790 TFLOP/s bf16 mma) the draws cost about 60 * 790 / (60 * 2 C)
+// ~ 400 / C times the mma time; C = 256 -> ~1.5x (comparable, partly
+// overlapped across warps). Recomputing the scores per column slice (d = 768:
+// 3 slices) was chosen over a two-pass design (pass 1 stats, pass 2 GEMM) or a
+// whole-d block: a two-pass design draws every score twice at least (and
+// still once per slice in pass 2); a whole-d block (64 x 768 float
+// accumulators) does not fit the register file. The E tile is read from
+// global memory (L2) once per 64 tokens: N / 64 * K d * 2 bytes (79 GB at
+// N = 65536, K = 50257, d = 768: ~10-15 ms at L2 rates), so the operands are
+// bf16 copies made once by the caller (E: K d * 2 bytes; dh: N d * 2 bytes),
+// which halves that traffic against staging float32 and converting per block.
+//
+// Backward dE = P^T dh: a block = 64 ids x C columns, walking the tokens in
+// tiles of 64: the scores are regenerated (the same draws) with the saved lse,
+// P = exp(y - lse) (float, no online rescale), stored as bf16 P[token][id];
+// the A fragments of P^T come from ldmatrix.x4.trans of that tile, the B
+// fragments of dh (bf16, staged [token][col]) from ldmatrix.x4.trans. One
+// writer per dE element (deterministic; no atomics).
+//
+// Accuracy: bf16 operands (8-bit significand, relative rounding <= 2^-9), float
+// accumulation. tests/test_curriculum_mma.py derives the tolerance.
+#include "duo_fast/cuda_compat.h"
+#include "duo_fast/curriculum.h"
+#include "duo_fast/device_check.h"
+#include "duo_fast/reduce.h"
+#include "duo_fast/topk.h"
+#include "curriculum_mma.h"
+#include "mma_sm80.cuh"
+
+namespace duo_fast {
+namespace cuda {
+namespace {
+
+constexpr int kRows = 64;             // tokens (forward) / ids (backward) per block
+constexpr int kKTile = 64;            // entries (forward) / tokens (backward) per k-tile
+constexpr int kWarpCols = 128;        // columns of d per warp: 16 n-tiles of 8
+constexpr int kNTiles = kWarpCols / 8;
+constexpr int kPitchP = kKTile + 8;   // bf16 per row of the P tile (+16 bytes: the 8 rows of an
+                                      // ldmatrix fall on different banks)
+
+template <int CW>
+struct Shape {
+  static constexpr int kThreads = 128 * CW;          // 4 row warps x CW column warps
+  static constexpr int kCols = kWarpCols * CW;       // columns of d per block
+  static constexpr int kPitchV = kCols + 8;          // bf16 per row of the E / dh tile
+  static constexpr int kTPR = kThreads / kRows;      // threads per score row: 2 or 4 (consecutive lanes)
+  static constexpr int kEPT = kKTile / kTPR;         // scores per thread per tile: 32 or 16
+  static constexpr int kVBytes = kKTile * kPitchV * 2;
+  static_assert(kEPT % 4 == 0, "whole Philox blocks per thread");
+  static_assert(kVBytes % 16 == 0, "ldmatrix rows are 16-byte aligned");
+};
+
+// Shared memory (dynamic: the emulation refills it with garbage per block, so a
+// read before write shows): the P tile, the E / dh tile, and (forward) two
+// floats per row. 43.5 KB for CW = 2: under the 48 KB default, two blocks per SM.
+constexpr int kPBytes = kRows * kPitchP * 2;
+static_assert(kPBytes % 16 == 0, "ldmatrix rows are 16-byte aligned");
+template <int CW>
+constexpr size_t forward_smem_bytes() { return size_t(kPBytes + Shape<CW>::kVBytes) + 2 * kRows * sizeof(float); }
+template <int CW>
+constexpr size_t backward_smem_bytes() { return size_t(kPBytes + Shape<CW>::kVBytes); }
+static_assert(forward_smem_bytes<2>() <= 48 * 1024, "no opt-in needed");
+
+struct Level {
+  double a, s, inv_tau;  // a~, s~ (topk::scales), 1 / tau
+  int64_t x;             // the clean id; -1 for a row past the last token
+};
+
+DUO_DEVICE Level level_of(const int64_t* x0, const double* gamma, const double* inv_tau, int64_t n, int64_t t) {
+  if (t >= n) return {0.0, 0.0, 0.0, -1};
+  const topk::Scales sc = topk::scales(gamma[t]);
+  return {sc.a, sc.s, inv_tau[t], x0[t]};
+}
+
+// The kEPT scores y = w / tau of token t at entries j .. j + kEPT - 1 (j a
+// multiple of 4): -inf past the vocabulary and for rows past the last token.
+template <int EPT>
+DUO_DEVICE void scores(const Level& lv, int64_t K, int64_t t, int64_t j, uint64_t seed, uint64_t offset, double* y) {
+#pragma unroll
+  for (int b = 0; b < EPT / 4; ++b) {
+    float eps[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (lv.x >= 0 && j + 4 * b < K) curriculum::noise4(seed, offset, uint64_t(t), (j + 4 * b) / 4, eps);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t jj = j + 4 * b + e;
+      y[4 * b + e] = lv.x >= 0 && jj < K ? curriculum::latent(eps[e], jj == lv.x, lv.a, lv.s) * lv.inv_tau : -INFINITY;
+    }
+  }
+}
+
+// Rows [r0, r0 + 64) x columns [c0, c0 + kCols) of a row-major bf16 [rows, d]
+// matrix into V (pitch kPitchV), zero outside; 16-byte copies when d % 8 == 0
+// and the base is 16-byte aligned (then a chunk of 8 is all in or all out).
+template <int CW>
+DUO_DEVICE void stage_tile(uint16_t (*V)[Shape<CW>::kPitchV], const uint16_t* src, int64_t rows, int64_t d,
+                           int64_t r0, int64_t c0, bool vec) {
+  using S = Shape<CW>;
+  if (vec) {
+    constexpr int kChunks = S::kCols / 8;
+    for (int i = threadIdx.x; i < kRows * kChunks; i += S::kThreads) {
+      const int r = i / kChunks, c = (i % kChunks) * 8;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (r0 + r < rows && c0 + c < d) v = *reinterpret_cast<const uint4*>(src + (r0 + r) * d + c0 + c);
+      *reinterpret_cast<uint4*>(&V[r][c]) = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < kRows * S::kCols; i += S::kThreads) {
+      const int r = i / S::kCols, c = i % S::kCols;
+      V[r][c] = r0 + r < rows && c0 + c < d ? src[(r0 + r) * d + c0 + c] : uint16_t(0);
+    }
+  }
+}
+
+// acc[nt] += A (16 rows x 16 k of the warp) B (16 k x 8 columns nt) for the
+// warp's 16 n-tiles at column col0 of V and k-rows k0 of V; n-tile pairs
+// wholly past `cols_left` are skipped (warp-uniform).
+template <int CW>
+DUO_DEVICE void mma_k16(float (&acc)[kNTiles][4], const uint32_t (&a)[4], const uint16_t (*V)[Shape<CW>::kPitchV],
+                        int k0, int col0, int cols_left, int lane) {
+#pragma unroll
+  for (int np = 0; np < kNTiles / 2; ++np) {
+    if (16 * np >= cols_left) break;
+    // x4.trans: matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+    // -> b[0..1] of n-tile 2 np, b[0..1] of n-tile 2 np + 1.
+    uint32_t b[4];
+    mma::ldmatrix<4, true>(b, &V[k0 + (lane & 7) + 8 * ((lane >> 3) & 1)][col0 + 16 * np + 8 * (lane >> 4)]);
+    mma::mma_bf16_16816(acc[2 * np], a, b, acc[2 * np]);
+    mma::mma_bf16_16816(acc[2 * np + 1], a, b + 2, acc[2 * np + 1]);
+  }
+}
+
+// (value, index) argmax step: larger value, or the lower index among ties.
+DUO_DEVICE void argmax_merge(double& v, int64_t& i, double ov, int64_t oi) {
+  if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
+}
+
+template <int CW>
+__global__ void __launch_bounds__(Shape<CW>::kThreads)
+    embed_forward_mma_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma,
+                             const double* __restrict__ inv_tau, const uint16_t* __restrict__ E, int64_t n, int64_t K,
+                             int64_t d, uint64_t seed, uint64_t offset, float* __restrict__ h, int64_t* __restrict__ z,
+                             double* __restrict__ lse, uint32_t* checks) {
+  using S = Shape<CW>;
+  DUO_DYNAMIC_SHARED(unsigned char, smem);  // forward_smem_bytes<CW>()
+  uint16_t(*Ps)[kPitchP] = reinterpret_cast<uint16_t(*)[kPitchP]>(smem);  // P tile, [token][entry], bf16
+  uint16_t(*Vs)[S::kPitchV] = reinterpret_cast<uint16_t(*)[S::kPitchV]>(smem + kPBytes);  // E tile, [entry][column]
+  float* scale_s = reinterpret_cast<float*>(smem + kPBytes + S::kVBytes);  // exp(m_old - m_new) per row
+  float* inv_l_s = scale_s + kRows;
+  const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
+  const int wr = warp & 3, wc = warp >> 2;          // mma role: rows 16 wr.., columns kWarpCols wc..
+  const int r = int(threadIdx.x) / S::kTPR;         // score role: row r, entries seg * kEPT ..
+  const int seg = int(threadIdx.x) % S::kTPR;
+  const int g = lane >> 2, q = lane & 3;
+  const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
+  const int col0 = kWarpCols * wc;
+  const int cols_left = int(d - c0 - col0 < kWarpCols ? d - c0 - col0 : kWarpCols);  // may be <= 0
+  const bool vec = d % 8 == 0 && (reinterpret_cast<uintptr_t>(E) & 15u) == 0;
+  for (int64_t t0 = int64_t(blockIdx.x) * kRows; t0 < n; t0 += int64_t(gridDim.x) * kRows) {
+    const int64_t t = t0 + r;
+    const Level lv = level_of(x0, gamma, inv_tau, n, t);
+    if (blockIdx.y == 0 && seg == 0 && t < n) {  // device-side checks: unspecified h and z
+      if (!check::valid_id(x0[t], K)) check::report(checks, check::kX0);
+      if (!check::valid_gamma(gamma[t])) check::report(checks, check::kGamma);
+      if (!check::valid_inv_tau(inv_tau[t])) check::report(checks, check::kInvTau);
+    }
+    double m = -INFINITY, l = 0.0, best = -INFINITY;  // l: this thread's part of the row sum
+    int64_t arg = 0;                                   // defined even if no score beats -inf (NaN levels)
+    float acc[kNTiles][4];
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+    for (int64_t j0 = 0; j0 < K; j0 += kKTile) {
+      // 1. scores and the online softmax of row r (its kTPR threads in step)
+      const int64_t j = j0 + seg * S::kEPT;
+      double y[S::kEPT];
+      scores<S::kEPT>(lv, K, t, j, seed, offset, y);
+      double mx = -INFINITY;
+      int64_t ax = j;
+#pragma unroll
+      for (int e = 0; e < S::kEPT; ++e)
+        if (y[e] > mx) mx = y[e], ax = j + e;  // first index among ties
+#pragma unroll
+      for (int o = 1; o < S::kTPR; o <<= 1) {
+        const double om = __shfl_xor_sync(reduce::kFullMask, mx, o);
+        const int64_t oa = __shfl_xor_sync(reduce::kFullMask, ax, o);
+        argmax_merge(mx, ax, om, oa);
+      }
+      const double m_new = mx > m ? mx : m;
+      const double sc = m == -INFINITY ? 0.0 : exp(m - m_new);
+      double part = 0.0;
+#pragma unroll
+      for (int e = 0; e < S::kEPT; e += 2) {
+        const float p0 = m_new == -INFINITY ? 0.0f : expf(float(y[e] - m_new));  // exp(-inf) = 0
+        const float p1 = m_new == -INFINITY ? 0.0f : expf(float(y[e + 1] - m_new));
+        part += double(p0) + double(p1);
+        *reinterpret_cast<uint32_t*>(&Ps[r][seg * S::kEPT + e]) = mma::pack_bf16x2(p0, p1);
+      }
+      l = l * sc + part;
+      m = m_new;
+      if (mx > best) best = mx, arg = ax;  // earlier tiles win ties
+      if (seg == 0) scale_s[r] = float(sc);
+      // 2. the E tile
+      stage_tile<CW>(Vs, E, K, d, j0, c0, vec);
+      __syncthreads();
+      // 3. O = O * scale + P E on the tensor cores (warps with columns left)
+      if (cols_left > 0) {
+        const float s0 = scale_s[16 * wr + g], s1 = scale_s[16 * wr + g + 8];
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) acc[nt][0] *= s0, acc[nt][1] *= s0, acc[nt][2] *= s1, acc[nt][3] *= s1;
+#pragma unroll
+        for (int kk = 0; kk < kKTile / 16; ++kk) {
+          // x4: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3]
+          uint32_t a[4];
+          mma::ldmatrix<4, false>(a, &Ps[16 * wr + (lane & 7) + 8 * ((lane >> 3) & 1)][16 * kk + 8 * (lane >> 4)]);
+          mma_k16<CW>(acc, a, Vs, 16 * kk, col0, cols_left, lane);
+        }
+      }
+      __syncthreads();  // Ps, Vs, scale_s are rewritten by the next tile
+    }
+#pragma unroll
+    for (int o = 1; o < S::kTPR; o <<= 1) l += __shfl_xor_sync(reduce::kFullMask, l, o);
+    if (seg == 0) {
+      inv_l_s[r] = float(1.0 / l);
+      if (blockIdx.y == 0 && t < n) z[t] = arg, lse[t] = m + log(l);
+    }
+    __syncthreads();
+    if (cols_left > 0) {
+      const float i0 = inv_l_s[16 * wr + g], i1 = inv_l_s[16 * wr + g + 8];
+      const int64_t ta = t0 + 16 * wr + g, tb = ta + 8;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int cl = 8 * nt + 2 * q + i;
+          if (cl >= cols_left) continue;
+          const int64_t c = c0 + col0 + cl;
+          if (ta < n) h[ta * d + c] = acc[nt][i] * i0;
+          if (tb < n) h[tb * d + c] = acc[nt][2 + i] * i1;
+        }
+      }
+    }
+    __syncthreads();  // inv_l_s is rewritten by the next token group
+  }
+}
+
+template <int CW>
+__global__ void __launch_bounds__(Shape<CW>::kThreads)
+    embed_backward_mma_kernel(const uint16_t* __restrict__ dh, const int64_t* __restrict__ x0,
+                              const double* __restrict__ gamma, const double* __restrict__ inv_tau,
+                              const double* __restrict__ lse, int64_t n, int64_t K, int64_t d, uint64_t seed,
+                              uint64_t offset, float* __restrict__ dE) {
+  using S = Shape<CW>;
+  DUO_DYNAMIC_SHARED(unsigned char, smem);  // backward_smem_bytes<CW>()
+  uint16_t(*Ps)[kPitchP] = reinterpret_cast<uint16_t(*)[kPitchP]>(smem);  // P tile, [token][id], bf16
+  uint16_t(*Vs)[S::kPitchV] = reinterpret_cast<uint16_t(*)[S::kPitchV]>(smem + kPBytes);  // dh tile, [token][column]
+  const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
+  const int wr = warp & 3, wc = warp >> 2;   // mma role: ids 16 wr.., columns kWarpCols wc..
+  const int r = int(threadIdx.x) / S::kTPR;  // score role: token row r, ids seg * kEPT ..
+  const int seg = int(threadIdx.x) % S::kTPR;
+  const int g = lane >> 2, q = lane & 3;
+  const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
+  const int col0 = kWarpCols * wc;
+  const int cols_left = int(d - c0 - col0 < kWarpCols ? d - c0 - col0 : kWarpCols);
+  const bool vec = d % 8 == 0 && (reinterpret_cast<uintptr_t>(dh) & 15u) == 0;
+  for (int64_t j0 = int64_t(blockIdx.x) * kRows; j0 < K; j0 += int64_t(gridDim.x) * kRows) {
+    float acc[kNTiles][4];
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    for (int64_t t0 = 0; t0 < n; t0 += kKTile) {
+      // 1. P[t][j] = exp(y - lse_t) of token row r, ids j0 + seg * kEPT ..
+      const int64_t t = t0 + r;
+      const Level lv = level_of(x0, gamma, inv_tau, n, t);
+      const double ls = t < n ? lse[t] : 0.0;
+      double y[S::kEPT];
+      scores<S::kEPT>(lv, K, t, j0 + seg * S::kEPT, seed, offset, y);
+#pragma unroll
+      for (int e = 0; e < S::kEPT; e += 2)
+        *reinterpret_cast<uint32_t*>(&Ps[r][seg * S::kEPT + e]) =
+            mma::pack_bf16x2(expf(float(y[e] - ls)), expf(float(y[e + 1] - ls)));  // exp(-inf) = 0
+      // 2. the dh tile
+      stage_tile<CW>(Vs, dh, n, d, t0, c0, vec);
+      __syncthreads();
+      // 3. dE += P^T dh
+      if (cols_left > 0) {
+#pragma unroll
+        for (int kk = 0; kk < kKTile / 16; ++kk) {
+          // A = P^T (rows = ids, k = tokens) from P[token][id] with x4.trans: matrices
+          // (ids 0-7, tok 0-7), (ids 8-15, tok 0-7), (ids 0-7, tok 8-15), (ids 8-15, tok 8-15)
+          // live at P rows (tokens) 16 kk + 8 (i >> 1), columns (ids) 16 wr + 8 (i & 1).
+          uint32_t a[4];
+          mma::ldmatrix<4, true>(a, &Ps[16 * kk + (lane & 7) + 8 * (lane >> 4)][16 * wr + 8 * ((lane >> 3) & 1)]);
+          mma_k16<CW>(acc, a, Vs, 16 * kk, col0, cols_left, lane);
+        }
+      }
+      __syncthreads();  // Ps and Vs are rewritten by the next token tile
+    }
+    if (cols_left > 0) {
+      const int64_t ja = j0 + 16 * wr + g, jb = ja + 8;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int cl = 8 * nt + 2 * q + i;
+          if (cl >= cols_left) continue;
+          const int64_t c = c0 + col0 + cl;
+          if (ja < K) dE[ja * d + c] = acc[nt][i];
+          if (jb < K) dE[jb * d + c] = acc[nt][2 + i];
+        }
+      }
+    }
+  }
+}
+
+unsigned grid_x(int64_t tiles) { return unsigned(tiles < 1 ? 1 : (tiles > 65535 * 8 ? 65535 * 8 : tiles)); }
+
+// One column warp when d fits in 128 columns (no idle warps), else two.
+int column_warps(int64_t d) { return d <= kWarpCols ? 1 : 2; }
+
+}  // namespace
+
+int curriculum_embed_mma(const int64_t* x0, const double* gamma, const double* inv_tau, const uint16_t* embedding_bf16,
+                         int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h,
+                         int64_t* z, double* lse, uint32_t* checks, void* stream) {
+  if (n == 0) return 0;
+  const int cw = column_warps(d);
+  const int64_t cols = int64_t(kWarpCols) * cw;
+  const dim3 grid(grid_x((n + kRows - 1) / kRows), unsigned((d + cols - 1) / cols));
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (cw == 1)
+    return int(launch_kernel(embed_forward_mma_kernel<1>, grid, dim3(Shape<1>::kThreads), forward_smem_bytes<1>(), s, x0, gamma, inv_tau,
+                             embedding_bf16, n, vocab_size, d, seed, offset, h, z, lse, checks));
+  return int(launch_kernel(embed_forward_mma_kernel<2>, grid, dim3(Shape<2>::kThreads), forward_smem_bytes<2>(), s, x0, gamma, inv_tau,
+                           embedding_bf16, n, vocab_size, d, seed, offset, h, z, lse, checks));
+}
+
+int curriculum_embed_backward_mma(const uint16_t* grad_h_bf16, const int64_t* x0, const double* gamma,
+                                  const double* inv_tau, const double* lse, int64_t n, int64_t vocab_size, int64_t d,
+                                  uint64_t seed, uint64_t offset, float* grad_embedding, void* stream) {
+  const int cw = column_warps(d);
+  const int64_t cols = int64_t(kWarpCols) * cw;
+  const dim3 grid(grid_x((vocab_size + kRows - 1) / kRows), unsigned((d + cols - 1) / cols));
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (cw == 1)
+    return int(launch_kernel(embed_backward_mma_kernel<1>, grid, dim3(Shape<1>::kThreads), backward_smem_bytes<1>(), s, grad_h_bf16, x0,
+                             gamma, inv_tau, lse, n, vocab_size, d, seed, offset, grad_embedding));
+  return int(launch_kernel(embed_backward_mma_kernel<2>, grid, dim3(Shape<2>::kThreads), backward_smem_bytes<2>(), s, grad_h_bf16, x0,
+                           gamma, inv_tau, lse, n, vocab_size, d, seed, offset, grad_embedding));
+}
+
+}  // namespace cuda
+}  // namespace duo_fast
