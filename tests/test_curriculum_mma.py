@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+import duo_fast  # noqa: F401  (loads torch.ops.duo_fast: the CPU kernel)
+
 from conftest import ptr
 
 
@@ -166,15 +168,15 @@ def test_bf16_round_to_nearest_even(emulated):
 
 def _bf16_bound(weighted_abs: torch.Tensor) -> torch.Tensor:
     """Bound on |mma result - CPU result| for a sum S = sum_i p_i v_i of positive weights
-    p_i (P) times values v_i (E or dh), both rounded to bf16 (8-bit significand: relative
-    error <= u = 2^-9 each): |bf16(p) bf16(v) - p v| <= (2u + u^2) p |v|, so
+    p_i (P) times values v_i (E or dh), both rounded to nearest bf16 (8 significant bits,
+    7 stored: relative error <= u = 2^-8 each): |bf16(p) bf16(v) - p v| <= (2u + u^2) p |v|, so
     |dS| <= 2.004 u sum_i p_i |v_i| (worst case: every rounding in the same direction;
     random roundings give ~sqrt(terms) times less). The float32 accumulation
     (<= terms * 2^-24 relative for the K or N partial sums, ~1e-3 u per 100 terms per
     tile) and the CPU kernel's float error (~1e-6 relative) fit in the 5% margin over
-    2.004 u ~ 2^-8 and the 1e-6 absolute term. weighted_abs = sum_i p_i |v_i|, computed
+    2.004 u ~ 2^-7 and the 1e-6 absolute term. weighted_abs = sum_i p_i |v_i|, computed
     by the CPU kernel with |E| (forward) or |dh| (backward)."""
-    return 1.05 * 2.0**-8 * weighted_abs + 1e-6
+    return 1.05 * 2.0**-7 * weighted_abs + 1e-6
 
 
 def _inputs(n, K, seed):

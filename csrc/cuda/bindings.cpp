@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -18,6 +19,7 @@
 #include "fused_outputs.h"
 #include "duo_fast/device_check.h"
 #include "duo_fast/schedule.h"
+#include "curriculum_mma.h"
 #include "launchers.h"
 #include "schedule_table_cache.h"
 
@@ -230,6 +232,27 @@ at::Tensor posterior_cuda(const at::Tensor& logits, const at::Tensor& z, const a
   return q;
 }
 
+// curriculum_embed on tensor cores (curriculum_mma.cu) when the device and the
+// kernel binary the runtime picks for it are sm_80+ (a build whose only code
+// for this device is older PTX would trap), unless DUO_FAST_EMBED_PORTABLE=1
+// asks for the portable float kernels (curriculum.cu; they also serve sm < 80).
+bool embed_on_tensor_cores(const at::Device& device) {
+  const char* env = std::getenv("DUO_FAST_EMBED_PORTABLE");
+  if (env != nullptr && std::strcmp(env, "1") == 0) return false;
+  static std::mutex mutex;
+  static std::map<int, bool> ok;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = ok.find(device.index());
+  if (it == ok.end()) {
+    int major = 0;
+    const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index());
+    TORCH_CHECK(err == cudaSuccess, "duo_fast: cudaDeviceGetAttribute(ComputeCapabilityMajor) failed: ",
+                cudaGetErrorString(err));
+    it = ok.emplace(device.index(), major >= 8 && cuda::curriculum_mma_binary_version() >= 80).first;
+  }
+  return it->second;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cuda(const at::Tensor& x0, const at::Tensor& gamma,
                                                                      const at::Tensor& inv_tau,
                                                                      const at::Tensor& embedding, int64_t seed,
@@ -240,11 +263,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cuda(const at::T
   uint32_t* checks = begin_checks(x0.device(), "curriculum_embed");
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous();
-  const at::Tensor E = embedding.contiguous().to(at::kFloat);
   auto sizes = x.sizes().vec();
   sizes.push_back(d);
-  at::Tensor h = at::empty(sizes, E.options()), z = at::empty_like(x);
+  at::Tensor h = at::empty(sizes, embedding.options().dtype(at::kFloat)), z = at::empty_like(x);
   at::Tensor lse = at::empty(x.sizes(), x.options().dtype(at::kDouble));
+  if (embed_on_tensor_cores(x0.device())) {
+    // bf16 operand, converted once (K d * 2 bytes; no copy for a bf16 embedding)
+    const at::Tensor Eb = embedding.contiguous().to(at::kBFloat16);
+    check_launch(cuda::curriculum_embed_mma(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
+                                            it.const_data_ptr<double>(),
+                                            static_cast<const uint16_t*>(Eb.const_data_ptr()), x.numel(), K, d,
+                                            uint64_t(seed), uint64_t(offset), h.mutable_data_ptr<float>(),
+                                            z.mutable_data_ptr<int64_t>(), lse.mutable_data_ptr<double>(), checks,
+                                            stream),
+                 "curriculum_embed");
+    end_checks(x0.device(), stream);
+    return {h.to(embedding.scalar_type()), z, lse};
+  }
+  const at::Tensor E = embedding.contiguous().to(at::kFloat);
   check_launch(cuda::curriculum_embed(x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(),
                                       it.const_data_ptr<double>(), E.const_data_ptr<float>(), x.numel(), K, d,
                                       uint64_t(seed), uint64_t(offset), h.mutable_data_ptr<float>(),
@@ -262,8 +298,18 @@ at::Tensor curriculum_embed_backward_cuda(const at::Tensor& grad_h, const at::Te
   begin_checks(x0.device(), "curriculum_embed_backward");
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous(), ls = lse.contiguous();
   const int64_t d = grad_h.size(-1);
+  at::Tensor dE = at::empty({vocab_size, d}, grad_h.options().dtype(at::kFloat));
+  if (embed_on_tensor_cores(x0.device())) {
+    const at::Tensor dhb = grad_h.contiguous().to(at::kBFloat16);  // bf16 operand, N d * 2 bytes
+    check_launch(cuda::curriculum_embed_backward_mma(
+                     static_cast<const uint16_t*>(dhb.const_data_ptr()), x.const_data_ptr<int64_t>(),
+                     g.const_data_ptr<double>(), it.const_data_ptr<double>(), ls.const_data_ptr<double>(), x.numel(),
+                     vocab_size, d, uint64_t(seed), uint64_t(offset), dE.mutable_data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream().stream()),
+                 "curriculum_embed_backward");
+    return dE;
+  }
   const at::Tensor dh = grad_h.contiguous().to(at::kFloat);
-  at::Tensor dE = at::empty({vocab_size, d}, dh.options());
   check_launch(cuda::curriculum_embed_backward(dh.const_data_ptr<float>(), x.const_data_ptr<int64_t>(),
                                                g.const_data_ptr<double>(), it.const_data_ptr<double>(),
                                                ls.const_data_ptr<double>(), x.numel(), vocab_size, d, uint64_t(seed),

@@ -49,7 +49,13 @@
 // fragments of dh (bf16, staged [token][col]) from ldmatrix.x4.trans. One
 // writer per dE element (deterministic; no atomics).
 //
-// Accuracy: bf16 operands (8-bit significand, relative rounding <= 2^-9), float
+// Occupancy (nvcc 13, -Xptxas -v): 180-213 registers per thread, no spills;
+// forcing 2 blocks of 256 threads (or 3 of 128) per SM with __launch_bounds__
+// spills 100-180 bytes, so an SM holds 8 warps (1 block of CW = 2, 2 of CW = 1).
+// Whether more warps pay (e.g. scores kept as float eps, 16 fewer registers)
+// is for a run on the GPU.
+//
+// Accuracy: bf16 operands (8 significant bits, relative rounding <= 2^-8), float
 // accumulation. tests/test_curriculum_mma.py derives the tolerance.
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/curriculum.h"
@@ -353,6 +359,19 @@ unsigned grid_x(int64_t tiles) { return unsigned(tiles < 1 ? 1 : (tiles > 65535 
 int column_warps(int64_t d) { return d <= kWarpCols ? 1 : 2; }
 
 }  // namespace
+
+int curriculum_mma_binary_version() {
+#if defined(DUO_FAST_EMULATE_CUDA)
+  return 80;
+#else
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, embed_forward_mma_kernel<1>) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it
+    return 0;
+  }
+  return attr.binaryVersion;
+#endif
+}
 
 int curriculum_embed_mma(const int64_t* x0, const double* gamma, const double* inv_tau, const uint16_t* embedding_bf16,
                          int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h,

@@ -10,6 +10,11 @@
 namespace duo_fast {
 namespace cuda {
 
+// The architecture (major * 10 + minor) of the kernel binary the runtime runs on
+// the current device (cudaFuncAttributes::binaryVersion): the tensor-core
+// kernels need >= 80. The emulation reports 80.
+int curriculum_mma_binary_version();
+
 int curriculum_embed_mma(const int64_t* x0, const double* gamma, const double* inv_tau, const uint16_t* embedding_bf16,
                          int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h,
                          int64_t* z, double* lse, uint32_t* checks, void* stream);
