@@ -278,3 +278,33 @@ def test_mma_z_defined_when_every_score_is_nan(emulated):
     ok = ~bad
     assert torch.equal(z[ok], c_z[ok])
     assert bool(((h - c_h).abs()[ok] <= _bf16_bound(c_habs)[ok]).all())
+
+
+# --------------------------------------------------------------------------------------
+# On a real GPU (skipped here): the op dispatches to these kernels on sm_80+
+# --------------------------------------------------------------------------------------
+
+
+def _tensor_cores():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+@pytest.mark.skipif(not _tensor_cores(), reason="no sm_80+ CUDA device; the emulated tests above run these kernels' source")
+@pytest.mark.parametrize("K,d,n", [(50257, 768, 256), (1023, 96, 130)], ids=lambda v: str(v))
+def test_cuda_tensor_cores_match_cpu(monkeypatch, K, d, n):
+    monkeypatch.delenv("DUO_FAST_EMBED_PORTABLE", raising=False)
+    x0, gamma = _inputs(n, K, 0)
+    it = torch.full((n,), 3.0, dtype=torch.float64)
+    E = torch.randn(K, d, generator=torch.Generator().manual_seed(1))
+    dh = torch.randn(n, d, generator=torch.Generator().manual_seed(2))
+    h, z, lse = torch.ops.duo_fast.curriculum_embed(x0.cuda(), gamma.cuda(), it.cuda(), E.cuda(), 2, 0)
+    dE = torch.ops.duo_fast.curriculum_embed_backward(dh.cuda(), x0.cuda(), gamma.cuda(), it.cuda(), lse, K, 2, 0)
+    c_h, c_z, c_lse = torch.ops.duo_fast.curriculum_embed(x0, gamma, it, E, 2, 0)
+    c_habs, _, _ = torch.ops.duo_fast.curriculum_embed(x0, gamma, it, E.abs(), 2, 0)
+    c_dE = torch.ops.duo_fast.curriculum_embed_backward(dh, x0, gamma, it, c_lse, K, 2, 0)
+    c_dEabs = torch.ops.duo_fast.curriculum_embed_backward(dh.abs(), x0, gamma, it, c_lse, K, 2, 0)
+    assert int((z.cpu() != c_z).sum()) <= 1  # fused multiply-adds may flip a near-tie (SPEC 2c)
+    same = z.cpu() == c_z
+    torch.testing.assert_close(lse.cpu()[same], c_lse[same], rtol=0, atol=1e-5)
+    assert bool(((h.cpu() - c_h).abs()[same] <= _bf16_bound(c_habs)[same]).all())
+    assert bool(((dE.cpu() - c_dE).abs() <= _bf16_bound(c_dEabs) + 1e-5).all())

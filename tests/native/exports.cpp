@@ -28,6 +28,7 @@
 #include "duo_fast/special.h"
 #include "duo_fast/topk.h"
 #include "duo_fast/usdm_loss.h"
+#include "curriculum_mma.h"
 #include "launchers.h"
 
 using namespace duo_fast;
@@ -472,6 +473,41 @@ int main(int argc, char** argv) {
     }
   }
   section("curriculum_embed");
+  {
+    // curriculum_embed on tensor cores (curriculum_mma.cu; emulated mma.sync /
+    // ldmatrix): the same invariants with bf16 operands (values exact in bf16; the
+    // rows of bf16(P) sum to 1 within 2^-8 each). d = 1030: five column slices, the
+    // last of 6 columns (no 16-byte copies); n = 19: a partial token group.
+    const int64_t K = 67, d = 1030, n = small ? 17 : 19;
+    std::vector<int64_t> x(n), z(n);
+    std::vector<double> g(n), it(n), lse(n);
+    std::vector<uint16_t> Eb(K * d), dhb(n * d);
+    std::vector<float> E(K * d), h(n * d), dh(n * d), dE(K * d);
+    for (int64_t t = 0; t < n; ++t) x[t] = (t * 5) % K, g[t] = -3.0 + 0.3 * double(t), it[t] = t % 2 ? 1.0 : 1e4;
+    for (int64_t i = 0; i < K * d; ++i) E[i] = float((i * 29) % 23) - 11.0f, Eb[i] = uint16_t(bits_from_float(E[i]) >> 16);
+    for (int64_t i = 0; i < n * d; ++i) dh[i] = float((i * 7) % 5) - 2.0f, dhb[i] = uint16_t(bits_from_float(dh[i]) >> 16);
+    int err = cuda::curriculum_embed_mma(x.data(), g.data(), it.data(), Eb.data(), n, K, d, 3, 0, h.data(), z.data(),
+                                         lse.data(), nullptr, nullptr);
+    err |= cuda::curriculum_embed_backward_mma(dhb.data(), x.data(), g.data(), it.data(), lse.data(), n, K, d, 3, 0,
+                                               dE.data(), nullptr);
+    bool ok = err == 0;
+    for (int64_t t = 0; t < n; ++t) ok = ok && z[t] >= 0 && z[t] < K && std::isfinite(lse[t]);
+    for (int64_t c = 0; c < d; ++c) {
+      float lo = INFINITY, hi = -INFINITY;
+      double col = 0.0, want = 0.0, abs_sum = 0.0;
+      for (int64_t j = 0; j < K; ++j) lo = fminf(lo, E[j * d + c]), hi = fmaxf(hi, E[j * d + c]), col += dE[j * d + c];
+      for (int64_t t = 0; t < n; ++t) {
+        ok = ok && h[t * d + c] >= lo - 0.1f && h[t * d + c] <= hi + 0.1f;
+        want += dh[t * d + c], abs_sum += fabs(dh[t * d + c]);
+      }
+      ok = ok && fabs(col - want) <= 0x1p-7 * abs_sum + 1e-3;
+    }
+    if (!ok) {
+      ++failures;
+      std::printf("curriculum_embed (tensor cores) check failed\n");
+    }
+  }
+  section("curriculum_embed_mma");
   {
     // Device-side value checks (device_check.h): every invalid id or level is
     // counted, never used to index memory (ASan), and gives the specified outputs.
