@@ -186,13 +186,14 @@ def _inputs(n, K, seed):
     return x0, gamma
 
 
-def _run_forward(lib, x0, gamma, it, E, seed):
+def _run_forward(lib, x0, gamma, it, E, seed, checks=None):
     n, (K, d) = x0.numel(), E.shape
     Eb = bf16_bits(E).to(torch.int16).contiguous()
     h, z, lse = torch.empty(n, d), torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float64)
     rc = lib.df_emu_curriculum_embed_mma(
         ptr(x0), ptr(gamma), ptr(it), ptr(Eb), ctypes.c_int64(n), ctypes.c_int64(K), ctypes.c_int64(d),
         ctypes.c_uint64(seed), ctypes.c_uint64(0), ptr(h), ptr(z), ptr(lse),
+        ptr(checks) if checks is not None else ctypes.c_void_p(None),
     )
     assert rc == 0
     return h, z, lse
@@ -278,6 +279,28 @@ def test_mma_z_defined_when_every_score_is_nan(emulated):
     ok = ~bad
     assert torch.equal(z[ok], c_z[ok])
     assert bool(((h - c_h).abs()[ok] <= _bf16_bound(c_habs)[ok]).all())
+
+
+def test_mma_device_side_checks(emulated):
+    # device_check.h: an invalid x0 (token 0), a NaN gamma (1), inv_tau = 0 (2) are each
+    # counted once (d = 300: two column slices, counted by the first only), never
+    # used to index memory, and z stays a valid id; the other tokens are unaffected.
+    K, d, n = 200, 300, 67
+    x0, gamma = _inputs(n, K, 9)
+    it = torch.full((n,), 2.0, dtype=torch.float64)
+    x0[0], gamma[1], it[2] = K + 3, math.nan, 0.0
+    E = torch.randn(K, d, generator=torch.Generator().manual_seed(4))
+    checks = torch.zeros(12, dtype=torch.int32)  # check::kNumArgs
+    h, z, _ = _run_forward(emulated, x0, gamma, it, E, 6, checks)
+    assert checks.tolist() == [1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0]  # kX0, kGamma, kInvTau
+    assert bool(((z >= 0) & (z < K)).all())
+    # tokens 3.. against the CPU kernel on the same rows (token t draws Philox stream t)
+    x1, g1, i1 = x0.clone(), gamma.clone(), it.clone()
+    x1[0], g1[1], i1[2] = 0, 0.0, 2.0
+    c_h, c_z, _ = torch.ops.duo_fast.curriculum_embed(x1, g1, i1, E, 6, 0)
+    c_habs, _, _ = torch.ops.duo_fast.curriculum_embed(x1, g1, i1, E.abs(), 6, 0)
+    assert torch.equal(z[3:], c_z[3:])
+    assert bool(((h - c_h).abs()[3:] <= _bf16_bound(c_habs)[3:]).all())
 
 
 # --------------------------------------------------------------------------------------
