@@ -21,26 +21,32 @@
 //      ldmatrix.x4.trans, and runs 4 x 16 mma per tile.
 //   h = O / l at the end; z = the running argmax; lse = m + log l (double).
 // The P tile goes through shared memory (not straight from the score registers
-// into A fragments as in flash-attention 2) because its scores are shared by
-// the CW column warps and by the 4 row warps' ldmatrix: the Philox draws, not
-// the tensor cores, are the expensive part (below), so each score is drawn
-// once per block.
+// into A fragments as in flash-attention 2) because a row's scores are needed
+// by the CW column warps of its row group, and the Philox draws, not the
+// tensor cores, are the expensive part (below): each score is drawn once per
+// block, by all 4 CW warps together, not once per warp that uses it.
 //
 // Cost per (token, entry) and column slice: one Philox block per 4 entries
 // (10 rounds, ~2 mul.wide each) plus Box-Muller (log, sqrt, sin/cos
 // polynomials) plus a double FMA and an expf: ~60 instructions per entry,
-// against 2 C flops of mma per entry. On an H200 (~60 TFLOP/s fp32-class
-// issue, ~790 TFLOP/s bf16 mma) the draws cost about 60 * 790 / (60 * 2 C)
-// ~ 400 / C times the mma time; C = 256 -> ~1.5x (comparable, partly
-// overlapped across warps). Recomputing the scores per column slice (d = 768:
-// 3 slices) was chosen over a two-pass design (pass 1 stats, pass 2 GEMM) or a
-// whole-d block: a two-pass design draws every score twice at least (and
-// still once per slice in pass 2); a whole-d block (64 x 768 float
-// accumulators) does not fit the register file. The E tile is read from
-// global memory (L2) once per 64 tokens: N / 64 * K d * 2 bytes (79 GB at
-// N = 65536, K = 50257, d = 768: ~10-15 ms at L2 rates), so the operands are
-// bf16 copies made once by the caller (E: K d * 2 bytes; dh: N d * 2 bytes),
-// which halves that traffic against staging float32 and converting per block.
+// against 2 C flops of mma per entry. On an H200 (~30 T fp32-pipe
+// instructions/s, i.e. ~60 TFLOP/s of FMA; ~790 TFLOP/s bf16 mma) the draws
+// cost (60 / 30e12) / (2 C / 790e12) ~ 790 / C times the mma time: C = 256 ->
+// ~3x. Predicted at N = 65536, K = 50257, d = 768 (3 slices of 256), per
+// direction: draws N K * 3 * 60 / 30e12 ~ 20 ms, mma 2 N K d / 790e12 ~ 6.4 ms
+// at peak (~10 ms at mma.sync's usual ~65%), partly overlapped across the
+// SM's warps: ~20-30 ms, so ~40-60 ms forward + backward against ~170 ms for
+// the float kernels (2 N K d / 60e12 ~ 85 ms per direction): the draws, not
+// the GEMM, bound this op; a GPU run decides the next step (e.g. C = 384).
+// Recomputing the scores per column slice was chosen over a two-pass design
+// (pass 1 row stats, pass 2 GEMM with known lse: every score drawn at least
+// twice, and still once per slice in pass 2) and over a whole-d block (64 x 768
+// float accumulators do not fit the register file; C = 512 per block needs
+// ~250 registers per thread and spills). The E tile is read from global
+// memory (L2) once per 64 tokens: N / 64 * K d * 2 bytes (79 GB at the size
+// above, ~10-15 ms at L2 rates, overlapped), so the operands are bf16 copies
+// made once by the caller (E: K d * 2 bytes, no copy for a bf16 embedding; dh:
+// N d * 2 bytes), which halves that traffic against staging float32.
 //
 // Backward dE = P^T dh: a block = 64 ids x C columns, walking the tokens in
 // tiles of 64: the scores are regenerated (the same draws) with the saved lse,
