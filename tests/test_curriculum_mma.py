@@ -212,8 +212,9 @@ def _run_backward(lib, dh, x0, gamma, it, lse, K, seed):
 
 
 # (K, d, n): K not a multiple of the 64-entry tile, partial token groups of 64; d = 64 and
-# 96 (one column warp, 8 / 12 n-tiles), 100 (bf16 staging without 16-byte copies), 200
-# (two column warps, the second partly empty), 768 (three column slices of 256).
+# 96 (one column warp of 128, 8 / 12 n-tiles), 100 (bf16 staging without 16-byte
+# copies), 200 (two column warps of 128, the second partly empty), 300 (two of 192, the
+# second partly empty), 768 (two column slices of 384).
 CASES = [(1000, 64, 70), (1023, 96, 33), (131, 100, 9), (300, 200, 65), (257, 768, 5), (50257, 64, 3)]
 
 

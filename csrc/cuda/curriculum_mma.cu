@@ -4,8 +4,9 @@
 // mma_sm80.cuh), tiled like flash-attention 2. The portable float kernels of
 // curriculum.cu stay for sm < 80 (and on request, DUO_FAST_EMBED_PORTABLE=1).
 //
-// Forward, a block = 64 tokens x a slice of C = 128 CW columns of d (CW = 1 or
-// 2 column warps), 4 CW warps; the block walks K in tiles of 64 entries:
+// Forward, a block = 64 tokens x a slice of C = WC CW columns of d (CW = 1 or
+// 2 column warps of WC = 128 or 192 columns; C = 384 for d = 768), 4 CW warps;
+// the block walks K in tiles of 64 entries:
 //   1. scores in registers: thread (row r = tid / TPR, segment s = tid % TPR)
 //      draws the 64 / TPR entries s*64/TPR .. of token t0 + r from Philox (the
 //      same counters as curriculum.cu: block j / 4 of stream t), y = w / tau
@@ -16,9 +17,9 @@
 //   2. P (bf16) and the rescale factor exp(m - m_new) go to shared memory, the
 //      E tile [64 x C] (bf16) is staged next to it.
 //   3. warp (row group wr, column group wc) rescales its accumulators
-//      O[16 x 128] (flash-attention 2: O *= exp(m_old - m_new)), loads the A
+//      O[16 x WC] (flash-attention 2: O *= exp(m_old - m_new)), loads the A
 //      fragments of P with ldmatrix.x4 and the B fragments of E with
-//      ldmatrix.x4.trans, and runs 4 x 16 mma per tile.
+//      ldmatrix.x4.trans, and runs 4 x WC / 8 mma per tile.
 //   h = O / l at the end; z = the running argmax; lse = m + log l (double).
 // The P tile goes through shared memory (not straight from the score registers
 // into A fragments as in flash-attention 2) because a row's scores are needed
@@ -31,18 +32,18 @@
 // polynomials) plus a double FMA and an expf: ~60 instructions per entry,
 // against 2 C flops of mma per entry. On an H200 (~30 T fp32-pipe
 // instructions/s, i.e. ~60 TFLOP/s of FMA; ~790 TFLOP/s bf16 mma) the draws
-// cost (60 / 30e12) / (2 C / 790e12) ~ 790 / C times the mma time: C = 256 ->
-// ~3x. Predicted at N = 65536, K = 50257, d = 768 (3 slices of 256), per
-// direction: draws N K * 3 * 60 / 30e12 ~ 20 ms, mma 2 N K d / 790e12 ~ 6.4 ms
+// cost (60 / 30e12) / (2 C / 790e12) ~ 790 / C times the mma time: C = 384 ->
+// ~2x. Predicted at N = 65536, K = 50257, d = 768 (2 slices of 384), per
+// direction: draws N K * 2 * 60 / 30e12 ~ 13 ms, mma 2 N K d / 790e12 ~ 6.4 ms
 // at peak (~10 ms at mma.sync's usual ~65%), partly overlapped across the
-// SM's warps: ~20-30 ms, so ~40-60 ms forward + backward against ~170 ms for
+// SM's warps: ~15-23 ms, so ~30-45 ms forward + backward against ~170 ms for
 // the float kernels (2 N K d / 60e12 ~ 85 ms per direction): the draws, not
-// the GEMM, bound this op; a GPU run decides the next step (e.g. C = 384).
+// the GEMM, bound this op; a GPU run decides the next step.
 // Recomputing the scores per column slice was chosen over a two-pass design
 // (pass 1 row stats, pass 2 GEMM with known lse: every score drawn at least
 // twice, and still once per slice in pass 2) and over a whole-d block (64 x 768
-// float accumulators do not fit the register file; C = 512 per block needs
-// ~250 registers per thread and spills). The E tile is read from global
+// float accumulators do not fit the register file; C = 384 per block already
+// takes 212 registers per thread, 96 of them accumulators). The E tile is read from global
 // memory (L2) once per 64 tokens: N / 64 * K d * 2 bytes (79 GB at the size
 // above, ~10-15 ms at L2 rates, overlapped), so the operands are bf16 copies
 // made once by the caller (E: K d * 2 bytes, no copy for a bf16 embedding; dh:
@@ -55,9 +56,10 @@
 // fragments of dh (bf16, staged [token][col]) from ldmatrix.x4.trans. One
 // writer per dE element (deterministic; no atomics).
 //
-// Occupancy (nvcc 13, -Xptxas -v): 180-213 registers per thread, no spills;
+// Occupancy (nvcc 13, -Xptxas -v): 154-214 registers per thread, no spills;
 // forcing 2 blocks of 256 threads (or 3 of 128) per SM with __launch_bounds__
-// spills 100-180 bytes, so an SM holds 8 warps (1 block of CW = 2, 2 of CW = 1).
+// spills 100-180 bytes (measured with WC = 128), so an SM holds 8 warps (1
+// block of CW = 2, 2 of CW = 1).
 // Whether more warps pay (e.g. scores kept as float eps, 16 fewer registers)
 // is for a run on the GPU.
 //
@@ -77,15 +79,17 @@ namespace {
 
 constexpr int kRows = 64;             // tokens (forward) / ids (backward) per block
 constexpr int kKTile = 64;            // entries (forward) / tokens (backward) per k-tile
-constexpr int kWarpCols = 128;        // columns of d per warp: 16 n-tiles of 8
-constexpr int kNTiles = kWarpCols / 8;
 constexpr int kPitchP = kKTile + 8;   // bf16 per row of the P tile (+16 bytes: the 8 rows of an
                                       // ldmatrix fall on different banks)
 
-template <int CW>
+// CW column warps of WC columns each (WC / 8 n-tiles of 8): (1, 128) for d <= 128,
+// (2, 128) for d <= 256, else (2, 192): d = 768 in two slices of 384 (the draws
+// are repeated per slice, so fewer, wider slices; 96 accumulators per thread).
+template <int CW, int WC>
 struct Shape {
+  static constexpr int kNT = WC / 8;                 // n-tiles per warp
   static constexpr int kThreads = 128 * CW;          // 4 row warps x CW column warps
-  static constexpr int kCols = kWarpCols * CW;       // columns of d per block
+  static constexpr int kCols = WC * CW;              // columns of d per block
   static constexpr int kPitchV = kCols + 8;          // bf16 per row of the E / dh tile
   static constexpr int kTPR = kThreads / kRows;      // threads per score row: 2 or 4 (consecutive lanes)
   static constexpr int kEPT = kKTile / kTPR;         // scores per thread per tile: 32 or 16
@@ -96,14 +100,14 @@ struct Shape {
 
 // Shared memory (dynamic: the emulation refills it with garbage per block, so a
 // read before write shows): the P tile, the E / dh tile, and (forward) two
-// floats per row. 43.5 KB for CW = 2: under the 48 KB default, two blocks per SM.
+// floats per row: 58.5 KB for (CW, WC) = (2, 192), opted in above the 48 KB default.
 constexpr int kPBytes = kRows * kPitchP * 2;
 static_assert(kPBytes % 16 == 0, "ldmatrix rows are 16-byte aligned");
-template <int CW>
-constexpr size_t forward_smem_bytes() { return size_t(kPBytes + Shape<CW>::kVBytes) + 2 * kRows * sizeof(float); }
-template <int CW>
-constexpr size_t backward_smem_bytes() { return size_t(kPBytes + Shape<CW>::kVBytes); }
-static_assert(forward_smem_bytes<2>() <= 48 * 1024, "no opt-in needed");
+template <int CW, int WC>
+constexpr size_t forward_smem_bytes() { return size_t(kPBytes + Shape<CW, WC>::kVBytes) + 2 * kRows * sizeof(float); }
+template <int CW, int WC>
+constexpr size_t backward_smem_bytes() { return size_t(kPBytes + Shape<CW, WC>::kVBytes); }
+static_assert(forward_smem_bytes<2, 192>() <= 99 * 1024, "fits sm_80 (163 KB per block opt-in) twice over");
 
 struct Level {
   double a, s, inv_tau;  // a~, s~ (topk::scales), 1 / tau
@@ -135,10 +139,10 @@ DUO_DEVICE void scores(const Level& lv, int64_t K, int64_t t, int64_t j, uint64_
 // Rows [r0, r0 + 64) x columns [c0, c0 + kCols) of a row-major bf16 [rows, d]
 // matrix into V (pitch kPitchV), zero outside; 16-byte copies when d % 8 == 0
 // and the base is 16-byte aligned (then a chunk of 8 is all in or all out).
-template <int CW>
-DUO_DEVICE void stage_tile(uint16_t (*V)[Shape<CW>::kPitchV], const uint16_t* src, int64_t rows, int64_t d,
+template <int CW, int WC>
+DUO_DEVICE void stage_tile(uint16_t (*V)[Shape<CW, WC>::kPitchV], const uint16_t* src, int64_t rows, int64_t d,
                            int64_t r0, int64_t c0, bool vec) {
-  using S = Shape<CW>;
+  using S = Shape<CW, WC>;
   if (vec) {
     constexpr int kChunks = S::kCols / 8;
     for (int i = threadIdx.x; i < kRows * kChunks; i += S::kThreads) {
@@ -158,11 +162,11 @@ DUO_DEVICE void stage_tile(uint16_t (*V)[Shape<CW>::kPitchV], const uint16_t* sr
 // acc[nt] += A (16 rows x 16 k of the warp) B (16 k x 8 columns nt) for the
 // warp's 16 n-tiles at column col0 of V and k-rows k0 of V; n-tile pairs
 // wholly past `cols_left` are skipped (warp-uniform).
-template <int CW>
-DUO_DEVICE void mma_k16(float (&acc)[kNTiles][4], const uint32_t (&a)[4], const uint16_t (*V)[Shape<CW>::kPitchV],
+template <int CW, int WC>
+DUO_DEVICE void mma_k16(float (&acc)[WC / 8][4], const uint32_t (&a)[4], const uint16_t (*V)[Shape<CW, WC>::kPitchV],
                         int k0, int col0, int cols_left, int lane) {
 #pragma unroll
-  for (int np = 0; np < kNTiles / 2; ++np) {
+  for (int np = 0; np < WC / 16; ++np) {
     if (16 * np >= cols_left) break;
     // x4.trans: matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
     // -> b[0..1] of n-tile 2 np, b[0..1] of n-tile 2 np + 1.
@@ -178,26 +182,26 @@ DUO_DEVICE void argmax_merge(double& v, int64_t& i, double ov, int64_t oi) {
   if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
 }
 
-template <int CW>
-__global__ void __launch_bounds__(Shape<CW>::kThreads)
+template <int CW, int WC>
+__global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
     embed_forward_mma_kernel(const int64_t* __restrict__ x0, const double* __restrict__ gamma,
                              const double* __restrict__ inv_tau, const uint16_t* __restrict__ E, int64_t n, int64_t K,
                              int64_t d, uint64_t seed, uint64_t offset, float* __restrict__ h, int64_t* __restrict__ z,
                              double* __restrict__ lse, uint32_t* checks) {
-  using S = Shape<CW>;
-  DUO_DYNAMIC_SHARED(unsigned char, smem);  // forward_smem_bytes<CW>()
+  using S = Shape<CW, WC>;
+  DUO_DYNAMIC_SHARED(unsigned char, smem);  // forward_smem_bytes<CW, WC>()
   uint16_t(*Ps)[kPitchP] = reinterpret_cast<uint16_t(*)[kPitchP]>(smem);  // P tile, [token][entry], bf16
   uint16_t(*Vs)[S::kPitchV] = reinterpret_cast<uint16_t(*)[S::kPitchV]>(smem + kPBytes);  // E tile, [entry][column]
   float* scale_s = reinterpret_cast<float*>(smem + kPBytes + S::kVBytes);  // exp(m_old - m_new) per row
   float* inv_l_s = scale_s + kRows;
   const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
-  const int wr = warp & 3, wc = warp >> 2;          // mma role: rows 16 wr.., columns kWarpCols wc..
+  const int wr = warp & 3, wc = warp >> 2;          // mma role: rows 16 wr.., columns WC wc..
   const int r = int(threadIdx.x) / S::kTPR;         // score role: row r, entries seg * kEPT ..
   const int seg = int(threadIdx.x) % S::kTPR;
   const int g = lane >> 2, q = lane & 3;
   const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
-  const int col0 = kWarpCols * wc;
-  const int cols_left = int(d - c0 - col0 < kWarpCols ? d - c0 - col0 : kWarpCols);  // may be <= 0
+  const int col0 = WC * wc;
+  const int cols_left = int(d - c0 - col0 < WC ? d - c0 - col0 : WC);  // may be <= 0
   const bool vec = d % 8 == 0 && (reinterpret_cast<uintptr_t>(E) & 15u) == 0;
   for (int64_t t0 = int64_t(blockIdx.x) * kRows; t0 < n; t0 += int64_t(gridDim.x) * kRows) {
     const int64_t t = t0 + r;
@@ -209,9 +213,9 @@ __global__ void __launch_bounds__(Shape<CW>::kThreads)
     }
     double m = -INFINITY, l = 0.0, best = -INFINITY;  // l: this thread's part of the row sum
     int64_t arg = 0;                                   // defined even if no score beats -inf (NaN levels)
-    float acc[kNTiles][4];
+    float acc[S::kNT][4];
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
+    for (int nt = 0; nt < S::kNT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
@@ -246,19 +250,19 @@ __global__ void __launch_bounds__(Shape<CW>::kThreads)
       if (mx > best) best = mx, arg = ax;  // earlier tiles win ties
       if (seg == 0) scale_s[r] = float(sc);
       // 2. the E tile
-      stage_tile<CW>(Vs, E, K, d, j0, c0, vec);
+      stage_tile<CW, WC>(Vs, E, K, d, j0, c0, vec);
       __syncthreads();
       // 3. O = O * scale + P E on the tensor cores (warps with columns left)
       if (cols_left > 0) {
         const float s0 = scale_s[16 * wr + g], s1 = scale_s[16 * wr + g + 8];
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) acc[nt][0] *= s0, acc[nt][1] *= s0, acc[nt][2] *= s1, acc[nt][3] *= s1;
+        for (int nt = 0; nt < S::kNT; ++nt) acc[nt][0] *= s0, acc[nt][1] *= s0, acc[nt][2] *= s1, acc[nt][3] *= s1;
 #pragma unroll
         for (int kk = 0; kk < kKTile / 16; ++kk) {
           // x4: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3]
           uint32_t a[4];
           mma::ldmatrix<4, false>(a, &Ps[16 * wr + (lane & 7) + 8 * ((lane >> 3) & 1)][16 * kk + 8 * (lane >> 4)]);
-          mma_k16<CW>(acc, a, Vs, 16 * kk, col0, cols_left, lane);
+          mma_k16<CW, WC>(acc, a, Vs, 16 * kk, col0, cols_left, lane);
         }
       }
       __syncthreads();  // Ps, Vs, scale_s are rewritten by the next tile
@@ -274,7 +278,7 @@ __global__ void __launch_bounds__(Shape<CW>::kThreads)
       const float i0 = inv_l_s[16 * wr + g], i1 = inv_l_s[16 * wr + g + 8];
       const int64_t ta = t0 + 16 * wr + g, tb = ta + 8;
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
+      for (int nt = 0; nt < S::kNT; ++nt) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int cl = 8 * nt + 2 * q + i;
@@ -289,29 +293,29 @@ __global__ void __launch_bounds__(Shape<CW>::kThreads)
   }
 }
 
-template <int CW>
-__global__ void __launch_bounds__(Shape<CW>::kThreads)
+template <int CW, int WC>
+__global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
     embed_backward_mma_kernel(const uint16_t* __restrict__ dh, const int64_t* __restrict__ x0,
                               const double* __restrict__ gamma, const double* __restrict__ inv_tau,
                               const double* __restrict__ lse, int64_t n, int64_t K, int64_t d, uint64_t seed,
                               uint64_t offset, float* __restrict__ dE) {
-  using S = Shape<CW>;
-  DUO_DYNAMIC_SHARED(unsigned char, smem);  // backward_smem_bytes<CW>()
+  using S = Shape<CW, WC>;
+  DUO_DYNAMIC_SHARED(unsigned char, smem);  // backward_smem_bytes<CW, WC>()
   uint16_t(*Ps)[kPitchP] = reinterpret_cast<uint16_t(*)[kPitchP]>(smem);  // P tile, [token][id], bf16
   uint16_t(*Vs)[S::kPitchV] = reinterpret_cast<uint16_t(*)[S::kPitchV]>(smem + kPBytes);  // dh tile, [token][column]
   const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
-  const int wr = warp & 3, wc = warp >> 2;   // mma role: ids 16 wr.., columns kWarpCols wc..
+  const int wr = warp & 3, wc = warp >> 2;   // mma role: ids 16 wr.., columns WC wc..
   const int r = int(threadIdx.x) / S::kTPR;  // score role: token row r, ids seg * kEPT ..
   const int seg = int(threadIdx.x) % S::kTPR;
   const int g = lane >> 2, q = lane & 3;
   const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
-  const int col0 = kWarpCols * wc;
-  const int cols_left = int(d - c0 - col0 < kWarpCols ? d - c0 - col0 : kWarpCols);
+  const int col0 = WC * wc;
+  const int cols_left = int(d - c0 - col0 < WC ? d - c0 - col0 : WC);
   const bool vec = d % 8 == 0 && (reinterpret_cast<uintptr_t>(dh) & 15u) == 0;
   for (int64_t j0 = int64_t(blockIdx.x) * kRows; j0 < K; j0 += int64_t(gridDim.x) * kRows) {
-    float acc[kNTiles][4];
+    float acc[S::kNT][4];
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
+    for (int nt = 0; nt < S::kNT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
     for (int64_t t0 = 0; t0 < n; t0 += kKTile) {
@@ -326,7 +330,7 @@ __global__ void __launch_bounds__(Shape<CW>::kThreads)
         *reinterpret_cast<uint32_t*>(&Ps[r][seg * S::kEPT + e]) =
             mma::pack_bf16x2(expf(float(y[e] - ls)), expf(float(y[e + 1] - ls)));  // exp(-inf) = 0
       // 2. the dh tile
-      stage_tile<CW>(Vs, dh, n, d, t0, c0, vec);
+      stage_tile<CW, WC>(Vs, dh, n, d, t0, c0, vec);
       __syncthreads();
       // 3. dE += P^T dh
       if (cols_left > 0) {
@@ -337,7 +341,7 @@ __global__ void __launch_bounds__(Shape<CW>::kThreads)
           // live at P rows (tokens) 16 kk + 8 (i >> 1), columns (ids) 16 wr + 8 (i & 1).
           uint32_t a[4];
           mma::ldmatrix<4, true>(a, &Ps[16 * kk + (lane & 7) + 8 * (lane >> 4)][16 * wr + 8 * ((lane >> 3) & 1)]);
-          mma_k16<CW>(acc, a, Vs, 16 * kk, col0, cols_left, lane);
+          mma_k16<CW, WC>(acc, a, Vs, 16 * kk, col0, cols_left, lane);
         }
       }
       __syncthreads();  // Ps and Vs are rewritten by the next token tile
@@ -345,7 +349,7 @@ __global__ void __launch_bounds__(Shape<CW>::kThreads)
     if (cols_left > 0) {
       const int64_t ja = j0 + 16 * wr + g, jb = ja + 8;
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
+      for (int nt = 0; nt < S::kNT; ++nt) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int cl = 8 * nt + 2 * q + i;
@@ -361,8 +365,18 @@ __global__ void __launch_bounds__(Shape<CW>::kThreads)
 
 unsigned grid_x(int64_t tiles) { return unsigned(tiles < 1 ? 1 : (tiles > 65535 * 8 ? 65535 * 8 : tiles)); }
 
-// One column warp when d fits in 128 columns (no idle warps), else two.
-int column_warps(int64_t d) { return d <= kWarpCols ? 1 : 2; }
+// Launch kernel<CW, WC> over (row tiles, column slices); above 48 KB of shared
+// memory the kernel is opted in first (cudaFuncSetAttribute, idempotent).
+template <int CW, int WC, class... KArgs, class... Args>
+int launch_shape(void (*kernel)(KArgs...), size_t smem, int64_t rows, int64_t d, cudaStream_t s, Args&&... args) {
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return int(e);
+  }
+  const int64_t cols = int64_t(Shape<CW, WC>::kCols);
+  const dim3 grid(grid_x((rows + kRows - 1) / kRows), unsigned((d + cols - 1) / cols));
+  return int(launch_kernel(kernel, grid, dim3(Shape<CW, WC>::kThreads), smem, s, std::forward<Args>(args)...));
+}
 
 }  // namespace
 
@@ -371,7 +385,7 @@ int curriculum_mma_binary_version() {
   return 80;
 #else
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, embed_forward_mma_kernel<1>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, embed_forward_mma_kernel<1, 128>) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky: clear it
     return 0;
   }
@@ -383,29 +397,27 @@ int curriculum_embed_mma(const int64_t* x0, const double* gamma, const double* i
                          int64_t n, int64_t vocab_size, int64_t d, uint64_t seed, uint64_t offset, float* h,
                          int64_t* z, double* lse, uint32_t* checks, void* stream) {
   if (n == 0) return 0;
-  const int cw = column_warps(d);
-  const int64_t cols = int64_t(kWarpCols) * cw;
-  const dim3 grid(grid_x((n + kRows - 1) / kRows), unsigned((d + cols - 1) / cols));
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (cw == 1)
-    return int(launch_kernel(embed_forward_mma_kernel<1>, grid, dim3(Shape<1>::kThreads), forward_smem_bytes<1>(), s, x0, gamma, inv_tau,
-                             embedding_bf16, n, vocab_size, d, seed, offset, h, z, lse, checks));
-  return int(launch_kernel(embed_forward_mma_kernel<2>, grid, dim3(Shape<2>::kThreads), forward_smem_bytes<2>(), s, x0, gamma, inv_tau,
-                           embedding_bf16, n, vocab_size, d, seed, offset, h, z, lse, checks));
+#define DUO_FWD(CW, WC)                                                                                              \
+  launch_shape<CW, WC>(embed_forward_mma_kernel<CW, WC>, forward_smem_bytes<CW, WC>(), n, d, s, x0, gamma, inv_tau, \
+                       embedding_bf16, n, vocab_size, d, seed, offset, h, z, lse, checks)
+  if (d <= 128) return DUO_FWD(1, 128);
+  if (d <= 256) return DUO_FWD(2, 128);
+  return DUO_FWD(2, 192);
+#undef DUO_FWD
 }
 
 int curriculum_embed_backward_mma(const uint16_t* grad_h_bf16, const int64_t* x0, const double* gamma,
                                   const double* inv_tau, const double* lse, int64_t n, int64_t vocab_size, int64_t d,
                                   uint64_t seed, uint64_t offset, float* grad_embedding, void* stream) {
-  const int cw = column_warps(d);
-  const int64_t cols = int64_t(kWarpCols) * cw;
-  const dim3 grid(grid_x((vocab_size + kRows - 1) / kRows), unsigned((d + cols - 1) / cols));
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (cw == 1)
-    return int(launch_kernel(embed_backward_mma_kernel<1>, grid, dim3(Shape<1>::kThreads), backward_smem_bytes<1>(), s, grad_h_bf16, x0,
-                             gamma, inv_tau, lse, n, vocab_size, d, seed, offset, grad_embedding));
-  return int(launch_kernel(embed_backward_mma_kernel<2>, grid, dim3(Shape<2>::kThreads), backward_smem_bytes<2>(), s, grad_h_bf16, x0,
-                           gamma, inv_tau, lse, n, vocab_size, d, seed, offset, grad_embedding));
+#define DUO_BWD(CW, WC)                                                                                             \
+  launch_shape<CW, WC>(embed_backward_mma_kernel<CW, WC>, backward_smem_bytes<CW, WC>(), vocab_size, d, s,         \
+                       grad_h_bf16, x0, gamma, inv_tau, lse, n, vocab_size, d, seed, offset, grad_embedding)
+  if (d <= 128) return DUO_BWD(1, 128);
+  if (d <= 256) return DUO_BWD(2, 128);
+  return DUO_BWD(2, 192);
+#undef DUO_BWD
 }
 
 }  // namespace cuda
