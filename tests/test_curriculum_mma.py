@@ -332,3 +332,28 @@ def test_cuda_tensor_cores_match_cpu(monkeypatch, K, d, n):
     torch.testing.assert_close(lse.cpu()[same], c_lse[same], rtol=0, atol=1e-5)
     assert bool(((h.cpu() - c_h).abs()[same] <= _bf16_bound(c_habs)[same]).all())
     assert bool(((dE.cpu() - c_dE).abs() <= _bf16_bound(c_dEabs) + 1e-5).all())
+
+
+# --------------------------------------------------------------------------------------
+# Misuse of the emulated instructions aborts with a message (tests/emulation/mma_fatal.cpp)
+# --------------------------------------------------------------------------------------
+
+MMA_FATAL = {
+    "divergent": r"divergent warp: this lane (executes|calls) .*(mma\.sync|ldmatrix)",
+    "global": r"ldmatrix: lane 0's row address .* is not a 16-byte-aligned shared memory row",
+    "misaligned": r"ldmatrix: lane 0's row address .* is not a 16-byte-aligned shared memory row",
+    "exited": r"lanes 0x00000020 of warp 0 have exited|exited while lanes .* wait for it in a warp matrix instruction",
+}
+
+
+@pytest.mark.parametrize("mode", ["fiber", "thread"])
+@pytest.mark.parametrize("case", sorted(MMA_FATAL))
+def test_emulated_matrix_instruction_misuse_aborts(harness, case, mode):
+    import re
+    from conftest import EMU_INCLUDES, ROOT
+
+    exe = harness.compile_emulated([ROOT / "tests" / "emulation" / "mma_fatal.cpp"], "mma_fatal", executable=True,
+                                   include_dirs=EMU_INCLUDES)
+    proc = harness.run_emulated_program(exe, [case], env={"CUDA_EMU_MODE": mode}, timeout=60)
+    assert proc.returncode != 0 and "did NOT abort" not in proc.stdout, proc.stdout + proc.stderr
+    assert re.search(MMA_FATAL[case], proc.stderr), proc.stderr
