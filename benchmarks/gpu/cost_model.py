@@ -48,11 +48,16 @@ D_MODEL = 768
 N_BASELINES = 2048  # ../shared/BASELINES.md sizes
 N_TRAIN = 65536  # a training-like size (issue 12)
 TOPK = 128
-# curriculum_embed (planned 2d): tile sizes the flash-attention-2-style kernel is
-# costed with: a block of BN tokens re-reads the embedding once in the forward; a
-# block of BK vocabulary rows re-reads dh once in the backward.
-BN_TOKENS = 128
-BK_VOCAB = 128
+# curriculum_embed (2d, csrc/cuda/curriculum_mma.cu): a block of BN tokens re-reads
+# the embedding (bf16) once in the forward; a block of BK vocabulary rows re-reads dh
+# (bf16) once in the backward. Both regenerate the scores from Philox once per column
+# slice of EMBED_SLICE_COLS (d = 768: 2 slices) at ~EMBED_DRAW_INSTR fp32-pipe
+# instructions per score (Philox4x32-10 per 4 scores, Box-Muller, exp), at
+# FP32_TFLOPS / 2 instructions per second.
+BN_TOKENS = 64
+BK_VOCAB = 64
+EMBED_SLICE_COLS = 384
+EMBED_DRAW_INSTR = 60
 
 
 @dataclass
@@ -61,11 +66,15 @@ class Cost:
     flops: float = 0.0
     unit: str | None = None  # "bf16_tc", "fp32", "fp64" or None (flops negligible)
     note: str = ""
+    # compute on another unit, in series with `flops` (no overlap assumed): fp32-pipe
+    # instructions (e.g. curriculum_embed's Philox draws beside its tensor-core GEMMs)
+    fp32_instr: float = 0.0
 
     def ms(self, copy_tbps: float = COPY_TBPS, rates: dict | None = None) -> float:
         rates = rates or RATES
         t_mem = self.bytes / (copy_tbps * 1e12)
         t_flop = self.flops / (rates[self.unit] * 1e12) if self.unit else 0.0
+        t_flop += self.fp32_instr / (rates["fp32"] / 2 * 1e12)  # an FMA is 2 flops, 1 instruction
         return max(1e3 * max(t_mem, t_flop), LAUNCH_MS)
 
 
@@ -185,11 +194,17 @@ def _embed_today(N, K, d, b):
 
 
 def _embed_planned(N, K, d, b):
-    # bf16 operands, fp32 accumulation; the forward streams E (bf16) once per BN-token block,
-    # the backward dh (fp32) once per BK-vocabulary block
-    reread = (N / BN_TOKENS) * K * d * 2 + (K / BK_VOCAB) * N * d * 4
-    return Cost(reread + 8 * (K * d + N * d), flops=4 * N * K * d, unit="bf16_tc",
-                note=f"tensor cores; E re-read per {BN_TOKENS}-token block, dh per {BK_VOCAB}-row block")
+    # bf16 operands (copies of E and dh made once: +4 (K d + N d) bytes), fp32 accumulation;
+    # the forward streams E (bf16) once per BN-token block, the backward dh (bf16) once per
+    # BK-vocabulary block (an upper bound: a column slice of E, 38 MB at K = 50257, fits
+    # the 50 MB L2 the concurrent blocks share); the scores are drawn in both passes,
+    # once per column slice
+    reread = (N / BN_TOKENS) * K * d * 2 + (K / BK_VOCAB) * N * d * 2
+    slices = -(-d // EMBED_SLICE_COLS)
+    return Cost(reread + 12 * (K * d + N * d), flops=4 * N * K * d, unit="bf16_tc",
+                fp32_instr=2 * slices * N * K * EMBED_DRAW_INSTR,
+                note=f"tensor cores; E re-read per {BN_TOKENS}-token block, dh per {BK_VOCAB}-row block; "
+                     f"scores drawn twice per slice of {EMBED_SLICE_COLS} columns (in series with the GEMMs)")
 
 
 def _embed_duo(N, K, d, b):
@@ -268,7 +283,9 @@ ROWS: list[Row] = [
         "floor: the GEMMs P @ E and P^T @ dh, 4NKd flops, on tensor cores (E, h, dh, dE moved once). Ours today: "
         "the same flops on fp32 FMA (scores regenerated from Philox in both passes: no [N, K] memory). Planned "
         f"(2d): bf16 operands with fp32 accumulation, flash-attention-2 tiling; E (bf16) re-read per {BN_TOKENS}-token "
-        f"block in the forward, dh per {BK_VOCAB}-row block in the backward. Duo: the dense latent and softmax "
+        f"block in the forward, dh (bf16) per {BK_VOCAB}-row block in the backward; the Philox scores drawn in both "
+        f"passes once per {EMBED_SLICE_COLS}-column slice, ~{EMBED_DRAW_INSTR} fp32 instructions each, counted in "
+        "series with the GEMMs (they dominate: ~2x the GEMM time at d = 768). Duo: the dense latent and softmax "
         "(80 bytes per entry) and the fp32 einsum (it runs under autocast(float32)).",
         planned_by="2d (tensor cores)"),
     Row("curriculum_topk_embed", f"fwd+bwd k={TOPK} d=768", (), _topk_embed_floor, _topk_embed_floor,

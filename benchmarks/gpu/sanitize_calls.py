@@ -8,7 +8,8 @@ sample_zt (single, coupled), usdm_loss (fp32 / bf16 / fp16 logits, with and
 without the gradient, a masked id), linear_usdm_loss, distill_kl (both
 directions, with the gradient; 16-bit where the op takes it), sample_step and
 posterior (fp32 / bf16 logits, top_p = 1 and the nucleus path, kappa < 1),
-curriculum_embed (forward and backward), curriculum_topk, curriculum_topk_embed
+curriculum_embed (forward and backward; the float kernels and the three
+tensor-core block shapes), curriculum_topk, curriculum_topk_embed
 (forward, the atomic and the sorted (deterministic) bag backward). Sizes are
 small (K = 1000 and one row of K = 50257, a few tokens) and odd, so tails and
 partial tiles are exercised. Prints one line per call and `SANITIZE_CALLS_OK n`
@@ -19,6 +20,7 @@ dry run) the same calls run on the CPU kernels.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -115,13 +117,28 @@ def calls(device: str):
                 out.append((f"{op} {dt} top_p={top_p} kappa={kappa}", step(dt, top_p, kappa, op=op)))
     out.append(("sample_step K=50257", step(torch.float32, 1.0, 1.0, K=50257)))
 
-    def embed(K=1000, d=24):
-        E = (0.02 * rn(K, d)).requires_grad_(True)
-        h, z = duo_fast.curriculum_embed(ids(K, 2, 11), levels(2), 10.0, E, seed=7)
-        h.sum().backward()
-        return z
+    def embed(K=1000, d=24, portable=False):
+        # DUO_FAST_EMBED_PORTABLE (read per call): the float kernels, else the tensor-core
+        # kernels on sm_80+ (curriculum_mma.cu; d picks the block shape: <= 128, <= 256, more)
+        def f():
+            old = os.environ.get("DUO_FAST_EMBED_PORTABLE")
+            os.environ["DUO_FAST_EMBED_PORTABLE"] = "1" if portable else "0"
+            try:
+                E = (0.02 * rn(K, d)).requires_grad_(True)
+                h, z = duo_fast.curriculum_embed(ids(K, 2, 11), levels(2), 10.0, E, seed=7)
+                h.sum().backward()
+                return z
+            finally:
+                if old is None:
+                    os.environ.pop("DUO_FAST_EMBED_PORTABLE", None)
+                else:
+                    os.environ["DUO_FAST_EMBED_PORTABLE"] = old
+        return f
 
-    out.append(("curriculum_embed fwd+bwd", embed))
+    out.append(("curriculum_embed fwd+bwd (float kernels)", embed(portable=True)))
+    out.append(("curriculum_embed fwd+bwd d=24 (tensor cores on sm_80+)", embed()))
+    out.append(("curriculum_embed fwd+bwd d=200 (tensor cores, 2 x 128 columns)", embed(d=200)))
+    out.append(("curriculum_embed fwd+bwd d=300 (tensor cores, 2 x 192 columns)", embed(d=300)))
     out.append(("curriculum_topk k=7", lambda: duo_fast.curriculum_topk(ids(1000, 2, 11), levels(2), 10.0, 7, 1000,
                                                                           seed=8)))
 
