@@ -447,7 +447,7 @@ def test_usdm_loss_emulated(emulated, case):
     lc, zc, xc = lg.reshape(n, K).contiguous(), z.reshape(-1).long().contiguous(), x0.reshape(-1).long().contiguous()
     a, d = flat(alpha), flat(dalpha)
     loss, grad = torch.empty(n), torch.empty(n, K)
-    assert emulated.df_emu_usdm_loss(ptr(lc), ptr(zc), ptr(xc), ptr(a), ptr(d), ptr(loss), ptr(grad), ctypes.c_int64(n),
+    assert emulated.df_emu_usdm_loss(ptr(lc), 0, ptr(zc), ptr(xc), ptr(a), ptr(d), ptr(loss), ptr(grad), ctypes.c_int64(n),
                                      ctypes.c_int64(K)) == 0
     # CUDA sums in float (reductions of 256 threads): 1e-4 as test_usdm_loss's emulated test
     loss64 = reference.usdm_loss(lc.double(), zc, xc, a, d)
@@ -587,7 +587,7 @@ def test_distill_kl_emulated(emulated, case):
     n = s.numel() // K
     sc, tc = s.reshape(n, K).contiguous(), t.reshape(n, K).contiguous()
     kl, grad = torch.empty(n), torch.empty(n, K)
-    assert emulated.df_emu_distill_kl(ptr(sc), ptr(tc), ptr(kl), ptr(grad), ctypes.c_int64(n), ctypes.c_int64(K),
+    assert emulated.df_emu_distill_kl(ptr(sc), 0, ptr(tc), 0, ptr(kl), ptr(grad), ctypes.c_int64(n), ctypes.c_int64(K),
                                       ("bwd", "fwd").index(direction)) == 0
     # float32 (CUDA): ~8 roundings per entry plus the block reduction of the KL (2 log2 K)
     f32 = (8 + 2 * math.log2(K)) * 2.0**-24

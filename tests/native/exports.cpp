@@ -19,6 +19,7 @@
 #include "duo_fast/curriculum.h"
 #include "duo_fast/device_check.h"
 #include "duo_fast/distill.h"
+#include "duo_fast/logits.h"
 #include "duo_fast/latent.h"
 #include "duo_fast/philox.h"
 #include "duo_fast/random.h"
@@ -92,14 +93,35 @@ int df_emu_sample_zt(const int64_t* x0, const double* gamma_t, const double* gam
   return cuda::sample_zt(x0, gamma_t, gamma_s, z_t, z_s, n, vocab_size, seed, offset, g_checks, nullptr);
 }
 
-int df_emu_distill_kl(const float* student, const float* teacher, float* kl, float* grad, int64_t rows, int64_t K,
-                      int direction) {
-  return cuda::distill_kl(student, teacher, kl, grad, rows, K, direction, nullptr);
+// dtypes: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h); grad in the student's.
+int df_emu_distill_kl(const void* student, int student_dtype, const void* teacher, int teacher_dtype, float* kl,
+                      void* grad, int64_t rows, int64_t K, int direction) {
+  return cuda::distill_kl(student, student_dtype, teacher, teacher_dtype, kl, grad, rows, K, direction, nullptr);
 }
 
-int df_emu_usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, const double* alpha,
-                     const double* dalpha, float* loss, float* grad, int64_t rows, int64_t K) {
-  return cuda::usdm_loss(logits, z, x0, alpha, dalpha, loss, grad, rows, K, g_checks, nullptr);
+// dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h); grad in the same dtype.
+int df_emu_usdm_loss(const void* logits, int dtype, const int64_t* z, const int64_t* x0, const double* alpha,
+                     const double* dalpha, float* loss, void* grad, int64_t rows, int64_t K) {
+  return cuda::usdm_loss(logits, dtype, z, x0, alpha, dalpha, loss, grad, rows, K, g_checks, nullptr);
+}
+
+// float32 -> bfloat16 / float16 bits, rounded as the kernels round (logits.h).
+int df_round_bf16(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = from_float<bf16_bits>(in[i]).bits;
+  return 0;
+}
+int df_round_f16(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = from_float<f16_bits>(in[i]).bits;
+  return 0;
+}
+// bfloat16 / float16 bits -> float32 (logits.h).
+int df_widen_bf16(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = to_float(bf16_bits{in[i]});
+  return 0;
+}
+int df_widen_f16(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = to_float(f16_bits{in[i]});
+  return 0;
 }
 
 // dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h).
