@@ -390,7 +390,9 @@ class _LinearUsdmLoss(torch.autograd.Function):
         loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
         for s in range(0, N, chunk_size):
             e = min(N, s + chunk_size)
-            logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
+            # 16-bit hidden/weight give 16-bit logits, read natively (the loss of their exact
+            # float32 upcast, without the copy)
+            logits = torch.nn.functional.linear(h2[s:e], weight, bias)
             loss[s:e], _ = torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], False)
         ctx.save_for_backward(hidden, weight, bias, z, x0, alpha, dalpha)
         ctx.chunk_size = chunk_size
@@ -410,6 +412,8 @@ class _LinearUsdmLoss(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and ctx.has_bias else None
         for s in range(0, N, cs):
             e = min(N, s + cs)
+            # float32 here: the chunk's gradient G then stays float32 for the GEMMs below
+            # (a 16-bit G would add its rounding to grad_hidden / grad_weight)
             logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
             _, g = torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], True)
             del logits

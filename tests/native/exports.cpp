@@ -308,7 +308,7 @@ int main(int argc, char** argv) {
     if (K > 300)
       for (int64_t j = 0; j < 300; ++j) ls[K + j] = lt[K + j] = -INFINITY;
     for (int dir : {0, 1}) {
-      const int err = cuda::distill_kl(ls.data(), lt.data(), kl.data(), grad.data(), rows, K, dir, nullptr);
+      const int err = cuda::distill_kl(ls.data(), 0, lt.data(), 0, kl.data(), grad.data(), rows, K, dir, nullptr);
       for (int64_t r = 0; r < rows && err == 0; ++r) {
         double ms = -INFINITY, mt = -INFINITY, ss = 0, st = 0, acc = 0;
         for (int64_t j = 0; j < K; ++j) ms = fmax(ms, ls[r * K + j]), mt = fmax(mt, lt[r * K + j]);
@@ -345,8 +345,21 @@ int main(int argc, char** argv) {
       for (int64_t j = 0; j < 300; ++j) logits[K + j] = -INFINITY;
       for (int64_t j = 0; j < K; ++j) logits[4 * K + j] = -INFINITY;
     }
-    const int err = cuda::usdm_loss(logits.data(), z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(),
+    const int err = cuda::usdm_loss(logits.data(), 0, z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(),
                                     grad.data(), rows, K, nullptr, nullptr);
+    // The same rows as bfloat16, one entry into the buffer (rows off 16-byte boundaries,
+    // gradient stores one entry at a time): finite, >= 0 losses, nothing out of bounds.
+    std::vector<bf16_bits> lh(rows * K + 1), gh(rows * K);
+    for (int64_t i = 0; i < rows * K; ++i) lh[i + 1] = from_float<bf16_bits>(logits[i]);
+    std::vector<float> loss_h(rows);
+    const int err_h = cuda::usdm_loss(lh.data() + 1, 1, z.data(), x.data(), alpha.data(), dalpha.data(), loss_h.data(),
+                                      gh.data(), rows, K, nullptr, nullptr);
+    for (int64_t r = 0; r < (K == 1000 ? 4 : rows); ++r)
+      if (err_h != 0 || !(loss_h[r] > -1e-6f) || !std::isfinite(loss_h[r])) {
+        ++failures;
+        std::printf("usdm_loss bf16 check failed K=%lld row=%lld loss=%g\n", (long long)K, (long long)r,
+                    double(loss_h[r]));
+      }
     for (int64_t r = 0; r < (K == 1000 ? 4 : rows); ++r) {
       double sum = 0.0, mx = 0.0;
       for (int64_t j = 0; j < K; ++j) sum += grad[r * K + j], mx = fmax(mx, fabs(grad[r * K + j]));
@@ -506,7 +519,7 @@ int main(int argc, char** argv) {
     std::vector<double> at = {0.2, 0.2, 0.2}, as = {0.5, 0.5, 0.1}, gt = {0.0, 0.0, 0.0};
     bool ok = true;
     // usdm_loss: row 0 bad x0, row 1 bad z, row 2 bad alpha -> NaN rows
-    ok &= cuda::usdm_loss(logits.data(), z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(), grad.data(),
+    ok &= cuda::usdm_loss(logits.data(), 0, z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(), grad.data(),
                           rows, K, c, nullptr) == 0;
     for (int64_t r = 0; r < rows; ++r) ok &= std::isnan(loss[r]) && std::isnan(grad[r * K + 7]);
     // sample_step / posterior: row 1 bad z, row 2 alpha_s < alpha_t -> id 0 / NaN rows; row 0 valid
