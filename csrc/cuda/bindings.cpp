@@ -158,6 +158,7 @@ int logits_dtype_code(const at::Tensor& logits) {
     case at::kHalf: return 2;
     default: return 0;  // float32 (the argument checks allow only these three)
   }
+}
 
 std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                    int64_t direction, bool compute_grad) {
@@ -192,8 +193,6 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, cons
                "usdm_loss");
   end_checks(logits.device(), stream);
   return {loss, grad};
-}
-
 }
 
 at::Tensor sample_step_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
