@@ -200,3 +200,22 @@ def test_cuda_device_matches_cpu(direction):
     torch.testing.assert_close(kl.cpu(), ref, rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(sc.grad.cpu(), sr.grad, rtol=1e-4, atol=1e-6)
     torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (s[:1, :2].cuda(), t[:1, :2].cuda(), 0, False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernel_half_logits runs this kernel's source on the CPU")
+@pytest.mark.parametrize("direction", ["bwd", "fwd"])
+@pytest.mark.parametrize("sdtype,tdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_cuda_device_half_logits(direction, sdtype, tdtype):
+    """The real-GPU twin of test_emulated_cuda_kernel_half_logits."""
+    s = _logits((2, 4, 50257), 3.0, 1).to(sdtype)
+    t = _logits((2, 4, 50257), 3.0, 2).to(tdtype)
+    sc = s.cuda().requires_grad_()
+    kl = duo_fast.distill_kl(sc, t.cuda(), direction)
+    kl.sum().backward()
+    s64 = s.double().requires_grad_()
+    ref = reference.distill_kl(s64, t.double(), direction)
+    ref.sum().backward()
+    torch.testing.assert_close(kl.cpu().double(), ref.detach(), rtol=1e-4, atol=2e-5)
+    eps = 2.0**-8 if sdtype == torch.bfloat16 else 2.0**-11
+    err = (sc.grad.cpu().double() - s64.grad).abs()
+    assert sc.grad.dtype == sdtype and bool((err <= (eps + 1e-4) * s64.grad.abs() + 1e-6 + 2.0**-25).all())

@@ -364,6 +364,24 @@ def test_cuda_device_matches_cpu():
     torch.testing.assert_close(lc.grad.cpu(), lr.grad, rtol=1e-4, atol=1e-4 * lr.grad.abs().max().item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernel_half_logits runs this kernel's source on the CPU")
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_device_half_logits(dtype, inplace):
+    """The real-GPU twin of test_emulated_cuda_kernel_half_logits: 16-bit logits read
+    natively on the device, against the reference on the upcast values."""
+    logits, z, x0, alpha, dalpha = _batch(50257, L=2, scale=3.0, seed=7)
+    lc = logits.to(dtype).cuda().requires_grad_()
+    loss = duo_fast.usdm_loss(lc, z.cuda(), x0.cuda(), alpha.cuda(), dalpha.cuda(), inplace_grad=inplace)
+    loss.sum().backward()
+    l64 = lc.detach().cpu().double().requires_grad_()
+    ref = reference.usdm_loss(l64, z, x0, alpha, dalpha)
+    ref.sum().backward()
+    torch.testing.assert_close(loss.cpu().double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    fits = _assert_half_grad_close(lc.grad.cpu(), l64.grad, dtype)
+    assert bool(fits[:5].all())
+
+
 @pytest.mark.parametrize("masked", [True, False])
 def test_clean_token_without_probability_in_a_flat_row(masked):
     # Regression (found by tests/test_fuzz.py's long profile): z == x0 and the model gives
