@@ -95,10 +95,8 @@ inline void check_sample_zt_args(const at::Tensor& x0, const at::Tensor& gamma_t
 // distill_kl: float32 logits of one shape [..., K], K >= 2, same device.
 inline void check_distill_args(const at::Tensor& student, const at::Tensor& teacher, int64_t direction) {
   TORCH_CHECK(direction == 0 || direction == 1, "duo_fast: direction must be 0 (bwd) or 1 (fwd), got ", direction);
-  TORCH_CHECK(student.scalar_type() == at::kFloat, "duo_fast: student_logits has dtype ", student.scalar_type(),
-              ", expected Float");
-  TORCH_CHECK(teacher.scalar_type() == at::kFloat, "duo_fast: teacher_logits has dtype ", teacher.scalar_type(),
-              ", expected Float");
+  check_floating(student, "student_logits", {at::kFloat, at::kBFloat16, at::kHalf});
+  check_floating(teacher, "teacher_logits", {at::kFloat, at::kBFloat16, at::kHalf});
   TORCH_CHECK(student.dim() >= 1 && student.size(-1) >= kMinVocab, "duo_fast: student_logits must be [..., K] with K >= 2, got shape ",
               student.sizes());
   TORCH_CHECK(student.sizes() == teacher.sizes(), "duo_fast: teacher_logits has shape ", teacher.sizes(),

@@ -167,8 +167,9 @@ _DIRECTIONS = {"bwd": 0, "fwd": 1}
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "bwd") -> torch.Tensor:
     """Per-token KL between the student's and the teacher's softmax (SPEC 3):
     ``direction="bwd"``: KL(pS || pT); ``"fwd"``: KL(pT || pS). Logits
-    ``[..., K]`` float32 (math in float64 on CPU, float32 on CUDA); returns
-    ``[...]`` float32. Differentiable w.r.t. ``student_logits`` only; the
+    ``[..., K]`` float32, bfloat16 or float16, each law its own dtype, read
+    natively (no float32 copy; math in float64 on CPU, float32 on CUDA); returns
+    ``[...]`` float32, the gradient in the student's dtype. Differentiable w.r.t. ``student_logits`` only; the
     gradient is computed in the same pass as the KL when the student requires
     grad (no ``[N, K]`` temporaries besides the gradient itself).
 
@@ -183,8 +184,8 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direc
     logits with a NaN or +inf entry, or entirely ``-inf``, gives a NaN KL and
     a NaN gradient row, as ``torch.nn.functional.kl_div`` of log_softmax does;
     no error (AMP's GradScaler skips such steps)."""
-    check_tensor(student_logits, "student_logits", (torch.float32,))
-    check_tensor(teacher_logits, "teacher_logits", (torch.float32,))
+    check_tensor(student_logits, "student_logits", _LOGIT_DTYPES)
+    check_tensor(teacher_logits, "teacher_logits", _LOGIT_DTYPES)
     if direction not in _DIRECTIONS:
         raise ValueError(f"duo_fast: direction must be 'bwd' or 'fwd', got {direction!r}")
     if student_logits.shape != teacher_logits.shape:
@@ -269,9 +270,9 @@ def usdm_loss(
     """Per-token uniform-state diffusion NELBO (SPEC 3; ``DUO_BASE.nll_per_token``
     on ``log_softmax(logits)``) from raw logits, fused: no ``[N, K]`` temporary.
 
-    ``logits``: ``[B, L, K]`` float32, bfloat16 or float16 (math in float32; a
-    16-bit input is read through a float32 copy and its gradient is cast back, so
-    it costs 3x its own bytes, not the 1x of float32); ``z``, ``x0``: ``[B, L]`` int64 (or int32) ids in
+    ``logits``: ``[B, L, K]`` float32, bfloat16 or float16, read natively (math
+    in float32; no upcast copy) with the gradient written in the logits' dtype
+    (each entry computed in float32 and rounded once); ``z``, ``x0``: ``[B, L]`` int64 (or int32) ids in
     ``[0, K)``; ``alpha`` in (0, 1) and ``dalpha`` <= 0 (d alpha / d t) per row
     (``[B]``, ``[B, 1]``) or per token (``[B, L]``). Returns ``[B, L]`` float32.
     Differentiable w.r.t. ``logits``: when they require grad the gradient is
@@ -296,7 +297,7 @@ def usdm_loss(
     so its peak holds two ``[N, K]`` tensors (the op stays a plain custom op:
     opcheck, gradcheck, retain_graph, torch.compile). ``inplace_grad=True``
     hands the forward's gradient buffer to autograd, scaled in place: peak extra
-    memory is the gradient alone (1x the logits' bytes), but backward can run
+    memory is the gradient alone (1x the logits' bytes, for every dtype), but backward can run
     only once. Inside ``torch.compile`` ``inplace_grad`` is ignored (the compiled
     graph plans its buffers itself; the values are the same).
     """
@@ -389,7 +390,9 @@ class _LinearUsdmLoss(torch.autograd.Function):
         loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
         for s in range(0, N, chunk_size):
             e = min(N, s + chunk_size)
-            logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
+            # 16-bit hidden/weight give 16-bit logits, read natively (the loss of their exact
+            # float32 upcast, without the copy)
+            logits = torch.nn.functional.linear(h2[s:e], weight, bias)
             loss[s:e], _ = torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], False)
         ctx.save_for_backward(hidden, weight, bias, z, x0, alpha, dalpha)
         ctx.chunk_size = chunk_size
@@ -409,6 +412,8 @@ class _LinearUsdmLoss(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and ctx.has_bias else None
         for s in range(0, N, cs):
             e = min(N, s + cs)
+            # float32 here: the chunk's gradient G then stays float32 for the GEMMs below
+            # (a 16-bit G would add its rounding to grad_hidden / grad_weight)
             logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
             _, g = torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], True)
             del logits

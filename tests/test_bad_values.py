@@ -457,7 +457,7 @@ def test_emulated_losses_bad_rows_give_nan(emulated, bad):
     a = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
     d = -torch.ones(rows, dtype=torch.float64)
     loss, grad = torch.empty(rows), torch.empty(rows, K)
-    assert emulated.df_emu_usdm_loss(ptr(logits), ptr(z), ptr(x0), ptr(a), ptr(d), ptr(loss), ptr(grad),
+    assert emulated.df_emu_usdm_loss(ptr(logits), 0, ptr(z), ptr(x0), ptr(a), ptr(d), ptr(loss), ptr(grad),
                                      ctypes.c_int64(rows), ctypes.c_int64(K)) == 0
     assert loss[1].isnan() and grad[1].isnan().all()
     ok = torch.tensor([0, 2])
@@ -468,7 +468,7 @@ def test_emulated_losses_bad_rows_give_nan(emulated, bad):
     for s_, t_ in ((logits, t), (t, logits)):
         for direction in (0, 1):
             kl, g = torch.empty(rows), torch.empty(rows, K)
-            assert emulated.df_emu_distill_kl(ptr(s_), ptr(t_), ptr(kl), ptr(g), ctypes.c_int64(rows), ctypes.c_int64(K),
+            assert emulated.df_emu_distill_kl(ptr(s_), 0, ptr(t_), 0, ptr(kl), ptr(g), ctypes.c_int64(rows), ctypes.c_int64(K),
                                               direction) == 0
             assert kl[1].isnan() and g[1].isnan().all(), (bad, direction, kl)
             want = reference.distill_kl(s_[ok].double(), t_[ok].double(), ("bwd", "fwd")[direction])

@@ -227,7 +227,7 @@ def test_emulated_device_checks(harness, emulated, mode, seed):
         alpha = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, math.nan], dtype=torch.float64)
         dalpha = torch.tensor([-1.0, -1.0, -1.0, -1.0, -1.0, -1.0], dtype=torch.float64)
         loss, grad = torch.empty(rows), torch.empty(rows, K)
-        assert emulated.df_emu_usdm_loss(ptr(logits), ptr(z), ptr(x0), ptr(alpha), ptr(dalpha), ptr(loss), ptr(grad),
+        assert emulated.df_emu_usdm_loss(ptr(logits), 0, ptr(z), ptr(x0), ptr(alpha), ptr(dalpha), ptr(loss), ptr(grad),
                                          ctypes.c_int64(rows), ctypes.c_int64(K)) == 0
         c = take()
         assert c.tolist() == [2, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0]  # x0, z, ids, alpha, ...

@@ -39,6 +39,43 @@ def test_value_and_gradient_match_reference(direction, shape, scale, device):
     torch.testing.assert_close(s.grad.cpu().double(), s64.grad, rtol=1e-4 if cuda else 1e-5, atol=1e-6 if cuda else 1e-7)
 
 
+HALF = [torch.bfloat16, torch.float16]
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _assert_half_grad_close(grad, ref_grad, dtype):
+    """A gradient written in `dtype` against the float64 reference of the same
+    (upcast) logits: the float32 tolerance (1e-5 relative + 1e-7) plus one
+    rounding to `dtype` (half an ulp: 2^-8 relative for bfloat16, 2^-11 for
+    float16, and 2^-25 absolute below float16's smallest normal)."""
+    assert grad.dtype == dtype
+    eps = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    tiny = 2.0**-25 if dtype == torch.float16 else 0.0
+    bound = (eps + 1e-5) * ref_grad.abs() + 1e-7 + tiny
+    err = (grad.double() - ref_grad).abs()
+    assert bool((err <= bound).all()), (err / bound).max()
+
+
+@pytest.mark.parametrize("direction", ["bwd", "fwd"])
+@pytest.mark.parametrize("sdtype,tdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                           (torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+@pytest.mark.parametrize("shape,scale", [((2, 3, 7), 3.0), ((3, 5, 257), 5.0), ((1, 2, 50257), 2.0)])
+def test_half_logits_read_natively(direction, sdtype, tdtype, shape, scale):
+    """16-bit logits (each law its own dtype) against the float64 reference on the
+    exactly upcast values: the KL within the float32 tolerance, the gradient in
+    the student's dtype within one rounding."""
+    s = _logits(shape, scale, 1).to(sdtype).requires_grad_()
+    t = _logits(shape, scale, 2).to(tdtype)
+    kl = duo_fast.distill_kl(s, t, direction)
+    assert kl.dtype == torch.float32
+    s64 = s.detach().double().requires_grad_()
+    ref = reference.distill_kl(s64, t.double(), direction)
+    torch.testing.assert_close(kl.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    kl.sum().backward()  # grad_output = 1: the stored gradient is rounded once
+    ref.sum().backward()
+    _assert_half_grad_close(s.grad, s64.grad, sdtype)
+
+
 @pytest.mark.parametrize("direction", ["bwd", "fwd"])
 def test_gradcheck_float32(direction):
     """Finite differences on the public function (the op is float32-only, so the
@@ -82,13 +119,17 @@ def test_opcheck():
     for direction in (0, 1):
         torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (s, t, direction, False))
         torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (s.clone().requires_grad_(), t, direction, True))
+        for sd, td in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+            sh, th = s.to(sd), t.to(td)
+            torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (sh, th, direction, False))
+            torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (sh.clone().requires_grad_(), th, direction, True))
 
 
 def test_bad_inputs_name_the_argument():
     s, t = _logits((2, 5)), _logits((2, 5))
     with pytest.raises(ValueError, match="teacher_logits has shape"):
         duo_fast.distill_kl(s, _logits((2, 6)))
-    with pytest.raises(TypeError, match="student_logits has dtype float64"):
+    with pytest.raises(TypeError, match="student_logits has dtype float64"):  # float64: use the reference
         duo_fast.distill_kl(s.double(), t)
     with pytest.raises(ValueError, match="direction must be 'bwd' or 'fwd'"):
         duo_fast.distill_kl(s, t, "both")
@@ -112,7 +153,7 @@ def test_emulated_cuda_kernel_matches_cpu(harness, emulated, mode, seed, directi
             s = _logits((rows, K), 4.0, seed + K)
             t = _logits((rows, K), 4.0, seed + K + 1)
             kl, grad = torch.empty(rows), torch.empty(rows, K)
-            rc = emulated.df_emu_distill_kl(ptr(s), ptr(t), ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), direction)
+            rc = emulated.df_emu_distill_kl(ptr(s), 0, ptr(t), 0, ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), direction)
             assert rc == 0
             ckl, cgrad = torch.ops.duo_fast.distill_kl(s, t, direction, True)
             # float32 accumulation on the device path vs float64 on CPU.
@@ -120,6 +161,31 @@ def test_emulated_cuda_kernel_matches_cpu(harness, emulated, mode, seed, directi
             torch.testing.assert_close(grad, cgrad, rtol=1e-4, atol=1e-6)
     finally:
         harness.configure_emulation(emulated, mode="fiber", seed=0)
+
+
+@pytest.mark.parametrize("direction", [0, 1])
+@pytest.mark.parametrize("sdtype,tdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.bfloat16),
+                                           (torch.float32, torch.float16)])
+def test_emulated_cuda_kernel_half_logits(harness, emulated, direction, sdtype, tdtype):
+    """The CUDA kernel on 16-bit logits against the float64 reference on the upcast
+    values: the KL within the device path's float32 tolerance, the gradient in
+    the student's dtype within one rounding."""
+    for rows, K in [(3, 2), (4, 1001), (2, 50257)]:
+        s = _logits((rows, K), 4.0, K).to(sdtype)
+        t = _logits((rows, K), 4.0, K + 1).to(tdtype)
+        kl, grad = torch.empty(rows), torch.empty((rows, K), dtype=sdtype)
+        rc = emulated.df_emu_distill_kl(ptr(s), DTYPE_CODE[sdtype], ptr(t), DTYPE_CODE[tdtype], ptr(kl), ptr(grad),
+                                        ctypes.c_int64(rows), ctypes.c_int64(K), direction)
+        assert rc == 0
+        s64 = s.double().requires_grad_()
+        ref = reference.distill_kl(s64, t.double(), "bwd" if direction == 0 else "fwd")
+        ref.sum().backward()
+        torch.testing.assert_close(kl.double(), ref.detach(), rtol=1e-4, atol=2e-5)
+        # float32 entries on the device: 1e-4 relative + 1e-6 (the float32 comparison above) plus one rounding
+        eps = 2.0**-8 if sdtype == torch.bfloat16 else 2.0**-11 if sdtype == torch.float16 else 0.0
+        tiny = 2.0**-25 if sdtype == torch.float16 else 0.0
+        err = (grad.double() - s64.grad).abs()
+        assert bool((err <= (eps + 1e-4) * s64.grad.abs() + 1e-6 + tiny).all())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernel_matches_cpu runs this kernel's source on the CPU")
@@ -136,3 +202,22 @@ def test_cuda_device_matches_cpu(direction):
     torch.testing.assert_close(kl.cpu(), ref, rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(sc.grad.cpu(), sr.grad, rtol=1e-4, atol=1e-6)
     torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (s[:1, :2].cuda(), t[:1, :2].cuda(), 0, False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernel_half_logits runs this kernel's source on the CPU")
+@pytest.mark.parametrize("direction", ["bwd", "fwd"])
+@pytest.mark.parametrize("sdtype,tdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_cuda_device_half_logits(direction, sdtype, tdtype):
+    """The real-GPU twin of test_emulated_cuda_kernel_half_logits."""
+    s = _logits((2, 4, 50257), 3.0, 1).to(sdtype)
+    t = _logits((2, 4, 50257), 3.0, 2).to(tdtype)
+    sc = s.cuda().requires_grad_()
+    kl = duo_fast.distill_kl(sc, t.cuda(), direction)
+    kl.sum().backward()
+    s64 = s.double().requires_grad_()
+    ref = reference.distill_kl(s64, t.double(), direction)
+    ref.sum().backward()
+    torch.testing.assert_close(kl.cpu().double(), ref.detach(), rtol=1e-4, atol=2e-5)
+    eps = 2.0**-8 if sdtype == torch.bfloat16 else 2.0**-11
+    err = (sc.grad.cpu().double() - s64.grad).abs()
+    assert sc.grad.dtype == sdtype and bool((err <= (eps + 1e-4) * s64.grad.abs() + 1e-6 + 2.0**-25).all())

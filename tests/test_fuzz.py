@@ -358,17 +358,19 @@ def usdm_case(draw, big=True, cap=None, dtypes=(torch.float32, torch.bfloat16, t
     return K, lg, z, x0, alpha, dalpha
 
 
-def check_usdm(loss, grad, logits_, z, x0, alpha, dalpha, rtol=1e-5, gtol=1e-5):
+def check_usdm(loss, grad, logits_, z, x0, alpha, dalpha, rtol=1e-5, gtol=1e-5, atol=1e-6, weighted=True):
     """Loss and gradient against autograd of the float64 reference on the same
     (upcast) logits; the tolerance of tests/test_usdm_loss.py (1e-5 relative +
     1e-6 absolute; the gradient also 1e-6 of the row's largest entry and the
-    reference's own cancellation error ~1e-14 |dalpha| (1 + K alpha / (1 - alpha)))."""
+    reference's own cancellation error ~1e-14 |dalpha| (1 + K alpha / (1 - alpha))).
+    weighted: grad is d(sum w loss)/d logits with w = linspace(0.5, 1.5) (the op's
+    backward), else d(sum loss)/d logits (a kernel's own gradient output)."""
     l64 = logits_.double().requires_grad_()
     ref = reference.usdm_loss(l64, z.long(), x0.long(), alpha, dalpha)
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=atol)
     if grad is None or l64.numel() == 0:
         return
-    w = torch.linspace(0.5, 1.5, ref.numel(), dtype=F64).reshape(ref.shape)
+    w = torch.linspace(0.5, 1.5, ref.numel(), dtype=F64).reshape(ref.shape) if weighted else torch.ones_like(ref)
     (ref * w).sum().backward()
     K = logits_.shape[-1]
     a = torch.broadcast_to(alpha.double().reshape(-1, 1) if alpha.dim() == 1 else alpha.double(), ref.shape)
@@ -438,7 +440,7 @@ def test_usdm_loss(case, inplace, n_threads):
 
 
 @EMU
-@given(case=usdm_case(big=False, cap=5000, dtypes=(torch.float32,)))
+@given(case=usdm_case(big=False, cap=5000))
 @lean
 def test_usdm_loss_emulated(emulated, case):
     K, lg, z, x0, alpha, dalpha = case
@@ -446,17 +448,14 @@ def test_usdm_loss_emulated(emulated, case):
     flat = lambda v: torch.broadcast_to(v.double().reshape(-1, 1) if v.dim() == 1 else v.double(), z.shape).reshape(-1).contiguous()  # noqa: E731
     lc, zc, xc = lg.reshape(n, K).contiguous(), z.reshape(-1).long().contiguous(), x0.reshape(-1).long().contiguous()
     a, d = flat(alpha), flat(dalpha)
-    loss, grad = torch.empty(n), torch.empty(n, K)
-    assert emulated.df_emu_usdm_loss(ptr(lc), ptr(zc), ptr(xc), ptr(a), ptr(d), ptr(loss), ptr(grad), ctypes.c_int64(n),
-                                     ctypes.c_int64(K)) == 0
-    # CUDA sums in float (reductions of 256 threads): 1e-4 as test_usdm_loss's emulated test
-    loss64 = reference.usdm_loss(lc.double(), zc, xc, a, d)
-    torch.testing.assert_close(loss.double(), loss64, rtol=1e-4, atol=1e-5)
-    l64 = lc.double().requires_grad_()
-    reference.usdm_loss(l64, zc, xc, a, d).sum().backward()
-    scale = l64.grad.abs().amax(-1, keepdim=True)
-    ref_err = (1e-14 * d.abs() * (1 + K * a / (1 - a)))[:, None]
-    assert ((grad.double() - l64.grad).abs() <= 1e-4 * (l64.grad.abs() + scale) + ref_err).all()
+    loss, grad = torch.empty(n), torch.empty(n, K, dtype=lc.dtype)  # the gradient in the logits' dtype
+    assert emulated.df_emu_usdm_loss(ptr(lc), _DTYPE_CODE[lc.dtype], ptr(zc), ptr(xc), ptr(a), ptr(d), ptr(loss),
+                                     ptr(grad), ctypes.c_int64(n), ctypes.c_int64(K)) == 0
+    # float32 entries with float sums of 16-byte vectors and block reductions on the device:
+    # 1e-4 (the CPU kernel: 1e-5), one rounding to the logits' dtype
+    col = lambda t: t.view(n, 1, *t.shape[1:])  # noqa: E731  (levels per token: [n, 1])
+    check_usdm(col(loss), col(grad), col(lc), col(zc), col(xc), col(a), col(d), rtol=1e-4, gtol=1e-4, atol=1e-5,
+               weighted=False)
 
 
 @st.composite
@@ -530,9 +529,10 @@ def test_linear_usdm_loss(case, n_threads):
 def kl_case(draw, big=True, cap=None):
     K = draw(vocab(big=big, cap=cap))
     B, L = draw(lead_shape(K))
-    s = draw(logits((B, L, K), name="student"))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    s = draw(logits((B, L, K), dtypes, name="student"))
     share_mask = draw(st.booleans())
-    t = draw(logits((B, L, K), mask=not share_mask, name="teacher"))
+    t = draw(logits((B, L, K), dtypes, mask=not share_mask, name="teacher"))
     if share_mask:  # the teacher masks the same ids: a finite KL
         t = torch.where(torch.isfinite(s), t, torch.full_like(t, -INF))
     direction = draw(st.sampled_from(["bwd", "fwd"]))
@@ -559,6 +559,11 @@ def check_kl(kl, grad, s, t, direction, rtol, atol, gtol, f32=0.0):
     s_size, t_size = size(s.double()), size(t.double())
     bound = f32 * (ls.exp() * (s_size + t_size + ref.detach().abs()[..., None]) + lt.exp() * t_size)
     err = (grad.double() - s64.grad).abs()
+    # a 16-bit student: its gradient is written in its dtype, rounded once (half an ulp;
+    # float16 subnormals: half the spacing 2^-24)
+    eps = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[grad.dtype]
+    quantum = 2.0**-25 if grad.dtype == torch.float16 else 0.0
+    bound = bound + eps * s64.grad.abs() + quantum
     assert (err <= gtol * s64.grad.abs() + gtol * 0.1 + bound)[rows].all(), float(err[rows].max())
     assert (grad[~torch.isfinite(s) & rows] == 0).all()
 
@@ -586,8 +591,9 @@ def test_distill_kl_emulated(emulated, case):
     K, s, t, direction = case
     n = s.numel() // K
     sc, tc = s.reshape(n, K).contiguous(), t.reshape(n, K).contiguous()
-    kl, grad = torch.empty(n), torch.empty(n, K)
-    assert emulated.df_emu_distill_kl(ptr(sc), ptr(tc), ptr(kl), ptr(grad), ctypes.c_int64(n), ctypes.c_int64(K),
+    kl, grad = torch.empty(n), torch.empty(n, K, dtype=sc.dtype)  # the gradient in the student's dtype
+    assert emulated.df_emu_distill_kl(ptr(sc), _DTYPE_CODE[sc.dtype], ptr(tc), _DTYPE_CODE[tc.dtype], ptr(kl), ptr(grad),
+                                      ctypes.c_int64(n), ctypes.c_int64(K),
                                       ("bwd", "fwd").index(direction)) == 0
     # float32 (CUDA): ~8 roundings per entry plus the block reduction of the KL (2 log2 K)
     f32 = (8 + 2 * math.log2(K)) * 2.0**-24

@@ -171,7 +171,7 @@ def test_emulated_usdm_loss(harness, emulated, mode, seed, pattern):
             rows = 6
             logits, z, x0, alpha, dalpha = _usdm_inputs(rows, K, pattern, K + seed)
             loss, grad = torch.empty(rows), torch.empty(rows, K)
-            rc = emulated.df_emu_usdm_loss(ptr(logits), ptr(z), ptr(x0), ptr(alpha), ptr(dalpha), ptr(loss), ptr(grad),
+            rc = emulated.df_emu_usdm_loss(ptr(logits), 0, ptr(z), ptr(x0), ptr(alpha), ptr(dalpha), ptr(loss), ptr(grad),
                                            ctypes.c_int64(rows), ctypes.c_int64(K))
             assert rc == 0
             assert torch.isfinite(loss).all(), loss
@@ -188,7 +188,7 @@ def test_emulated_distill_kl(harness, emulated, pattern, direction):
         rows = 4
         s, t = _kl_inputs(rows, K, pattern, K, both=True)
         kl, grad = torch.empty(rows), torch.empty(rows, K)
-        assert emulated.df_emu_distill_kl(ptr(s), ptr(t), ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), direction) == 0
+        assert emulated.df_emu_distill_kl(ptr(s), 0, ptr(t), 0, ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), direction) == 0
         s64 = s.double().requires_grad_()
         ref = reference.distill_kl(s64, t.double(), name)
         ref.sum().backward()
@@ -196,7 +196,7 @@ def test_emulated_distill_kl(harness, emulated, pattern, direction):
         torch.testing.assert_close(grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
         assert (grad[~torch.isfinite(s)] == 0).all()
         s, t = _kl_inputs(rows, K, pattern, K, both=False)  # teacher 0 where the student is positive, or vice versa
-        assert emulated.df_emu_distill_kl(ptr(s), ptr(t), ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), direction) == 0
+        assert emulated.df_emu_distill_kl(ptr(s), 0, ptr(t), 0, ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), direction) == 0
         want = reference.distill_kl(s.double(), t.double(), name)
         if direction == 0:
             torch.testing.assert_close(kl.double(), want, rtol=1e-4, atol=2e-5)
@@ -234,10 +234,10 @@ def test_all_minus_inf_rows_do_not_crash(harness, emulated):
     a = torch.full((rows,), 0.5, dtype=torch.float64)
     d = -torch.ones(rows, dtype=torch.float64)
     loss, grad = torch.full((rows,), 7.0), torch.full((rows, K), 7.0)
-    assert emulated.df_emu_usdm_loss(ptr(x), ptr(z), ptr(x0), ptr(a), ptr(d), ptr(loss), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K)) == 0
+    assert emulated.df_emu_usdm_loss(ptr(x), 0, ptr(z), ptr(x0), ptr(a), ptr(d), ptr(loss), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K)) == 0
     assert torch.isfinite(loss[[0, 2]]).all() and loss[1].isnan()
     kl = torch.empty(rows)
-    assert emulated.df_emu_distill_kl(ptr(x), ptr(x), ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), 0) == 0
+    assert emulated.df_emu_distill_kl(ptr(x), 0, ptr(x), 0, ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), 0) == 0
     assert torch.isfinite(kl[[0, 2]]).all() and kl[1].isnan()
     c = torch.zeros(12, dtype=torch.int32)  # a name: ptr() of a temporary would point at freed memory
     emulated.df_emu_take_checks(ptr(c))

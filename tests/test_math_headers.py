@@ -123,3 +123,58 @@ def test_log_ndtr_matches_scipy(emulated):
     rel = np.abs(out[nz] - ref[nz]) / np.abs(ref[nz])
     assert rel.max() < 1e-13, (x[nz][rel.argmax()], rel.max())
     assert np.all(np.abs(out[~nz]) < 1e-300)  # scipy flushes log(1 - Q) to 0 where Q is subnormal
+
+
+# ---- float32 <-> bfloat16 / float16 (duo_fast/logits.h), as the kernels convert ----
+
+
+def _rounding_probe_floats():
+    """float32 bit patterns that exercise every rounding decision of a conversion
+    to bfloat16 / float16: every sign, exponent and top-10 mantissa bits, with the
+    low 13 bits at and around each halfway point that a shift of 13..25 bits can
+    meet (ties with an even and an odd kept bit, one below and one above), plus
+    random low bits; infinities and NaNs included."""
+    top = torch.arange(0, 1 << 19, dtype=torch.int64) << 13  # sign, exponent, 10 mantissa bits
+    lows = {0, 1, (1 << 13) - 1}
+    for s in range(1, 14):  # halfway points of the dropped low bits
+        h = 1 << (s - 1)
+        lows |= {h - 1, h, h + 1, (h | (1 << s)) & 0x1FFF}
+    g = torch.Generator().manual_seed(0)
+    lows |= set(torch.randint(0, 1 << 13, (8,), generator=g).tolist())
+    bits = (top[:, None] | torch.tensor(sorted(lows), dtype=torch.int64)[None, :]).flatten()
+    # bfloat16 drops 16 bits: its halfway points on bits 13..15 too
+    extra = (torch.arange(0, 1 << 16, dtype=torch.int64) << 16)[:, None] | torch.tensor(
+        [0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x4000, 0xC000, 0x17FFF & 0xFFFF], dtype=torch.int64)[None, :]
+    bits = torch.cat([bits, extra.flatten()])
+    return bits.numpy().astype("uint32").view("float32")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float_to_16_bit_rounds_as_torch(emulated, dtype):
+    """from_float<bf16_bits / f16_bits> (the kernels' gradient stores) against torch's
+    conversion (round to nearest, ties to even; overflow to inf; float16 subnormals),
+    bit for bit, NaN -> torch's NaN."""
+    x = torch.from_numpy(_rounding_probe_floats().copy())
+    out = torch.empty(x.shape, dtype=torch.int16)
+    fn = emulated.df_round_bf16 if dtype == torch.bfloat16 else emulated.df_round_f16
+    assert fn(ptr(x), ptr(out), i64(x.numel())) == 0
+    expected = x.to(dtype).view(torch.int16)
+    nan = torch.isnan(x)
+    assert torch.isnan(out.view(dtype)[nan]).all()
+    mismatch = (out != expected) & ~nan
+    assert not bool(mismatch.any()), [(hex(int(v)), int(o) & 0xFFFF, int(e) & 0xFFFF)
+                                      for v, o, e in zip(x.view(torch.int32)[mismatch][:5], out[mismatch][:5],
+                                                         expected[mismatch][:5])]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_to_float_is_exact(emulated, dtype):
+    """to_float(bf16_bits / f16_bits) of all 2^16 bit patterns against torch's widening."""
+    h = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    out = torch.empty(h.shape, dtype=torch.float32)
+    fn = emulated.df_widen_bf16 if dtype == torch.bfloat16 else emulated.df_widen_f16
+    assert fn(ptr(h), ptr(out), i64(h.numel())) == 0
+    expected = h.view(dtype).float()
+    nan = torch.isnan(expected)
+    assert torch.isnan(out[nan]).all()
+    assert torch.equal(out.view(torch.int32)[~nan], expected.view(torch.int32)[~nan])

@@ -1,15 +1,18 @@
 // CPU kernel of the fused uniform-state diffusion loss (SPEC section 3; row
 // math and gradient derivation in usdm_loss.h): one row per task, three sweeps,
-// gradient written in the same call. The row kernels (float32 entries with
+// gradient written in the same call, in the logits' dtype (float32, bfloat16 or
+// float16, read natively). The row kernels (float32 entries with
 // double sums, AVX2 + FMA or SSE2 picked at run time; float64 entries for rows
 // near alpha = 0 or 1) are in usdm_loss_rows.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "dispatch.h"
 #include "fused_outputs.h"
 #include "usdm_loss_rows.h"
 
@@ -20,24 +23,27 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cpu(const at::Tensor& logits, const
                                                  const at::Tensor& alpha, const at::Tensor& dalpha,
                                                  bool compute_grad) {
   check_usdm_loss_args(logits, z, x0, alpha, dalpha);
-  // 16-bit logits: math in float32 on a float32 copy (the gradient is cast back).
-  const at::Tensor l = logits.contiguous().to(at::kFloat), zc = z.contiguous(), xc = x0.contiguous();
+  // 16-bit logits are read natively (no float32 copy) and their gradient written
+  // in their own dtype: the only [N, K] output is the gradient, 1x the logits' bytes.
+  const at::Tensor l = logits.contiguous(), zc = z.contiguous(), xc = x0.contiguous();
   const at::Tensor ac = alpha.contiguous(), dc = dalpha.contiguous();
   const int64_t K = l.size(-1), rows = zc.numel();
   auto [loss, grad] = fused_grad_outputs(l, compute_grad);
-  const usdm_cpu::Rows args{l.const_data_ptr<float>(),
-                            zc.const_data_ptr<int64_t>(),
-                            xc.const_data_ptr<int64_t>(),
-                            ac.const_data_ptr<double>(),
-                            dc.const_data_ptr<double>(),
-                            loss.mutable_data_ptr<float>(),
-                            compute_grad ? grad.mutable_data_ptr<float>() : nullptr,
-                            K};
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(static_cast<size_t>(K));  // e_j = exp(x_j - max) of the current row
-    usdm_cpu::rows(args, begin, end, scratch.data());
+  dispatch_float_storage(l, "logits", [&](const auto* lp) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(lp)>>;
+    const usdm_cpu::Rows<T> args{lp,
+                                 zc.const_data_ptr<int64_t>(),
+                                 xc.const_data_ptr<int64_t>(),
+                                 ac.const_data_ptr<double>(),
+                                 dc.const_data_ptr<double>(),
+                                 loss.mutable_data_ptr<float>(),
+                                 compute_grad ? static_cast<T*>(grad.data_ptr()) : nullptr,
+                                 K};
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(static_cast<size_t>(K));  // e_j = exp(x_j - max) of the current row
+      usdm_cpu::rows(args, begin, end, scratch.data());
+    });
   });
-  if (compute_grad && logits.scalar_type() != at::kFloat) return {loss, grad.to(logits.scalar_type())};
   return {loss, grad};
 }
 

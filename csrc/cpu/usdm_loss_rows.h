@@ -34,14 +34,15 @@
 #include <cstdint>
 
 #include "duo_fast/fast_math.h"
+#include "duo_fast/logits.h"
 #include "duo_fast/usdm_loss.h"
 
 namespace duo_fast {
 namespace usdm_cpu {
 
-constexpr double kF32MinOneMinusAlpha = 1e-3;
-constexpr double kF32MinR = 1e-2;
-constexpr int64_t kF32MinVocab = 16;
+using usdm::kF32MinOneMinusAlpha;  // the switch (usdm_loss.h), shared with the CUDA kernel
+using usdm::kF32MinR;
+using usdm::kF32MinVocab;
 // e_j = exp(x_j - max) below 2^-80 (p_j < 1e-24) is taken as 0: their share of
 // every sum is < K 2^-80, their gradient entries are ~p_j times the row's scale,
 // and the floor keeps r p_j, e_j q_j, ... off float's subnormal range (an
@@ -50,51 +51,55 @@ constexpr int64_t kF32MinVocab = 16;
 constexpr int kExpMinK = -80;
 
 // First j with x[j] == v (v is in x): blocks of 256 compared vector-wise.
-[[gnu::always_inline]] inline int64_t find_first(const float* x, int64_t n, float v) {
+template <class T>
+[[gnu::always_inline]] inline int64_t find_first(const T* x, int64_t n, float v) {
   for (int64_t j0 = 0; j0 < n; j0 += 256) {
     const int64_t j1 = std::min(n, j0 + 256);
     int hit = 0;
 #pragma omp simd reduction(| : hit)
-    for (int64_t j = j0; j < j1; ++j) hit |= int(x[j] == v);
+    for (int64_t j = j0; j < j1; ++j) hit |= int(to_float(x[j]) == v);
     if (hit)
       for (int64_t j = j0; j < j1; ++j)
-        if (x[j] == v) return j;
+        if (to_float(x[j]) == v) return j;
   }
   return -1;
 }
 
-// Inputs of a batch of rows.
+// Inputs of a batch of rows. T: the logits' storage type (float, bf16_bits,
+// f16_bits, logits.h), read natively (every entry becomes a float in
+// registers); the gradient is written in the same type, each entry computed in
+// float32 (float64 on the float64 path, then float32) and rounded once to T.
+template <class T>
 struct Rows {
-  const float* logits;
+  const T* logits;
   const int64_t* z;
   const int64_t* x0;
   const double* alpha;
   const double* dalpha;
   float* loss;
-  float* grad;  // nullptr: no gradient
+  T* grad;  // nullptr: no gradient
   int64_t K;
 };
 
-inline bool use_f32(const usdm::Token& t) {
-  return t.K >= kF32MinVocab && 1.0 - t.alpha >= kF32MinOneMinusAlpha && t.r >= kF32MinR;
-}
+using usdm::use_f32;
 
 // Float64 entries (std::exp, log1p): the original kernel's row.
-inline void row_f64(const Rows& a, int64_t row, const usdm::Token& t) {
+template <class T>
+inline void row_f64(const Rows<T>& a, int64_t row, const usdm::Token& t) {
   const int64_t K = a.K;
-  const float* lr = a.logits + row * K;
+  const T* lr = a.logits + row * K;
   const int64_t x = a.x0[row], zz = a.z[row];
   double m = -INFINITY;
-  for (int64_t j = 0; j < K; ++j) m = std::max(m, double(lr[j]));
+  for (int64_t j = 0; j < K; ++j) m = std::max(m, double(to_float(lr[j])));
   double se = 0.0;
-  for (int64_t j = 0; j < K; ++j) se += std::exp(double(lr[j]) - m);
+  for (int64_t j = 0; j < K; ++j) se += std::exp(double(to_float(lr[j])) - m);
   const double lse = m + std::log(se);
   usdm::Sums small{0.0, 0.0, 0.0};
   int64_t b = -1;
   double p_b = 0.0;
   for (int64_t j = 0; j < K; ++j) {
     if (j == x || j == zz) continue;
-    const double p = std::exp(double(lr[j]) - lse);
+    const double p = std::exp(double(to_float(lr[j])) - lse);
     if (usdm::is_big(p)) {
       b = j;
       p_b = p;
@@ -103,15 +108,16 @@ inline void row_f64(const Rows& a, int64_t row, const usdm::Token& t) {
     }
   }
   const usdm::Sums s = usdm::add_big(small, p_b, t.r, b >= 0);
-  const double p_x = std::exp(double(lr[x]) - lse), p_z = std::exp(double(lr[zz]) - lse);
+  const double p_x = std::exp(double(to_float(lr[x])) - lse), p_z = std::exp(double(to_float(lr[zz])) - lse);
   a.loss[row] = float(usdm::loss(t, p_x, p_z, s));
   if (a.grad) {
     const usdm::Grad g = usdm::grad_constants(t, p_x, p_z, s, small.P_excl, p_b);
-    float* gr = a.grad + row * K;
-    for (int64_t j = 0; j < K; ++j) gr[j] = float(usdm::grad_entry(std::exp(double(lr[j]) - lse), g.F, g.C, g.r));
-    if (b >= 0) gr[b] = float(g.grad_b);
-    gr[zz] = float(g.grad_z);
-    gr[x] = float(g.grad_x);
+    T* gr = a.grad + row * K;
+    for (int64_t j = 0; j < K; ++j)
+      gr[j] = from_float<T>(float(usdm::grad_entry(std::exp(double(to_float(lr[j])) - lse), g.F, g.C, g.r)));
+    if (b >= 0) gr[b] = from_float<T>(float(g.grad_b));
+    gr[zz] = from_float<T>(float(g.grad_z));
+    gr[x] = from_float<T>(float(g.grad_x));
   }
 }
 
@@ -141,17 +147,18 @@ inline void row_f64(const Rows& a, int64_t row, const usdm::Token& t) {
 }
 
 // Float32 entries; scratch holds K floats.
-template <bool kGrad>
-[[gnu::always_inline]] inline void row_f32(const Rows& a, int64_t row, const usdm::Token& t, float* scratch) {
+template <bool kGrad, class T>
+[[gnu::always_inline]] inline void row_f32(const Rows<T>& a, int64_t row, const usdm::Token& t, float* scratch) {
   const int64_t K = a.K;
-  const float* lr = a.logits + row * K;
+  const T* lr = a.logits + row * K;
   const int64_t x = a.x0[row], zz = a.z[row];
   float m = -INFINITY;
   int nan = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan)
   for (int64_t j = 0; j < K; ++j) {
-    m = lr[j] > m ? lr[j] : m;
-    nan |= int(lr[j] != lr[j]);
+    const float v = to_float(lr[j]);
+    m = v > m ? v : m;
+    nan |= int(v != v);
   }
   if (nan || !(std::fabs(m) < INFINITY)) {  // NaN, +inf, or all -inf: the float64 path's NaN / inf semantics
     row_f64(a, row, t);
@@ -160,7 +167,7 @@ template <bool kGrad>
   double se = 0.0;
 #pragma omp simd reduction(+ : se)
   for (int64_t j = 0; j < K; ++j) {
-    const float ej = fastmath::exp_nonpos<kExpMinK>(lr[j] - m);
+    const float ej = fastmath::exp_nonpos<kExpMinK>(to_float(lr[j]) - m);
     scratch[j] = ej;
     se += double(ej);
   }
@@ -204,23 +211,24 @@ template <bool kGrad>
     // for u > 1 both r C and u q are ~1 and their difference ~q.
     const double H = t.r * g.C;
     const float Hf = float(H), Gf = float(1.0 - H), k = float(g.F * inv / t.r);
-    float* gr = a.grad + row * K;
+    T* gr = a.grad + row * K;
 #pragma omp simd
     for (int64_t j = 0; j < K; ++j) {
       const float ej = scratch[j];
       const float u = ej * R_hi + ej * R_lo;
       const float q = 1.0f / (1.0f + u);
       const float bracket = fastmath::select(u > 1.0f, q - Gf, Hf - u * q);
-      gr[j] = ej * k * bracket;
+      gr[j] = from_float<T>(ej * k * bracket);
     }
-    if (b >= 0) gr[b] = float(g.grad_b);
-    gr[zz] = float(g.grad_z);
-    gr[x] = float(g.grad_x);
+    if (b >= 0) gr[b] = from_float<T>(float(g.grad_b));
+    gr[zz] = from_float<T>(float(g.grad_z));
+    gr[x] = from_float<T>(float(g.grad_x));
   }
 }
 
 // Rows [begin, end); scratch holds K floats.
-[[gnu::always_inline]] inline void rows_impl(const Rows& a, int64_t begin, int64_t end, float* scratch) {
+template <class T>
+[[gnu::always_inline]] inline void rows_impl(const Rows<T>& a, int64_t begin, int64_t end, float* scratch) {
   for (int64_t row = begin; row < end; ++row) {
     const usdm::Token t = usdm::token_constants(a.K, a.alpha[row], a.dalpha[row], a.x0[row] == a.z[row]);
     if (!use_f32(t))
@@ -233,22 +241,26 @@ template <bool kGrad>
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-[[gnu::target("avx2,fma")]] inline void rows_avx2(const Rows& a, int64_t begin, int64_t end, float* scratch) {
+template <class T>
+[[gnu::target("avx2,fma")]] inline void rows_avx2(const Rows<T>& a, int64_t begin, int64_t end, float* scratch) {
   rows_impl(a, begin, end, scratch);
 }
-inline void rows_base(const Rows& a, int64_t begin, int64_t end, float* scratch) { rows_impl(a, begin, end, scratch); }
+template <class T>
+inline void rows_base(const Rows<T>& a, int64_t begin, int64_t end, float* scratch) { rows_impl(a, begin, end, scratch); }
 inline bool have_avx2_fma() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
 }
-inline void rows(const Rows& a, int64_t begin, int64_t end, float* scratch) {
+template <class T>
+inline void rows(const Rows<T>& a, int64_t begin, int64_t end, float* scratch) {
   if (have_avx2_fma())
     rows_avx2(a, begin, end, scratch);
   else
     rows_base(a, begin, end, scratch);
 }
 #else
-inline void rows(const Rows& a, int64_t begin, int64_t end, float* scratch) { rows_impl(a, begin, end, scratch); }
+template <class T>
+inline void rows(const Rows<T>& a, int64_t begin, int64_t end, float* scratch) { rows_impl(a, begin, end, scratch); }
 #endif
 
 }  // namespace usdm_cpu

@@ -153,6 +153,15 @@ std::tuple<at::Tensor, at::Tensor> sample_zt_cuda(const at::Tensor& x0, const at
   return {z_t, z_s};
 }
 
+// dtype code of the sampling launchers (launchers.h).
+int logits_dtype_code(const at::Tensor& logits) {
+  switch (logits.scalar_type()) {
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: return 0;  // float32 (the argument checks allow only these three)
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                    int64_t direction, bool compute_grad) {
   check_distill_args(student, teacher, direction);
@@ -160,10 +169,10 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, co
   begin_checks(student.device(), "distill_kl");
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t K = s.size(-1), rows = s.numel() / K;
-  auto [kl, grad] = fused_grad_outputs(s, compute_grad);
-  check_launch(cuda::distill_kl(s.const_data_ptr<float>(), t.const_data_ptr<float>(), kl.mutable_data_ptr<float>(),
-                                compute_grad ? grad.mutable_data_ptr<float>() : nullptr, rows, K, int(direction),
-                                c10::cuda::getCurrentCUDAStream().stream()),
+  auto [kl, grad] = fused_grad_outputs(s, compute_grad);  // the gradient in the student's dtype
+  check_launch(cuda::distill_kl(s.const_data_ptr(), logits_dtype_code(s), t.const_data_ptr(), logits_dtype_code(t),
+                                kl.mutable_data_ptr<float>(), compute_grad ? grad.mutable_data_ptr() : nullptr, rows, K,
+                                int(direction), c10::cuda::getCurrentCUDAStream().stream()),
                "distill_kl");
   return {kl, grad};
 }
@@ -175,27 +184,17 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, cons
   const c10::cuda::CUDAGuard guard(logits.device());
   uint32_t* checks = begin_checks(logits.device(), "usdm_loss");
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  // 16-bit logits: math in float32 on a float32 copy (the gradient is cast back).
-  const at::Tensor l = logits.contiguous().to(at::kFloat), zc = z.contiguous(), xc = x0.contiguous();
+  // 16-bit logits are read natively and their gradient written in their dtype (no copy).
+  const at::Tensor l = logits.contiguous(), zc = z.contiguous(), xc = x0.contiguous();
   const at::Tensor ac = alpha.contiguous(), dc = dalpha.contiguous();
   auto [loss, grad] = fused_grad_outputs(l, compute_grad);
-  check_launch(cuda::usdm_loss(l.const_data_ptr<float>(), zc.const_data_ptr<int64_t>(), xc.const_data_ptr<int64_t>(),
-                               ac.const_data_ptr<double>(), dc.const_data_ptr<double>(), loss.mutable_data_ptr<float>(),
-                               compute_grad ? grad.mutable_data_ptr<float>() : nullptr, zc.numel(), l.size(-1), checks,
-                               stream),
+  check_launch(cuda::usdm_loss(l.const_data_ptr(), logits_dtype_code(l), zc.const_data_ptr<int64_t>(),
+                               xc.const_data_ptr<int64_t>(), ac.const_data_ptr<double>(), dc.const_data_ptr<double>(),
+                               loss.mutable_data_ptr<float>(), compute_grad ? grad.mutable_data_ptr() : nullptr,
+                               zc.numel(), l.size(-1), checks, stream),
                "usdm_loss");
   end_checks(logits.device(), stream);
-  if (compute_grad && logits.scalar_type() != at::kFloat) return {loss, grad.to(logits.scalar_type())};
   return {loss, grad};
-}
-
-// dtype code of the sampling launchers (launchers.h).
-int logits_dtype_code(const at::Tensor& logits) {
-  switch (logits.scalar_type()) {
-    case at::kBFloat16: return 1;
-    case at::kHalf: return 2;
-    default: return 0;  // float32 (check_sample_step_args allows only these three)
-  }
 }
 
 at::Tensor sample_step_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,

@@ -25,15 +25,17 @@ int gamma_to_alpha_f64(const double* gamma, double* alpha, double* dalpha, int64
 int sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s, int64_t n,
               int64_t vocab_size, uint64_t seed, uint64_t offset, uint32_t* checks, void* stream);
 
-// Per-row KL (direction 0: KL(pS||pT), 1: KL(pT||pS)) of float32 [rows, K]
-// logits; grad (nullptr to skip) gets dKL/dstudent (distill.h).
-int distill_kl(const float* student, const float* teacher, float* kl, float* grad, int64_t rows, int64_t K,
-               int direction, void* stream);
+// Per-row KL (direction 0: KL(pS||pT), 1: KL(pT||pS)) of [rows, K] logits of
+// dtype codes student_dtype / teacher_dtype (0 float32, 1 bfloat16, 2 float16);
+// grad (nullptr to skip), in the student's dtype, gets dKL/dstudent (distill.h).
+int distill_kl(const void* student, int student_dtype, const void* teacher, int teacher_dtype, float* kl, void* grad,
+               int64_t rows, int64_t K, int direction, void* stream);
 
-// Per-token loss of float32 [rows, K] logits (SPEC 3; usdm_loss.h); grad
-// (nullptr to skip) gets d loss / d logits. Invalid ids or levels: NaN row.
-int usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, const double* alpha, const double* dalpha,
-              float* loss, float* grad, int64_t rows, int64_t K, uint32_t* checks, void* stream);
+// Per-token loss of [rows, K] logits of dtype code `dtype` (0 float32, 1
+// bfloat16, 2 float16; SPEC 3; usdm_loss.h); grad (nullptr to skip), in the
+// logits' dtype, gets d loss / d logits. Invalid ids or levels: NaN row.
+int usdm_loss(const void* logits, int dtype, const int64_t* z, const int64_t* x0, const double* alpha,
+              const double* dalpha, float* loss, void* grad, int64_t rows, int64_t K, uint32_t* checks, void* stream);
 
 // Reverse-process step (SPEC 4; sampling.h) over [rows, K] logits of dtype code
 // `dtype` (0 float32, 1 bfloat16, 2 float16): z_s per row into out, or the dense

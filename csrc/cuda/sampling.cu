@@ -1,21 +1,25 @@
 // CUDA kernels of the reverse-process step (SPEC section 4; math in sampling.h):
-// one block per row (grid-stride over rows). Sweeps: the row max; the sum of
-// the weights w_j = exp((x_j - max)/T); with top_p < 1 the radix-select passes
+// one block per row (grid-stride over rows). Sweeps: one online-softmax read
+// for the row max and the sum of the weights w_j = exp((x_j - max)/T), with
+// 16-byte loads; with top_p < 1 the radix-select passes
 // (256-bin histograms, one row per warp filled without atomics by
 // reduce::warp_histogram_add, merged in warp order: the first byte puts nearly
 // all entries in a few bins, where 256 threads' atomicAdds on one address
 // serialised and summed in a run-dependent order); then thread 0 picks the
 // mixture part and, for
-// the model part, the block scans tiles of 4 entries per thread until the
-// running sum passes u * kept (about half a row on average). Same weights,
-// Philox stream and selection rule as the CPU kernel, so tokens agree except
-// where a different summation order moves u * kept across a boundary.
+// the model part, the block scans tiles of one 16-byte vector per thread until
+// the running sum passes u * kept (about half a row on average): with top_p = 1
+// the logits are read 1.5 times on average. Same weights, Philox stream and
+// selection rule as the CPU kernel, so tokens agree except where a different
+// summation order (the online total, prepare_row) moves u * kept across a
+// boundary (~1e-8 of u's range).
 // A row with NaN, +inf or no finite logit (the weight sum is not >= 1,
 // check::valid_weight_sum) is counted as check::kLogits and skips the nucleus
 // passes: sample_step keeps z there, posterior writes NaN (the next op raises).
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/device_check.h"
 #include "duo_fast/reduce.h"
+#include "duo_fast/row_vec.h"
 #include "duo_fast/sampling.h"
 #include "launchers.h"
 
@@ -25,9 +29,9 @@ namespace {
 
 constexpr unsigned kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kPerThread = 4;  // entries per thread per scan tile
 
 struct Shared {
+  reduce::MaxSum<double> scratch_ms[32];
   float scratch_f[32];
   double scratch_d[32];
   int scratch_i[32];
@@ -53,19 +57,46 @@ __device__ bool kept(const Row& row, const T* x, int64_t j) {
   return !row.filter || sampling::nucleus_kept(row.nucleus, sampling::rank_key(to_float(x[j]), j));
 }
 
+__device__ bool kept_value(const Row& row, float v, int64_t j) {
+  return !row.filter || sampling::nucleus_kept(row.nucleus, sampling::rank_key(v, j));
+}
+
 // Max, weight sum and nucleus boundary of row x; every thread gets the result.
+// One read for (max, sum): an online softmax with 16-byte loads (row_vec.h):
+// per thread the running max m and sum_j exp((x_j - m) / T), each vector's
+// weights summed in float and added to a double, rescaled by exp((m_old -
+// m_new) / T) when the max grows; merged over the block with the maxima in
+// units of 1/T. The total then differs from the CPU's index-order sum of
+// w_j = exp((x_j - M) / T) by roundings (~1e-8 relative), so u * total and
+// p_z move by that much: a token can differ from the CPU's only where u falls
+// within ~1e-8 of a CDF boundary (the scan itself uses the CPU's weights).
 template <class T>
 __device__ Row prepare_row(const T* x, int64_t K, float inv_temperature, double top_p, Shared& sh) {
   float m = -INFINITY;
-  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-    const float v = to_float(x[j]);
-    m = v > m ? v : m;
-  }
-  m = reduce::block_reduce(m, reduce::Max(), float(-INFINITY), sh.scratch_f);
   double s = 0.0;
-  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) s += sampling::weight(to_float(x[j]), m, inv_temperature);
-  const double total = reduce::block_reduce(s, reduce::Sum(), 0.0, sh.scratch_d);
-  Row row{m, check::valid_weight_sum(total), top_p < 1.0, sampling::nucleus_start(top_p, total), total};
+  int bad = 0;  // NaN or +inf: no distribution (the CPU's NaN weight sum)
+  rowvec::for_each(x, K, [&](int64_t, const float* v, int n) {
+    float cm = -INFINITY;
+    for (int e = 0; e < n; ++e) {
+      bad |= int(!(v[e] < INFINITY));
+      cm = v[e] > cm ? v[e] : cm;
+    }
+    if (cm > m) {  // exp(-inf) = 0 while the sum is empty
+      s *= exp((double(m) - double(cm)) * double(inv_temperature));
+      m = cm;
+    }
+    if (m > -INFINITY) {
+      float part = 0.0f;
+      for (int e = 0; e < n; ++e) part += sampling::weight(v[e], m, inv_temperature);
+      s += double(part);
+    }
+  });
+  bad = reduce::block_reduce(bad, reduce::Max(), 0, sh.scratch_i);
+  const float M = reduce::block_reduce(m, reduce::Max(), float(-INFINITY), sh.scratch_f);
+  reduce::MaxSum<double> ms{m > -INFINITY ? double(m) * double(inv_temperature) : -INFINITY, s};
+  ms = reduce::block_reduce_max_sum(ms, sh.scratch_ms);
+  const double total = bad ? double(NAN) : ms.s;
+  Row row{M, check::valid_weight_sum(total), top_p < 1.0, sampling::nucleus_start(top_p, total), total};
   if (!row.valid || !row.filter) return row;  // uniform across the block: total is the block's reduction
   if (threadIdx.x == 0) sh.nucleus = row.nucleus;
   __syncthreads();
@@ -84,7 +115,7 @@ __device__ Row prepare_row(const T* x, int64_t K, float inv_temperature, double 
       if (j < K) {
         const float v = to_float(x[j]);
         const uint64_t key = sampling::rank_key(v, j);
-        if (sampling::nucleus_match(nu, key)) d = sampling::nucleus_digit(nu, key), w = sampling::weight(v, m, inv_temperature);
+        if (sampling::nucleus_match(nu, key)) d = sampling::nucleus_digit(nu, key), w = sampling::weight(v, M, inv_temperature);
       }
       reduce::warp_histogram_add(sh.hist[warp], sh.count[warp], d, w);
     }
@@ -127,22 +158,42 @@ __device__ sampling::Mixture row_mixture(const Row& row, const T* x, int64_t K, 
 }
 
 // Inverse CDF over the kept weights: the first j whose inclusive running sum
-// exceeds target. Tiles of kPerThread * blockDim entries; within a tile the
-// owner is the first thread whose (block-scanned) inclusive sum passes the
-// target, and it finishes with a sequential scan of its own entries.
+// exceeds target. Tiles in index order: the row's head (the entries before its
+// first 16-byte boundary, one per thread), tiles of one 16-byte vector per
+// thread (4 floats or 8 16-bit values: row_vec.h), the tail (one per thread).
+// Within a tile the owner is the first thread whose (block-scanned) inclusive
+// sum passes the target, and it finishes with a sequential scan of its own
+// entries. Reads about half the row on average.
 template <class T>
 __device__ int64_t inverse_cdf(const Row& row, const T* x, int64_t K, float inv_temperature, double target,
                                Shared& sh) {
-  const int64_t tile = int64_t(kPerThread) * blockDim.x;
+  using V = rowvec::Vec<T>;
+  constexpr int kN = V::kN;
+  const int64_t head = rowvec::head_count(x, K), nvec = (K - head) / V::kN;
+  const int64_t vec_tiles = (nvec + blockDim.x - 1) / blockDim.x;
+  const typename V::Raw* xv = reinterpret_cast<const typename V::Raw*>(x + head);
   double run = 0.0;
-  for (int64_t base = 0; base < K; base += tile) {
-    float w[kPerThread];
+  for (int64_t tile = -1; tile <= vec_tiles; ++tile) {  // -1: head; vec_tiles: tail
+    if ((tile < 0 && head == 0) || (tile == vec_tiles && head + nvec * kN == K)) continue;  // uniform
+    float v[kN];
+    int64_t j0;
+    int n = 0;
+    if (tile < 0) {
+      j0 = threadIdx.x;
+      if (j0 < head) v[0] = to_float(x[j0]), n = 1;
+    } else if (tile == vec_tiles) {
+      j0 = head + nvec * kN + threadIdx.x;
+      if (j0 < K) v[0] = to_float(x[j0]), n = 1;
+    } else {
+      const int64_t i = tile * blockDim.x + threadIdx.x;
+      j0 = head + i * kN;
+      if (i < nvec) V::unpack(xv[i], v), n = kN;
+    }
+    float w[kN];
     double own = 0.0;
-    const int64_t j0 = base + int64_t(kPerThread) * threadIdx.x;
 #pragma unroll
-    for (int e = 0; e < kPerThread; ++e) {
-      const int64_t j = j0 + e;
-      w[e] = (j < K && kept(row, x, j)) ? sampling::weight(to_float(x[j]), row.m, inv_temperature) : 0.0f;
+    for (int e = 0; e < kN; ++e) {
+      w[e] = (e < n && kept_value(row, v[e], j0 + e)) ? sampling::weight(v[e], row.m, inv_temperature) : 0.0f;
       own += w[e];
     }
     const double incl = reduce::block_inclusive_scan(own, sh.scratch_d);
@@ -153,7 +204,7 @@ __device__ int64_t inverse_cdf(const Row& row, const T* x, int64_t K, float inv_
       if (int(threadIdx.x) == owner) {
         double c = run + (incl - own);
         int64_t pick = -1, last = -1;
-        for (int e = 0; e < kPerThread && pick < 0; ++e) {
+        for (int e = 0; e < n && pick < 0; ++e) {
           if (!(w[e] > 0.0f)) continue;
           c += w[e];
           last = j0 + e;

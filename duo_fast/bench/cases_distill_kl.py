@@ -24,6 +24,9 @@ Inputs: student, teacher ~ N(0, 1) float32, independent.
 
 GB/s: duo_fast's three sweeps (both log-sum-exps, the KL, the gradient) read both
 logits three times and write the gradient once: 7 * N * K * 4 bytes.
+
+Every size at K=50257 also has a bf16 row (student and teacher bf16, read
+natively; the gradient in bf16).
 """
 
 from __future__ import annotations
@@ -51,20 +54,20 @@ def _shape(N: int) -> tuple[int, int]:
     return 1, N
 
 
-def _setup(N: int, K: int):
+def _setup(N: int, K: int, dtype: torch.dtype = torch.float32):
     B, L = _shape(N)
 
     def setup(device):
         g = torch.Generator().manual_seed(3000 + N + K)
-        student = torch.randn(B, L, K, generator=g, dtype=torch.float32)
-        teacher = torch.randn(B, L, K, generator=g, dtype=torch.float32)
+        student = torch.randn(B, L, K, generator=g, dtype=torch.float32).to(dtype)
+        teacher = torch.randn(B, L, K, generator=g, dtype=torch.float32).to(dtype)
         return {"student": student.to(device).requires_grad_(True), "teacher": teacher.to(device)}
 
     return setup
 
 
-def _ref_setup(N: int, K: int):
-    base = _setup(N, K)
+def _ref_setup(N: int, K: int, dtype: torch.dtype = torch.float32):
+    base = _setup(N, K, dtype)
 
     def setup(device):
         st = base(device)
@@ -91,7 +94,8 @@ def ref_peak_gib(N: int, K: int, side: str) -> float:
 
 
 def _bytes(st) -> int:
-    return 7 * st["student"].numel() * 4  # 3 reads of student and teacher + 1 gradient write
+    # 3 reads of student and teacher + 1 gradient write, in the logits' dtype
+    return 7 * st["student"].numel() * st["student"].element_size()
 
 
 def cases(mode: str, device: str) -> list[Case]:
@@ -99,13 +103,16 @@ def cases(mode: str, device: str) -> list[Case]:
     limit = ref_limit_gib(device, cpu_gib=REF_LIMIT_GIB["cpu"])
     sizes = token_sizes(mode)
     out = []
-    for N, K in sizes:
+    # bfloat16 logits (autocast training), read natively: the same sizes at K = 50257
+    sized = [(N, K, torch.float32) for N, K in sizes] + [(N, K, torch.bfloat16) for N, K in sizes if K == 50257]
+    for N, K, dtype in sized:
         B, L = _shape(N)
+        tag, dname = ("-bf16", "bf16") if dtype == torch.bfloat16 else ("", "fp32")
         notes = []
         ref = compiled = None
         est = ref_peak_gib(N, K, "ref")
         if est <= limit:
-            ref = Impl(ref_fwd_bwd, before_each=_drop_grad, setup=_ref_setup(N, K), source=duo_code.source,
+            ref = Impl(ref_fwd_bwd, before_each=_drop_grad, setup=_ref_setup(N, K, dtype), source=duo_code.source,
                        note="Distillation.nll's kl-bwd: DUO_BASE._process_model_output (log_softmax) of both, "
                             "its inline sum exp(ls)(ls - lt), autograd backward")
         else:
@@ -114,22 +121,22 @@ def cases(mode: str, device: str) -> list[Case]:
         if full:
             est_c = ref_peak_gib(N, K, "compiled")
             if est_c <= limit:
-                compiled = Impl(ref_fwd_bwd, before_each=_drop_grad, compile=True, setup=_ref_setup(N, K),
+                compiled = Impl(ref_fwd_bwd, before_each=_drop_grad, compile=True, setup=_ref_setup(N, K, dtype),
                                 source=duo_code.source,
                                 note="torch.compile of the same fwd+bwd function (compile time not counted)")
             else:
                 notes.append(f"{OP} N={N} K={K}: compiled reference not run: it would need ~{est_c:.1f} GiB "
                              f"> {limit:g} GiB here")
         out.append(Case(
-            op=OP, name=f"{DIRECTION}-fwd_bwd-N{N}-K{K}",
-            size=f"KL(pS||pT) fwd+bwd N={N} (B={B}, L={L}) K={K} fp32",
-            setup=_setup(N, K),
+            op=OP, name=f"{DIRECTION}-fwd_bwd-N{N}-K{K}{tag}",
+            size=f"KL(pS||pT) fwd+bwd N={N} (B={B}, L={L}) K={K} {dname}",
+            setup=_setup(N, K, dtype),
             duo=Impl(duo_fwd_bwd, before_each=_drop_grad,
                      note=f'duo_fast.distill_kl(student, teacher, "{DIRECTION}").sum().backward()'),
             ref=ref, compiled=compiled,
             bytes_moved=_bytes,
             target=None,
             notes=notes + ["no BASELINES target for distill_kl",
-                           "GB/s counts 3 reads of student and teacher + 1 write of the gradient (fp32)"],
+                           f"GB/s counts 3 reads of student and teacher + 1 write of the gradient ({dname})"],
         ))
     return out

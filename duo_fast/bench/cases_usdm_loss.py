@@ -20,6 +20,9 @@ Sides (each in a fresh process, see benchmarks/README.md):
 
 Sizes: --quick N=256 (B=1, L=256) x K=50257 and N=2048 (B=2, L=1024) x K=1024;
 --full N in {2048, 8192} (L=1024) x K in {1024, 50257}; --tiny N=64 x K=1000.
+Every size at K=50257 also has a bf16 row (what autocast training produces:
+bf16 logits read natively, gradient in bf16; target: peak <= 1.1x the bf16
+logits' bytes; the reference runs on the same bf16 logits).
 Reference sides whose estimated peak exceeds the limit (REF_PEAK_UNITS) are
 left out, said in a footnote.
 
@@ -29,7 +32,7 @@ dalpha = (gamma_max - gamma_min) * dalpha/dgamma < 0; z = x0 for about half the
 tokens, a uniform random id otherwise; logits ~ N(0, 1).
 
 GB/s: duo_fast's 3 sweeps over the row read the logits 3 times (log-sum-exp,
-reductions, gradient) and write the gradient once: 4 * N * K * 4 bytes.
+reductions, gradient) and write the gradient once: 4 * N * K * (4 or 2) bytes.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def _shape(N: int) -> tuple[int, int]:
     return 1, N
 
 
-def _setup(N: int, K: int):
+def _setup(N: int, K: int, dtype: torch.dtype = torch.float32):
     B, L = _shape(N)
 
     def setup(device):
@@ -70,7 +73,7 @@ def _setup(N: int, K: int):
         x0 = torch.randint(0, K, (B, L), generator=g)
         keep = torch.rand(B, L, generator=g) < 0.5
         z = torch.where(keep, x0, torch.randint(0, K, (B, L), generator=g))
-        logits = torch.randn(B, L, K, generator=g, dtype=torch.float32)
+        logits = torch.randn(B, L, K, generator=g, dtype=torch.float32).to(dtype)
         return {
             "logits": logits.to(device).requires_grad_(True),
             "z": z.to(device),
@@ -112,7 +115,8 @@ def ref_peak_gib(N: int, K: int, side: str) -> float:
 
 
 def _bytes(st) -> int:
-    return 4 * st["logits"].numel() * 4  # 3 reads of the logits + 1 write of the gradient
+    # 3 reads of the logits + 1 write of the gradient, in the logits' dtype
+    return 4 * st["logits"].numel() * st["logits"].element_size()
 
 
 REF_NOTE = ("DUO_BASE._process_model_output (log_softmax, float32) + DUO_BASE.nll_per_token on a stand-in model "
@@ -124,13 +128,19 @@ def cases(mode: str, device: str) -> list[Case]:
     compile_ = mode in ("full", "tiny")
     limit = ref_limit_gib(device)
     out = []
-    for N, K in token_sizes(mode):
+    sizes = [(N, K, torch.float32) for N, K in token_sizes(mode)]
+    # bfloat16 logits (what autocast training produces), read natively: the same sizes at K = 50257
+    sizes += [(N, K, torch.bfloat16) for N, K in token_sizes(mode) if K == TARGET_K]
+    for N, K, dtype in sizes:
         B, L = _shape(N)
+        bf16 = dtype == torch.bfloat16
+        tag, dname = ("-bf16", "bf16") if bf16 else ("", "fp32")
+        elt = 2 if bf16 else 4
         notes = []
         ref = compiled = None
         est = ref_peak_gib(N, K, "ref")
         if est <= limit:
-            ref = Impl(ref_fwd_bwd, before_each=_drop_grad, note=REF_NOTE, setup=with_model(_setup(N, K)),
+            ref = Impl(ref_fwd_bwd, before_each=_drop_grad, note=REF_NOTE, setup=with_model(_setup(N, K, dtype)),
                        source=duo_code.source)
         else:
             notes.append(f"{OP} N={N} K={K}: reference not run: it would need ~{est:.1f} GiB "
@@ -139,14 +149,14 @@ def cases(mode: str, device: str) -> list[Case]:
             est_c = ref_peak_gib(N, K, "compiled")
             if est_c <= limit:
                 compiled = Impl(ref_fwd_bwd, before_each=_drop_grad, compile=True, note=COMPILED_NOTE,
-                                setup=with_model(_setup(N, K)), source=duo_code.source)
+                                setup=with_model(_setup(N, K, dtype)), source=duo_code.source)
             else:
                 notes.append(f"{OP} N={N} K={K}: compiled reference not run: it would need ~{est_c:.1f} GiB "
                              f"> {limit:g} GiB here")
-        logits_mib = N * K * 4 / 2**20
+        logits_mib = N * K * elt / 2**20
         mem_mib = MEM_TARGET * logits_mib
         mem_text = f"peak <= 1.1x logits' bytes = {mem_mib:.0f} MiB"
-        if K == TARGET_K:
+        if K == TARGET_K and not bf16:
             conds = {}
             parts = []
             if ref is not None:
@@ -162,18 +172,20 @@ def cases(mode: str, device: str) -> list[Case]:
             if N != 2048:
                 notes.append(f"the BASELINES usdm_loss target is stated at N=2048, K={TARGET_K}; "
                              f"N={N} is {'a quick proxy' if N < 2048 else 'an extra size'}")
+        elif bf16:
+            target = Target(f"{mem_text} (bf16 logits read natively, gradient in bf16; issue 12)", max_mem_mib=mem_mib)
         else:
             target = Target(f"{mem_text} (the speed target is for K={TARGET_K})", max_mem_mib=mem_mib)
         out.append(Case(
-            op=OP, name=f"fwd_bwd-N{N}-K{K}",
-            size=f"fwd+bwd N={N} (B={B}, L={L}) K={K} fp32, alpha per row",
-            setup=_setup(N, K),
+            op=OP, name=f"fwd_bwd-N{N}-K{K}{tag}",
+            size=f"fwd+bwd N={N} (B={B}, L={L}) K={K} {dname}, alpha per row",
+            setup=_setup(N, K, dtype),
             duo=Impl(duo_fwd_bwd, before_each=_drop_grad,
                      note="duo_fast.usdm_loss(..., inplace_grad=True).sum().backward() (gradient computed in the "
                           "forward call and handed to autograd)"),
             ref=ref, compiled=compiled,
             bytes_moved=_bytes,
             target=target,
-            notes=notes + ["GB/s counts 3 reads of the logits + 1 write of the gradient (fp32)"],
+            notes=notes + [f"GB/s counts 3 reads of the logits + 1 write of the gradient ({dname})"],
         ))
     return out

@@ -343,7 +343,11 @@ def _distillation_replacements(algo, *, raw_ok) -> dict:
         xt, xs = sample_zt(x0, gamma_t, self.vocab_size, gamma_s=gamma_s)
         student = _raw_logits(self, xt, self._sigma_from_alphat(alpha_t), raw_ok=raw_ok)
         teacher = self._teacher_logits(xs, sigma=self._sigma_from_alphat(alpha_s))
-        kl = distill_kl(student.float(), teacher.float(), "fwd" if self.loss_type == "kl-fwd" else "bwd")
+        # float32 / bfloat16 / float16 logits (autocast) are read natively: no float32 copies
+        native = (torch.float32, torch.bfloat16, torch.float16)
+        student = student if student.dtype in native else student.float()
+        teacher = teacher if teacher.dtype in native else teacher.float()
+        kl = distill_kl(student, teacher, "fwd" if self.loss_type == "kl-fwd" else "bwd")
         if self.config.training.loss_precision == "float64":
             kl = kl.to(torch.float64)
         return kl

@@ -19,6 +19,7 @@
 #include "duo_fast/curriculum.h"
 #include "duo_fast/device_check.h"
 #include "duo_fast/distill.h"
+#include "duo_fast/logits.h"
 #include "duo_fast/latent.h"
 #include "duo_fast/philox.h"
 #include "duo_fast/random.h"
@@ -93,14 +94,35 @@ int df_emu_sample_zt(const int64_t* x0, const double* gamma_t, const double* gam
   return cuda::sample_zt(x0, gamma_t, gamma_s, z_t, z_s, n, vocab_size, seed, offset, g_checks, nullptr);
 }
 
-int df_emu_distill_kl(const float* student, const float* teacher, float* kl, float* grad, int64_t rows, int64_t K,
-                      int direction) {
-  return cuda::distill_kl(student, teacher, kl, grad, rows, K, direction, nullptr);
+// dtypes: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h); grad in the student's.
+int df_emu_distill_kl(const void* student, int student_dtype, const void* teacher, int teacher_dtype, float* kl,
+                      void* grad, int64_t rows, int64_t K, int direction) {
+  return cuda::distill_kl(student, student_dtype, teacher, teacher_dtype, kl, grad, rows, K, direction, nullptr);
 }
 
-int df_emu_usdm_loss(const float* logits, const int64_t* z, const int64_t* x0, const double* alpha,
-                     const double* dalpha, float* loss, float* grad, int64_t rows, int64_t K) {
-  return cuda::usdm_loss(logits, z, x0, alpha, dalpha, loss, grad, rows, K, g_checks, nullptr);
+// dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h); grad in the same dtype.
+int df_emu_usdm_loss(const void* logits, int dtype, const int64_t* z, const int64_t* x0, const double* alpha,
+                     const double* dalpha, float* loss, void* grad, int64_t rows, int64_t K) {
+  return cuda::usdm_loss(logits, dtype, z, x0, alpha, dalpha, loss, grad, rows, K, g_checks, nullptr);
+}
+
+// float32 -> bfloat16 / float16 bits, rounded as the kernels round (logits.h).
+int df_round_bf16(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = from_float<bf16_bits>(in[i]).bits;
+  return 0;
+}
+int df_round_f16(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = from_float<f16_bits>(in[i]).bits;
+  return 0;
+}
+// bfloat16 / float16 bits -> float32 (logits.h).
+int df_widen_bf16(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = to_float(bf16_bits{in[i]});
+  return 0;
+}
+int df_widen_f16(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = to_float(f16_bits{in[i]});
+  return 0;
 }
 
 // dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h).
@@ -287,7 +309,7 @@ int main(int argc, char** argv) {
     if (K > 300)
       for (int64_t j = 0; j < 300; ++j) ls[K + j] = lt[K + j] = -INFINITY;
     for (int dir : {0, 1}) {
-      const int err = cuda::distill_kl(ls.data(), lt.data(), kl.data(), grad.data(), rows, K, dir, nullptr);
+      const int err = cuda::distill_kl(ls.data(), 0, lt.data(), 0, kl.data(), grad.data(), rows, K, dir, nullptr);
       for (int64_t r = 0; r < rows && err == 0; ++r) {
         double ms = -INFINITY, mt = -INFINITY, ss = 0, st = 0, acc = 0;
         for (int64_t j = 0; j < K; ++j) ms = fmax(ms, ls[r * K + j]), mt = fmax(mt, lt[r * K + j]);
@@ -324,8 +346,21 @@ int main(int argc, char** argv) {
       for (int64_t j = 0; j < 300; ++j) logits[K + j] = -INFINITY;
       for (int64_t j = 0; j < K; ++j) logits[4 * K + j] = -INFINITY;
     }
-    const int err = cuda::usdm_loss(logits.data(), z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(),
+    const int err = cuda::usdm_loss(logits.data(), 0, z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(),
                                     grad.data(), rows, K, nullptr, nullptr);
+    // The same rows as bfloat16, one entry into the buffer (rows off 16-byte boundaries,
+    // gradient stores one entry at a time): finite, >= 0 losses, nothing out of bounds.
+    std::vector<bf16_bits> lh(rows * K + 1), gh(rows * K);
+    for (int64_t i = 0; i < rows * K; ++i) lh[i + 1] = from_float<bf16_bits>(logits[i]);
+    std::vector<float> loss_h(rows);
+    const int err_h = cuda::usdm_loss(lh.data() + 1, 1, z.data(), x.data(), alpha.data(), dalpha.data(), loss_h.data(),
+                                      gh.data(), rows, K, nullptr, nullptr);
+    for (int64_t r = 0; r < (K == 1000 ? 4 : rows); ++r)
+      if (err_h != 0 || !(loss_h[r] > -1e-6f) || !std::isfinite(loss_h[r])) {
+        ++failures;
+        std::printf("usdm_loss bf16 check failed K=%lld row=%lld loss=%g\n", (long long)K, (long long)r,
+                    double(loss_h[r]));
+      }
     for (int64_t r = 0; r < (K == 1000 ? 4 : rows); ++r) {
       double sum = 0.0, mx = 0.0;
       for (int64_t j = 0; j < K; ++j) sum += grad[r * K + j], mx = fmax(mx, fabs(grad[r * K + j]));
@@ -520,7 +555,7 @@ int main(int argc, char** argv) {
     std::vector<double> at = {0.2, 0.2, 0.2}, as = {0.5, 0.5, 0.1}, gt = {0.0, 0.0, 0.0};
     bool ok = true;
     // usdm_loss: row 0 bad x0, row 1 bad z, row 2 bad alpha -> NaN rows
-    ok &= cuda::usdm_loss(logits.data(), z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(), grad.data(),
+    ok &= cuda::usdm_loss(logits.data(), 0, z.data(), x.data(), alpha.data(), dalpha.data(), loss.data(), grad.data(),
                           rows, K, c, nullptr) == 0;
     for (int64_t r = 0; r < rows; ++r) ok &= std::isnan(loss[r]) && std::isnan(grad[r * K + 7]);
     // sample_step / posterior: row 1 bad z, row 2 alpha_s < alpha_t -> id 0 / NaN rows; row 0 valid

@@ -16,8 +16,8 @@
 namespace duo_fast {
 namespace fastmath {
 
-DUO_HD int32_t as_int(float x) { return int32_t(bits_from_float(x)); }
-DUO_HD float as_float(int32_t i) { return float_from_bits(uint32_t(i)); }
+DUO_HD_ALWAYS int32_t as_int(float x) { return int32_t(bits_from_float(x)); }
+DUO_HD_ALWAYS float as_float(int32_t i) { return float_from_bits(uint32_t(i)); }
 
 // exp(d) for d <= 0 (d = x - max; the sign of d is ignored). exp(d) = 2^k exp(f),
 // k = round(d / ln2), f = d - k ln2 in [-ln2/2, ln2/2] (ln2 in two parts:
@@ -27,7 +27,7 @@ DUO_HD float as_float(int32_t i) { return float_from_bits(uint32_t(i)); }
 // NaN). Selects are on integers: GCC folds a float select with a constant arm
 // into a branch (-ftrapping-math then stops the vectorizer).
 template <int kMinK = -125>
-DUO_HD float exp_nonpos(float d) {
+DUO_HD_ALWAYS float exp_nonpos(float d) {
   static_assert(kMinK >= -125 && kMinK <= 0);
   const int32_t mag = as_int(d) & 0x7fffffff;  // |d|, clamped to 100
   const float dc = -as_float(mag < 0x42c80000 ? mag : 0x42c80000);
@@ -49,14 +49,14 @@ DUO_HD float exp_nonpos(float d) {
 
 // c ? a : b through the bits: GCC turns a float select whose arms it computes
 // (or can fold) into a branch, which the vectorizer then refuses.
-DUO_HD float select(bool c, float a, float b) {
+DUO_HD_ALWAYS float select(bool c, float a, float b) {
   const int32_t m = -int32_t(c);
   return as_float((as_int(a) & m) | (as_int(b) & ~m));
 }
 
 // log(y) for a positive normal float y: y = 2^e m, m in [sqrt(1/2), sqrt(2)),
 // and log(m) = f - f^2/2 + f^3 P(f), f = m - 1 (Cephes logf).
-DUO_HD float log_positive(float y) {
+DUO_HD_ALWAYS float log_positive(float y) {
   const int32_t iy = as_int(y) + (0x3f800000 - 0x3f3504f3);
   const float e = float((iy >> 23) - 0x7f);
   const float f = as_float((iy & 0x007fffff) + 0x3f3504f3) - 1.0f;
@@ -77,7 +77,7 @@ DUO_HD float log_positive(float y) {
 // log1p(u) for u >= 0, given y = 1 + u (rounded) and q = 1 / y: log(y) plus the
 // rounding of 1 + u, log1p(u) = log(y) + (u - (y - 1)) / y (first order; y - 1
 // and u - (y - 1) are exact).
-DUO_HD float log1p_nonneg(float u, float y, float q) { return log_positive(y) + (u - (y - 1.0f)) * q; }
+DUO_HD_ALWAYS float log1p_nonneg(float u, float y, float q) { return log_positive(y) + (u - (y - 1.0f)) * q; }
 
 }  // namespace fastmath
 }  // namespace duo_fast

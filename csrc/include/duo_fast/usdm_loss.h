@@ -65,6 +65,20 @@ DUO_HD Token token_constants(int64_t vocab_size, double alpha, double dalpha, bo
   return t;
 }
 
+// The float32 entry switch shared by the CPU (cpu/usdm_loss_rows.h, which
+// derives it) and CUDA kernels: float32 entries (double sums) keep the loss and
+// gradient within the tests' 1e-5 relative + 1e-6 absolute except for rows with
+// 1 - alpha < kF32MinOneMinusAlpha (loss error ~1e-7 |dalpha| / (1 - alpha)),
+// r < kF32MinR (the loss is ~|dalpha| r: a fixed float error becomes a large
+// relative one) and tiny vocabularies; those take float64 entries.
+constexpr double kF32MinOneMinusAlpha = 1e-3;
+constexpr double kF32MinR = 1e-2;
+constexpr int64_t kF32MinVocab = 16;
+
+DUO_HD bool use_f32(const Token& t) {
+  return t.K >= double(kF32MinVocab) && 1.0 - t.alpha >= kF32MinOneMinusAlpha && t.r >= kF32MinR;
+}
+
 // Row reductions of sweep 2 (p_x, p_z come from the logits at x and z).
 struct Sums {
   double S_excl;  // sum_{j not in {x, z}} log1p(r p_j)
