@@ -8,8 +8,8 @@
 // so the logits are read three times and the gradient written once (the
 // gradient's brackets need Q, a sum over the row of a function of the
 // log-sum-exp, and that sum needs the log-sum-exp first: three dependent
-// passes; with two 512-thread blocks per SM the rows in flight fit in L2 for
-// 16-bit logits, so the 2nd and 3rd reads mostly come from L2, not DRAM):
+// passes; with one 512-thread block per SM the rows in flight fit in L2,
+// so the 2nd and 3rd reads mostly come from L2, not DRAM):
 //   1. online softmax: per thread (max m, sum of expf(x - m)), each vector
 //      summed in float then added to a double; merged over the block -> M, se1;
 //      also the first index of the maximum (the candidate big entry b);
@@ -179,12 +179,13 @@ __device__ bool row_f32(const T* l, T* gr, float* loss, int64_t x, int64_t zz, i
   return true;
 }
 
-// At most kMaxThreads threads, two blocks per SM: <= 64 registers a thread (the
-// float path needs ~110 unconstrained, which a 1024-thread launch cannot get).
+// At most kMaxThreads threads, one block per SM: <= 128 registers a thread. The
+// float path needs ~110 unconstrained; two blocks per SM (<= 64 registers) spilled
+// 120-350 bytes a thread (tests/test_build.py allows no spills).
 constexpr unsigned kMaxThreads = 512;
 
 template <class T>
-__global__ void __launch_bounds__(kMaxThreads, 2) usdm_loss_kernel(const T* __restrict__ logits, const int64_t* __restrict__ z,
+__global__ void __launch_bounds__(kMaxThreads, 1) usdm_loss_kernel(const T* __restrict__ logits, const int64_t* __restrict__ z,
                                  const int64_t* __restrict__ x0, const double* __restrict__ alpha,
                                  const double* __restrict__ dalpha, float* __restrict__ loss, T* __restrict__ grad,
                                  int64_t rows, int64_t K, uint32_t* checks) {
@@ -218,8 +219,8 @@ template <class T>
 int launch_usdm_loss(const T* logits, const int64_t* z, const int64_t* x0, const double* alpha, const double* dalpha,
                      float* loss, T* grad, int64_t rows, int64_t K, uint32_t* checks, void* stream) {
   if (rows == 0) return 0;
-  // Large rows: 512 threads, two blocks per SM, so the rows in flight (264 on an
-  // H100/H200: 26 MB of bfloat16 rows at K = 50257) mostly stay in L2 between sweeps.
+  // Large rows: 512 threads, one block per SM, so the rows in flight (132 on an
+  // H100/H200: 27 MB of float32 rows at K = 50257) mostly stay in L2 between sweeps.
   const unsigned threads = K >= 8192 ? kMaxThreads : 256u;
   const unsigned blocks = rows < 65535 ? unsigned(rows) : 65535u;
   return int(launch_kernel(usdm_loss_kernel<T>, dim3(blocks), dim3(threads), 0, static_cast<cudaStream_t>(stream),
