@@ -31,6 +31,13 @@
 
 #include "duo_fast/logits.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace duo_fast {
 namespace bag_cpu {
 
@@ -112,6 +119,26 @@ typedef float f8 __attribute__((vector_size(32)));
 // (the tail is always the last d % 16 columns: the blocks start at multiples of
 // 16, so a column takes the same path, hence the same bits, for any plan).
 constexpr int64_t kChunk = 16;
+constexpr int64_t kPrefetchEntries = 16;  // ~3 ids ahead at 5 entries per id
+
+// Stores of the dE chunks: plain, or non-temporal (the [K, d] gradient is not read
+// again here: no read-for-ownership of its lines, no eviction of the dh block).
+struct PlainStore {
+  static void store(float* p, f8 v) { store8(p, v); }
+  static void fence() {}
+};
+#if defined(__x86_64__) && defined(__GNUC__)
+struct StreamStore {  // p 16-byte aligned; SSE (baseline x86-64): no target clone needed
+  static void store(float* p, f8 v) {
+    __m128 lo, hi;
+    std::memcpy(&lo, &v, 16);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 16, 16);
+    _mm_stream_ps(p, lo);
+    _mm_stream_ps(p + 4, hi);
+  }
+  static void fence() { _mm_sfence(); }
+};
+#endif
 
 // hb[r, c] (r: tile token, c < nc) += w E[id, c0 + c] over the sorted entries.
 // er: nc floats (the row slice in float32, converted once per id).
@@ -127,6 +154,11 @@ template <class E>
     int64_t e1 = e0 + 1;
     while (e1 < n && ids[e1] == j) ++e1;
     const E* row = emb + int64_t(j) * d + c0;
+    // The slices of E are 3 KiB apart at GPT-2's d: prefetch one a few ids ahead.
+    if (e1 + kPrefetchEntries < n) {
+      const char* ahead = reinterpret_cast<const char*>(emb + int64_t(ids[e1 + kPrefetchEntries]) * d + c0);
+      for (int64_t b = 0; b < nc * int64_t(sizeof(E)); b += 64) __builtin_prefetch(ahead + b);
+    }
     for (int64_t c = 0; c < nc; ++c) er[c] = to_float(row[c]);
     for (int64_t c = 0; c < nv; c += kChunk) {
       const f8 a = load8(er + c), b = load8(er + c + 8);
@@ -143,8 +175,22 @@ template <class E>
   }
 }
 
+// dst[0, n) = src[0, n) (n floats), streaming the multiples of 16 when dst is 16-byte aligned.
+inline void copy_out(float* dst, const float* src, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    const int64_t nv = n / kChunk * kChunk;
+    for (int64_t c = 0; c < nv; c += 8) StreamStore::store(dst + c, load8(src + c));
+    std::memcpy(dst + nv, src + nv, size_t(n - nv) * sizeof(float));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, size_t(n) * sizeof(float));
+}
+
 // dE[j, c0 + c] for every id j of [0, K): the running sum over j's entries of
 // w dhb[r, c], started at 0 (first tile) or at the stored value; written once.
+template <class Store>
 [[gnu::always_inline]] inline void block_backward_impl(const Sorted& s, const float* __restrict__ dhb, int64_t nc,
                                                        float* __restrict__ dE, int64_t d, int64_t c0, int64_t K,
                                                        bool first) {
@@ -156,7 +202,9 @@ template <class E>
     float* out = dE + j * d + c0;
     const int32_t e0 = st[j], e1 = st[j + 1];
     if (e0 == e1) {
-      if (first) std::memset(out, 0, size_t(nc) * sizeof(float));
+      if (!first) continue;
+      for (int64_t c = 0; c < nv; c += 8) Store::store(out + c, f8{});
+      for (int64_t c = nv; c < nc; ++c) out[c] = 0.0f;
       continue;
     }
     for (int64_t c = 0; c < nv; c += kChunk) {
@@ -167,8 +215,8 @@ template <class E>
         a += w * load8(g);
         b += w * load8(g + 8);
       }
-      store8(out + c, a);
-      store8(out + c + 8, b);
+      Store::store(out + c, a);
+      Store::store(out + c + 8, b);
     }
     for (int64_t c = nv; c < nc; ++c) {
       float a = first ? 0.0f : out[c];
@@ -176,6 +224,7 @@ template <class E>
       out[c] = a;
     }
   }
+  Store::fence();
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -186,7 +235,11 @@ template <class E>
 }
 [[gnu::target("avx2,fma")]] inline void block_backward_avx2(const Sorted& s, const float* dhb, int64_t nc, float* dE,
                                                             int64_t d, int64_t c0, int64_t K, bool first) {
-  block_backward_impl(s, dhb, nc, dE, d, c0, K, first);
+  // Streaming stores when every chunk is 16-byte aligned (c0 is a multiple of 16 floats).
+  if (reinterpret_cast<uintptr_t>(dE) % 16 == 0 && d % 4 == 0)
+    block_backward_impl<StreamStore>(s, dhb, nc, dE, d, c0, K, first);
+  else
+    block_backward_impl<PlainStore>(s, dhb, nc, dE, d, c0, K, first);
 }
 inline bool have_avx2_fma() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -207,7 +260,7 @@ inline void block_backward(const Sorted& s, const float* dhb, int64_t nc, float*
 #if defined(__x86_64__) && defined(__GNUC__)
   if (have_avx2_fma()) return block_backward_avx2(s, dhb, nc, dE, d, c0, K, first);
 #endif
-  block_backward_impl(s, dhb, nc, dE, d, c0, K, first);
+  block_backward_impl<PlainStore>(s, dhb, nc, dE, d, c0, K, first);
 }
 
 // h [n, d] float32 = the bag of ids / w [n, k] over emb [K, d] (entries of weight 0
@@ -225,10 +278,28 @@ void forward(const int64_t* ids, const float* w, int64_t n, int64_t k, const E* 
         const int64_t c0 = b * p.cols, nc = std::min(p.cols, d - c0);
         std::fill(hb.begin(), hb.begin() + T * nc, 0.0f);
         block_forward(s, emb, d, c0, nc, hb.data(), er.data());
-        for (int64_t r = 0; r < T; ++r) std::memcpy(h + (t0 + r) * d + c0, hb.data() + r * nc, size_t(nc) * 4);
+        for (int64_t r = 0; r < T; ++r) copy_out(h + (t0 + r) * d + c0, hb.data() + r * nc, nc);
+#if defined(__x86_64__) && defined(__GNUC__)
+        StreamStore::fence();
+#endif
       }
     });
   }
+}
+
+// Asks Linux for transparent huge pages on the 2 MiB-aligned inside of a fresh
+// buffer, before its first touch: a [K, d] float32 gradient (147 MiB at GPT-2's
+// vocabulary) is otherwise ~38k page faults of 4 KiB, which cost more than the
+// backward itself. A hint (no error when refused; a no-op elsewhere).
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (b > a) (void)madvise(reinterpret_cast<void*>(a), size_t(b - a), MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
 }
 
 // dE [K, d] float32 (every element written; may be uninitialized) from dh [n, d].

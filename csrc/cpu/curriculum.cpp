@@ -176,6 +176,7 @@ at::Tensor topk_bag_backward_cpu(const at::Tensor& grad_h, const at::Tensor& ids
   const int64_t d = gh.size(-1), k = ic.size(-1), tokens = ic.numel() / std::max<int64_t>(k, 1);
   if (d == 0 || k == 0) return at::zeros({vocab_size, d}, gh.options());
   at::Tensor grad = at::empty({vocab_size, d}, gh.options());  // every element is written once
+  bag_cpu::advise_huge_pages(grad.mutable_data_ptr(), size_t(grad.nbytes()));
   bag_cpu::backward(gh.const_data_ptr<float>(), ic.const_data_ptr<int64_t>(), wc.const_data_ptr<float>(), tokens, k,
                     vocab_size, d, grad.mutable_data_ptr<float>());
   return grad;
