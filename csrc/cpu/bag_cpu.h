@@ -45,10 +45,11 @@ constexpr int64_t kBlockFloats = int64_t(128) << 10;  // h / dh block per thread
 constexpr int64_t kMinCols = 16;                       // one 64-byte line of floats
 constexpr int64_t kMaxTileTokens = kBlockFloats / kMinCols;
 
-// The forward's per-token bag (slot order, E rows gathered) is kept for small
-// bags: the sorted forward is used when the tokens' entries could reuse rows,
-// n k >= kSortedMinEntriesPerId * K (see benchmarks/README.md, "top-k embed").
-constexpr double kSortedMinEntriesPerId = 0.25;
+// The forward's per-token bag (slot order, E rows gathered, in the top-k pass) is
+// kept for tiny bags: the sorted forward is used when n k >= kSortedMinEntriesPerId
+// K. Measured (1 thread, K = 50257, d = 768, k = 128): per-token / sorted time
+// 0.9 at n k / K = 0.04, 1.2 .. 1.35 at 0.06 .. 0.16, 1.7 at 0.3 .. 1.3, 4.3 at 5.2.
+constexpr double kSortedMinEntriesPerId = 0.05;
 
 // DUO_FAST_TOPK_BAG=sorted / token forces one forward (benchmarks, tests); unset or
 // anything else: this rule. Read at every call.
@@ -106,7 +107,11 @@ struct Sorted {
   }
 };
 
-// 8 floats (GCC vector extension: two SSE or one AVX register); unaligned loads and stores.
+// 8 floats (GCC vector extension: two SSE or one AVX register); unaligned loads and
+// stores. Every function taking or returning one is always_inline, so the f8 never
+// crosses a call between baseline and AVX2 code (hence -Wpsabi is silenced).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 typedef float f8 __attribute__((vector_size(32)));
 [[gnu::always_inline]] inline f8 load8(const float* p) {
   f8 v;
@@ -124,12 +129,12 @@ constexpr int64_t kPrefetchEntries = 16;  // ~3 ids ahead at 5 entries per id
 // Stores of the dE chunks: plain, or non-temporal (the [K, d] gradient is not read
 // again here: no read-for-ownership of its lines, no eviction of the dh block).
 struct PlainStore {
-  static void store(float* p, f8 v) { store8(p, v); }
+  [[gnu::always_inline]] static inline void store(float* p, f8 v) { store8(p, v); }
   static void fence() {}
 };
 #if defined(__x86_64__) && defined(__GNUC__)
 struct StreamStore {  // p 16-byte aligned; SSE (baseline x86-64): no target clone needed
-  static void store(float* p, f8 v) {
+  [[gnu::always_inline]] static inline void store(float* p, f8 v) {
     __m128 lo, hi;
     std::memcpy(&lo, &v, 16);
     std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 16, 16);
@@ -321,6 +326,8 @@ inline void backward(const float* dh, const int64_t* ids, const float* w, int64_
     if (n == 0) break;
   }
 }
+
+#pragma GCC diagnostic pop
 
 }  // namespace bag_cpu
 }  // namespace duo_fast
