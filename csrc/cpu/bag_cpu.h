@@ -9,7 +9,9 @@
 //     scattering is two, the second a read-modify-write).
 // The columns are split into blocks so that a block of h (or dh) of the tile's
 // tokens, kept contiguous in a per-thread buffer, stays in L2 (kBlockFloats);
-// threads own column blocks. Tokens are tiled (kMaxTileTokens, each tile sorted
+// threads take column blocks from a shared counter (a thread that is
+// descheduled on a busy machine does not hold the others up; a block's sums do
+// not depend on which thread does it). Tokens are tiled (kMaxTileTokens, each tile sorted
 // on its own) when N outgrows the block at kMinCols columns.
 //
 // Summation order (fixed, whatever the blocks, tiles and thread count):
@@ -24,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -273,9 +276,10 @@ void forward(const int64_t* ids, const float* w, int64_t n, int64_t k, const E* 
   for (int64_t t0 = 0; t0 < n; t0 += p.tile) {
     const int64_t t1 = std::min(n, t0 + p.tile), T = t1 - t0;
     s.build(ids, w, t0, t1, k, K, /*drop_zero=*/true);
-    at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(p.blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       std::vector<float> hb(size_t(T * p.cols)), er(size_t(p.cols));
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b; (b = next.fetch_add(1)) < p.blocks;) {
         const int64_t c0 = b * p.cols, nc = std::min(p.cols, d - c0);
         std::fill(hb.begin(), hb.begin() + T * nc, 0.0f);
         block_forward(s, emb, d, c0, nc, hb.data(), er.data());
@@ -311,9 +315,10 @@ inline void backward(const float* dh, const int64_t* ids, const float* w, int64_
   for (int64_t t0 = 0; t0 == 0 || t0 < n; t0 += p.tile) {  // once even for n = 0: dE = 0
     const int64_t t1 = std::min(n, t0 + p.tile), T = t1 - t0;
     s.build(ids, w, t0, t1, k, K, /*drop_zero=*/false);
-    at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(p.blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       std::vector<float> dhb(size_t(std::max<int64_t>(T, 1) * p.cols));
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b; (b = next.fetch_add(1)) < p.blocks;) {
         const int64_t c0 = b * p.cols, nc = std::min(p.cols, d - c0);
         for (int64_t r = 0; r < T; ++r) std::memcpy(dhb.data() + r * nc, dh + (t0 + r) * d + c0, size_t(nc) * 4);
         block_backward(s, dhb.data(), nc, dE, d, c0, K, t0 == 0);
