@@ -453,6 +453,17 @@ def test_emulated_sorted_bag_backward_splits_long_runs(harness, emulated, k):
     assert torch.equal(got[0], got[1])
 
 
+def test_emulated_sorted_bag_backward_without_entries_writes_zeros(harness, emulated):
+    # The deterministic CUDA backward's output is not zero-initialized: with no entries
+    # (empty batch) the launcher still writes every row.
+    K, d, k = 37, 5, 3
+    ids = torch.empty(0, dtype=torch.int64)
+    w, gh = torch.empty(0), torch.empty(0, d)
+    out = torch.full((K, d), math.nan)
+    assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(ids), ptr(ids), ptr(w), ptr(out), ctypes.c_int64(0), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
+    assert torch.equal(out, torch.zeros(K, d))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernels_match_cpu runs these kernels' source on the CPU")
 def test_cuda_device_matches_cpu():
     K, k, d = 50257, 128, 64

@@ -363,8 +363,7 @@ at::Tensor topk_bag_backward_cuda(const at::Tensor& grad_h, const at::Tensor& id
   const int64_t d = gh.size(-1), k = ic.size(-1), tokens = ic.numel() / std::max<int64_t>(k, 1);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   // The sorted kernel writes every row once (zero rows included); atomics add into zeros.
-  at::Tensor grad = deterministic && ic.numel() > 0 && d > 0 ? at::empty({vocab_size, d}, gh.options())
-                                                             : at::zeros({vocab_size, d}, gh.options());
+  at::Tensor grad = deterministic ? at::empty({vocab_size, d}, gh.options()) : at::zeros({vocab_size, d}, gh.options());
   if (!deterministic) {
     check_launch(cuda::topk_bag_backward_atomic(gh.const_data_ptr<float>(), ic.const_data_ptr<int64_t>(),
                                                 wc.const_data_ptr<float>(), grad.mutable_data_ptr<float>(), tokens, k,

@@ -295,6 +295,12 @@ DUO_DEVICE void zero_rows(float* grad, int64_t lo, int64_t hi, int64_t d, int64_
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x) grad[row * d + c] = 0.0f;
 }
 
+// No entries: every row is a zero row.
+__global__ void bag_zero_kernel(float* __restrict__ grad, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    grad[i] = 0.0f;
+}
+
 // Pass 2: the block of the segment holding a run's first entry writes the run's row:
 // its own piece, then the partial rows of the later segments the run covers, in order.
 __global__ void bag_runs_kernel(const float* __restrict__ grad_h, const int64_t* __restrict__ sorted_ids,
@@ -620,9 +626,14 @@ int64_t topk_bag_partial_floats(int64_t entries, int64_t k, int64_t d) {
 int topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, const int64_t* order,
                              const float* weights, float* grad, int64_t entries, int64_t k, int64_t d,
                              int64_t vocab_size, float* partial_scratch, uint32_t* checks, void* stream) {
-  if (entries == 0) return 0;
-  const int64_t seg = topk_bag_segment(k), segments = (entries + seg - 1) / seg;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (entries == 0) {  // dE = 0 (the output is written in full, like with entries)
+    const int64_t floats = vocab_size * d;
+    if (floats == 0) return 0;
+    return int(launch_kernel(bag_zero_kernel, dim3(blocks_for((floats + 255) / 256, 4096)), dim3(256), 0, st, grad,
+                             floats));
+  }
+  const int64_t seg = topk_bag_segment(k), segments = (entries + seg - 1) / seg;
   if (segments > 1) {
     const int err = int(launch_kernel(bag_partials_kernel, dim3(blocks_for(segments - 1, 65535)), dim3(kBagThreads), 0,
                                       st, grad_h, sorted_ids, order, weights, partial_scratch, entries, seg, k, d));
