@@ -121,7 +121,7 @@ typedef float f8 __attribute__((vector_size(32)));
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-[[gnu::always_inline]] inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+[[gnu::always_inline]] inline void store8(float* p, const f8& v) { std::memcpy(p, &v, sizeof v); }
 
 // Columns are done 16 at a time in registers, then the nc % 16 tail one by one
 // (the tail is always the last d % 16 columns: the blocks start at multiples of
@@ -133,12 +133,12 @@ constexpr int64_t kChunk = 16;
 // Stores of the dE chunks: plain, or non-temporal (the [K, d] gradient is not read
 // again here: no read-for-ownership of its lines, no eviction of the dh block).
 struct PlainStore {
-  [[gnu::always_inline]] static inline void store(float* p, f8 v) { store8(p, v); }
+  [[gnu::always_inline]] static inline void store(float* p, const f8& v) { store8(p, v); }
   static void fence() {}
 };
 #if defined(__x86_64__) && defined(__GNUC__)
 struct StreamStore {  // p 16-byte aligned; SSE (baseline x86-64): no target clone needed
-  [[gnu::always_inline]] static inline void store(float* p, f8 v) {
+  [[gnu::always_inline]] static inline void store(float* p, const f8& v) {
     __m128 lo, hi;
     std::memcpy(&lo, &v, 16);
     std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 16, 16);
