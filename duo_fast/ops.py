@@ -681,9 +681,13 @@ def curriculum_topk_embed(
     z_t)``, ``h`` in ``embedding``'s dtype (float32, bfloat16 or float16;
     accumulated in float32), differentiable w.r.t. ``embedding``.
     ``vocab_size = embedding.shape[0]``. Backward scatters ``w_i grad_h`` into
-    a float32 ``[K, d]`` gradient: on CPU always deterministic (threads own
-    column ranges); on CUDA with atomics, or deterministic (stable sort by id,
-    one writer per row) when ``torch.use_deterministic_algorithms(True)``.
+    a float32 ``[K, d]`` gradient: on CPU always deterministic (entries
+    counting-sorted by id, each row written once, same bits for any thread
+    count); on CUDA with atomics, or deterministic (stable sort by id, one
+    writer per row, no atomics) when ``torch.use_deterministic_algorithms(True)``.
+    The CPU forward sums each ``h`` row in ascending id order (id-sorted bag;
+    the per-token bag, in slot order, for tiny bags ``N k < 0.05 K``;
+    ``DUO_FAST_TOPK_BAG=sorted|token`` forces one).
     Bad values: levels as :func:`curriculum_topk` (raise); a NaN / inf
     embedding row gives NaN / inf in the ``h`` of the tokens whose bag holds
     it (propagates, no error). ``x0`` int64 or int32 (``z_t`` in its dtype).

@@ -214,6 +214,107 @@ def test_embed_backward_is_deterministic():
     assert torch.equal(grads[0], grads[1])
 
 
+def _bag64(ids, w, E, gh):
+    """float64 bag h = sum_i w_i E[id_i] and its backward (index_add of w_i gh), the reference."""
+    d = E.shape[1]
+    h = (w.double()[..., None] * E.double()[ids]).sum(-2)
+    gE = torch.zeros(E.shape[0], d, dtype=torch.float64).index_add_(
+        0, ids.reshape(-1), (w.double()[..., None] * gh.double()[..., None, :]).reshape(-1, d))
+    mag = (w.double()[..., None].abs() * E.double()[ids].abs()).sum(-2)
+    gmag = torch.zeros(E.shape[0], d, dtype=torch.float64).index_add_(
+        0, ids.reshape(-1), (w.double()[..., None] * gh.double()[..., None, :]).abs().reshape(-1, d))
+    return h, gE, mag, gmag
+
+
+@pytest.mark.parametrize("path", ["sorted", "token", "auto"])
+@pytest.mark.parametrize("n,k,K,d", [
+    (120, 16, 300, 24),     # d not a multiple of 16: a 16-column tail
+    (9000, 2, 50, 20),      # n > 8192 tokens: two token tiles (sorted forward, tiled backward)
+    (40, 128, 50257, 770),  # few entries per id: most dE rows are zero rows (written, not left uninitialized)
+    (700, 64, 1000, 64),
+])
+def test_bag_paths_match_float64_reference_and_threads(monkeypatch, path, n, k, K, d):
+    # Both forwards (id-sorted, per-token; DUO_FAST_TOPK_BAG forces one) and the
+    # id-sorted backward against the float64 bag; the same bits at 1 and 2 threads.
+    if path != "auto":
+        monkeypatch.setenv("DUO_FAST_TOPK_BAG", path)
+    x0, gamma = _inputs(n, K, n + k)
+    g = torch.Generator().manual_seed(d)
+    E = torch.randn(K, d, generator=g)
+    gh = torch.randn(n, d, generator=g)
+    out = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            e = E.clone().requires_grad_(True)
+            h, _ = duo_fast.curriculum_topk_embed(x0, gamma, 2.0, k, e, seed=3)
+            (h * gh).sum().backward()
+            out.append((h.detach(), e.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    ids, w, _ = duo_fast.curriculum_topk(x0, gamma, 2.0, k, K, seed=3)
+    r_h, r_gE, mag, gmag = _bag64(ids, w, E, gh)
+    h, gE = out[0]
+    # float32 sums of k (forward) and ~n k / K (backward) terms, any order: 1e-6 of the sum of |terms|
+    assert ((h.double() - r_h).abs() <= 1e-6 * (mag + 1e-30)).all()
+    assert ((gE.double() - r_gE).abs() <= 1e-6 * (gmag + 1e-30)).all()
+    unused = torch.ones(K, dtype=torch.bool)
+    unused[ids.reshape(-1)] = False
+    assert bool(unused.any()) == (n * k < 3 * K) and (gE[unused] == 0).all()
+
+
+def test_bag_backward_writes_every_row():
+    # The CPU backward's [K, d] output is uninitialized memory that it writes once,
+    # zero rows included. A freed NaN buffer of the same size (below malloc's mmap
+    # threshold, so its memory is likely handed out again) must not show through.
+    K, k, d, n = 2000, 4, 8, 10
+    x0, gamma = _inputs(n, K, 2)
+    ids, w, _ = duo_fast.curriculum_topk(x0, gamma, 2.0, k, K, seed=1)
+    gh = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+    _, want, _, _ = _bag64(ids, w, torch.zeros(K, d), gh)
+    for _ in range(3):
+        junk = torch.full((K, d), math.nan)
+        del junk
+        got = torch.ops.duo_fast.topk_bag_backward(gh, ids, w, K, True)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sorted_bag_low_precision_embedding(monkeypatch, dtype):
+    # The id-sorted forward converts each 16-bit row slice once; float32 accumulation.
+    monkeypatch.setenv("DUO_FAST_TOPK_BAG", "sorted")
+    n, k, K, d = 200, 32, 500, 40
+    x0, gamma = _inputs(n, K, 8)
+    E = torch.randn(K, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    h, _ = duo_fast.curriculum_topk_embed(x0, gamma, 2.0, k, E, seed=5)
+    ids, w, _ = duo_fast.curriculum_topk(x0, gamma, 2.0, k, K, seed=5)
+    r_h, _, mag, _ = _bag64(ids, w, E, torch.zeros(n, d))
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # h rounded once to the 16-bit dtype
+    assert h.dtype == dtype and ((h.double() - r_h).abs() <= eps * r_h.abs() + 1e-6 * mag + 2.0**-24).all()
+
+
+def test_sorted_bag_skips_zero_weights(monkeypatch):
+    # A weight that underflowed to 0 does not bring its row's inf / NaN into h
+    # (both forwards skip zero-weight entries).
+    K, k, d = 30, 4, 3
+    x0 = torch.arange(16)[None]
+    for path in ("sorted", "token"):
+        monkeypatch.setenv("DUO_FAST_TOPK_BAG", path)
+        ids, w, _ = duo_fast.curriculum_topk(x0, torch.full((1,), 6.0, dtype=torch.float64), 1e4, k, K, seed=1)
+        assert bool((w == 0).any())
+        E = torch.randn(K, d)
+        zero_ids = ids[w == 0].unique()
+        live = ids[w != 0].unique()
+        dead = zero_ids[~torch.isin(zero_ids, live)]
+        assert dead.numel() > 0
+        E[dead] = math.inf
+        h, _ = duo_fast.curriculum_topk_embed(x0, torch.full((1,), 6.0, dtype=torch.float64), 1e4, k, E, seed=1)
+        assert torch.isfinite(h).all(), path
+
+
 def test_opcheck():
     K, k, d = 40, 5, 8
     x0, gamma = _inputs(12, K, 0)
@@ -270,7 +371,7 @@ def test_emulated_cuda_kernels_match_cpu(harness, emulated, mode, seed):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
             flat = ids.reshape(-1)
             sorted_ids, order = torch.sort(flat, stable=True)
-            got = torch.zeros(K, d)
+            got = torch.full((K, d), math.nan)  # the sorted kernel writes every row, zero rows included
             assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(got), ctypes.c_int64(n * k), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     finally:
@@ -345,7 +446,7 @@ def test_emulated_sorted_bag_backward_splits_long_runs(harness, emulated, k):
     try:
         for mode, seed in [("fiber", 0), ("fiber", 3)]:
             harness.configure_emulation(emulated, mode=mode, seed=seed)
-            out = torch.zeros(K, d)
+            out = torch.full((K, d), math.nan)  # every row written once, the unused ids' as zeros
             assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w), ptr(out), ctypes.c_int64(flat.numel()), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
             got.append(out)
     finally:
@@ -354,6 +455,17 @@ def test_emulated_sorted_bag_backward_splits_long_runs(harness, emulated, k):
     scale = torch.zeros(K, d, dtype=torch.float64).index_add_(0, flat, terms.abs())
     assert ((got[0].double() - want).abs() <= 1e-5 * scale).all()
     assert torch.equal(got[0], got[1])
+
+
+def test_emulated_sorted_bag_backward_without_entries_writes_zeros(harness, emulated):
+    # The deterministic CUDA backward's output is not zero-initialized: with no entries
+    # (empty batch) the launcher still writes every row.
+    K, d, k = 37, 5, 3
+    ids = torch.empty(0, dtype=torch.int64)
+    w, gh = torch.empty(0), torch.empty(0, d)
+    out = torch.full((K, d), math.nan)
+    assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(ids), ptr(ids), ptr(w), ptr(out), ctypes.c_int64(0), ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
+    assert torch.equal(out, torch.zeros(K, d))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernels_match_cpu runs these kernels' source on the CPU")

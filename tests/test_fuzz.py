@@ -872,7 +872,7 @@ def test_curriculum_topk_emulated(emulated, case):
                                                     ctypes.c_int64(k), ctypes.c_int64(d), ctypes.c_int64(K)) == 0
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     sorted_ids, order = torch.sort(ids2.reshape(-1), stable=True)
-    got = torch.zeros(K, d)
+    got = torch.full((K, d), float("nan"))  # every row is written, zero rows included
     assert emulated.df_emu_topk_bag_backward_sorted(ptr(gh), ptr(sorted_ids), ptr(order), ptr(w2), ptr(got),
                                                     ctypes.c_int64(n * k), ctypes.c_int64(k), ctypes.c_int64(d),
                                                     ctypes.c_int64(K)) == 0

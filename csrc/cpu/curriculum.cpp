@@ -11,9 +11,10 @@
 //
 // Top-k (SPEC 2e; row math in topk.h):
 // curriculum_topk (ids, weights, z_t per token), curriculum_topk_embed (the same
-// plus the weighted embedding bag h = sum_i w_i E[id_i], in the same pass over
-// the tokens) and the bag's backward dE[id_i] += w_i dh (columns split among
-// threads: no atomics, deterministic for any thread count). The rows run through
+// plus the weighted embedding bag h = sum_i w_i E[id_i]: all tokens' entries,
+// then the id-sorted bag of bag_cpu.h, or per token in the same pass when the
+// bag is small) and the bag's backward dE[id] = sum w_i dh (id-sorted, each row
+// written once; no atomics, deterministic for any thread count). The rows run through
 // topk_cpu.h (vectorized per-slot math, AVX2+FMA clone chosen at run time; same
 // ids and z as topk::token, to which it falls back near ties).
 #include <ATen/ATen.h>
@@ -24,6 +25,7 @@
 #include <memory>
 #include <vector>
 
+#include "bag_cpu.h"
 #include "checks.h"
 #include "curriculum_rows.h"
 #include "dispatch.h"
@@ -140,8 +142,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> curriculum_topk_embed
   float* wp = weights.mutable_data_ptr<float>();
   float* hp = h32.mutable_data_ptr<float>();
   int64_t* zp = z.mutable_data_ptr<int64_t>();
+  const int64_t n = x.numel();
   dispatch_float_storage(emb, "embedding", [&](auto* ep) {
-    at::parallel_for(0, x.numel(), 16, [&](int64_t begin, int64_t end) {
+    if (bag_cpu::use_sorted_forward(n, k, vocab_size)) {
+      // All (token, id, weight) entries first, then the id-sorted bag (bag_cpu.h).
+      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        TopKScratch sc(k, vocab_size, end - begin);
+        for (int64_t t = begin; t < end; ++t) zp[t] = topk_token(a, t, sc, ip + t * k, wp + t * k);
+      });
+      if (d > 0) bag_cpu::forward(ip, wp, n, k, ep, vocab_size, d, hp);
+      return;
+    }
+    // Few entries per id (little row reuse): the per-token bag, in the same pass.
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       TopKScratch sc(k, vocab_size, end - begin);
       for (int64_t t = begin; t < end; ++t) {
         zp[t] = topk_token(a, t, sc, ip + t * k, wp + t * k);
@@ -153,29 +166,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> curriculum_topk_embed
   return {h, z, ids, weights};
 }
 
-// grad_embedding [K, d] (float32) = scatter of w_i * grad_h over ids.
+// grad_embedding [K, d] (float32) = scatter of w_i * grad_h over ids: id-sorted,
+// each row written once (bag_cpu.h); deterministic for any thread count.
 at::Tensor topk_bag_backward_cpu(const at::Tensor& grad_h, const at::Tensor& ids, const at::Tensor& weights,
                                  int64_t vocab_size, bool deterministic) {
   (void)deterministic;  // the CPU kernel is always deterministic
   check_bag_backward_args(grad_h, ids, weights, vocab_size);
   const at::Tensor gh = grad_h.contiguous().to(at::kFloat), ic = ids.contiguous(), wc = weights.contiguous();
   const int64_t d = gh.size(-1), k = ic.size(-1), tokens = ic.numel() / std::max<int64_t>(k, 1);
-  at::Tensor grad = at::zeros({vocab_size, d}, gh.options());
-  const float* ghp = gh.const_data_ptr<float>();
-  const int64_t* ip = ic.const_data_ptr<int64_t>();
-  const float* wp = wc.const_data_ptr<float>();
-  float* gp = grad.mutable_data_ptr<float>();
-  // Threads own column ranges, tokens in order: no atomics, same sums for any thread count.
-  at::parallel_for(0, d, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float* g = ghp + t * d;
-      for (int64_t i = 0; i < k; ++i) {
-        const float w = wp[t * k + i];
-        float* row = gp + ip[t * k + i] * d;
-        for (int64_t c = c0; c < c1; ++c) row[c] += w * g[c];
-      }
-    }
-  });
+  if (d == 0 || k == 0) return at::zeros({vocab_size, d}, gh.options());
+  at::Tensor grad = at::empty({vocab_size, d}, gh.options());  // every element is written once
+  bag_cpu::advise_huge_pages(grad.mutable_data_ptr(), size_t(grad.nbytes()));
+  bag_cpu::backward(gh.const_data_ptr<float>(), ic.const_data_ptr<int64_t>(), wc.const_data_ptr<float>(), tokens, k,
+                    vocab_size, d, grad.mutable_data_ptr<float>());
   return grad;
 }
 

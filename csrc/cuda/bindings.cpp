@@ -406,8 +406,9 @@ at::Tensor topk_bag_backward_cuda(const at::Tensor& grad_h, const at::Tensor& id
   uint32_t* checks = begin_checks(ids.device(), "topk_bag_backward");
   const at::Tensor gh = grad_h.contiguous().to(at::kFloat), ic = ids.contiguous(), wc = weights.contiguous();
   const int64_t d = gh.size(-1), k = ic.size(-1), tokens = ic.numel() / std::max<int64_t>(k, 1);
-  at::Tensor grad = at::zeros({vocab_size, d}, gh.options());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  // The sorted kernel writes every row once (zero rows included); atomics add into zeros.
+  at::Tensor grad = deterministic ? at::empty({vocab_size, d}, gh.options()) : at::zeros({vocab_size, d}, gh.options());
   if (!deterministic) {
     check_launch(cuda::topk_bag_backward_atomic(gh.const_data_ptr<float>(), ic.const_data_ptr<int64_t>(),
                                                 wc.const_data_ptr<float>(), grad.mutable_data_ptr<float>(), tokens, k,

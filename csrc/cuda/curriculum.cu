@@ -27,6 +27,10 @@
 //     the partial rows of the following segments the run covers, in segment
 //     order, and writes the row. A run of 10^4+ equal ids (padding, a frequent
 //     word) is then spread over its segments' blocks, and the sum order is fixed.
+//     Each row of dE is written once, by one block, without atomics: a run's
+//     row by its first block, the zero rows of the ids no entry holds by the
+//     block of the run that follows them (the last run's block: those after
+//     it), so the output needs no zero-initialization.
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/curriculum.h"
 #include "duo_fast/device_check.h"
@@ -283,6 +287,20 @@ __global__ void bag_partials_kernel(const float* __restrict__ grad_h, const int6
   }
 }
 
+// grad rows [lo, hi) clamped to [0, K) = 0 (rows no entry points at).
+DUO_DEVICE void zero_rows(float* grad, int64_t lo, int64_t hi, int64_t d, int64_t vocab_size) {
+  lo = lo > 0 ? lo : 0;
+  hi = hi < vocab_size ? hi : vocab_size;
+  for (int64_t row = lo; row < hi; ++row)
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) grad[row * d + c] = 0.0f;
+}
+
+// No entries: every row is a zero row.
+__global__ void bag_zero_kernel(float* __restrict__ grad, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    grad[i] = 0.0f;
+}
+
 // Pass 2: the block of the segment holding a run's first entry writes the run's row:
 // its own piece, then the partial rows of the later segments the run covers, in order.
 __global__ void bag_runs_kernel(const float* __restrict__ grad_h, const int64_t* __restrict__ sorted_ids,
@@ -299,6 +317,11 @@ __global__ void bag_runs_kernel(const float* __restrict__ grad_h, const int64_t*
         continue;
       }
       const int64_t id = sorted_ids[e];
+      {  // zero rows: the ids between the previous run's and this one (after it too, for the last run)
+        const int64_t prev = e > 0 ? sorted_ids[e - 1] : -1;
+        zero_rows(grad, prev + 1, id, d, vocab_size);
+        if (sorted_ids[entries - 1] == id) zero_rows(grad, id + 1, vocab_size, d, vocab_size);  // the last run
+      }
       if (!check::valid_id(id, vocab_size)) {  // device-side check: the run is dropped
         if (threadIdx.x == 0) check::report(checks, check::kIds);
         e = end;
@@ -603,9 +626,14 @@ int64_t topk_bag_partial_floats(int64_t entries, int64_t k, int64_t d) {
 int topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_ids, const int64_t* order,
                              const float* weights, float* grad, int64_t entries, int64_t k, int64_t d,
                              int64_t vocab_size, float* partial_scratch, uint32_t* checks, void* stream) {
-  if (entries == 0) return 0;
-  const int64_t seg = topk_bag_segment(k), segments = (entries + seg - 1) / seg;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (entries == 0) {  // dE = 0 (the output is written in full, like with entries)
+    const int64_t floats = vocab_size * d;
+    if (floats == 0) return 0;
+    return int(launch_kernel(bag_zero_kernel, dim3(blocks_for((floats + 255) / 256, 4096)), dim3(256), 0, st, grad,
+                             floats));
+  }
+  const int64_t seg = topk_bag_segment(k), segments = (entries + seg - 1) / seg;
   if (segments > 1) {
     const int err = int(launch_kernel(bag_partials_kernel, dim3(blocks_for(segments - 1, 65535)), dim3(kBagThreads), 0,
                                       st, grad_h, sorted_ids, order, weights, partial_scratch, entries, seg, k, d));

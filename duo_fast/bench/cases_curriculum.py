@@ -9,7 +9,9 @@ BASELINES.md targets (N=2048, K=50257, d=768):
   * curriculum_topk_embed fwd+bwd (k=128): >= 3x the Duo path
     (sample_tempered_softmax_topk + F.embedding_bag), 1 and 2 threads, peak <=
     reference (both sides pay the dense [K, d] float32 embedding gradient, 147 MiB);
-    forward alone <= 1.1x curriculum_topk + F.embedding_bag.
+    forward alone <= 1.1x curriculum_topk + F.embedding_bag. GB/s of these rows
+    against the id-sorted bag's floor (E read once, dE written once: ~0.3 GB per
+    fwd+bwd at N=2048, k=128, d=768).
 
 Reference sides: the Duo code's own functions (duo_code; the eager copy where
 the Duo code is absent), on float32 gamma as DUO.nll has it:
@@ -155,6 +157,14 @@ def _topk_then_bag_fwd(k):
     return fn
 
 
+def _bag_bytes(N: int, K: int, d: int, k: int, backward: bool) -> int:
+    """Floor of the id-sorted embedding bag (issue 13): E read once (float32) and h
+    written once, the (id, weight) entries written; with the backward, dh read
+    once, the entries read back and dE [K, d] float32 written once."""
+    fwd = K * d * 4 + N * d * 4 + N * k * 12
+    return fwd + (N * d * 4 + N * k * 12 + K * d * 4 if backward else 0)
+
+
 def cases(mode: str, device: str) -> list[Case]:
     full = mode == "full"
     d = _dim(mode)
@@ -196,7 +206,7 @@ def cases(mode: str, device: str) -> list[Case]:
             tgt = Target(">= 3x reference, peak <= reference", min_speedup_ref=3.0, max_mem_ratio=1.0) \
                 if at_target and k == 128 else None
             out.append(Case(op="curriculum_topk_embed", name=f"k{k}-N{N}-K{K}", size=f"fwd+bwd k={k} {size}",
-                            setup=_setup(N, K, d, True),
+                            setup=_setup(N, K, d, True), bytes_moved=_bag_bytes(N, K, d, k, True),
                             duo=Impl(_topk_embed_duo(k), before_each=_drop_grad,
                                      note="duo_fast.curriculum_topk_embed(...)[0].sum().backward()"),
                             ref=Impl(_topk_embed_ref(k), before_each=_drop_grad, setup=_setup(N, K, d, True, ref=True),
@@ -208,7 +218,7 @@ def cases(mode: str, device: str) -> list[Case]:
         if k < K:
             tgt = Target("forward <= 1.1x (speedup >= 0.91)", min_speedup_ref=1 / 1.1) if at_target else None
             out.append(Case(op="curriculum_topk_embed", name=f"fwd-k{k}-N{N}-K{K}", size=f"forward only k={k} {size}",
-                            setup=_setup(N, K, d, False),
+                            setup=_setup(N, K, d, False), bytes_moved=_bag_bytes(N, K, d, k, False),
                             duo=Impl(_topk_embed_fwd_duo(k), note="duo_fast.curriculum_topk_embed forward (no grad)"),
                             ref=Impl(_topk_then_bag_fwd(k), setup=_setup(N, K, d, False, ref=True),
                                      source=lambda: "duo_fast + " + duo_code.source(),
