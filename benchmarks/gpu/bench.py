@@ -78,28 +78,38 @@ def _levels(B, g, device):
     return gamma
 
 
-def _loss_state(N, K, L, dtype, seed=1):
+def _batch(N, L):
+    """(B, L) with B * L = N tokens: rows of length L (all N in one row when N < L)."""
     B = max(N // L, 1)
-    L = N // B
+    return B, N // B
+
+
+def _targets(B, L, K, g, device):
+    """Levels and tokens of a loss batch: per-row alpha and dalpha/dt of the Duo
+    curriculum's gamma, x0, and z equal to x0 on about half the tokens."""
+    gamma = _levels(B, g, device)
+    alpha, dalpha_dgamma = duo_fast.gamma_to_alpha(gamma, K)
+    dalpha = (R.DUO_GAMMA_MAX - R.DUO_GAMMA_MIN) * dalpha_dgamma
+    x0 = torch.randint(0, K, (B, L), generator=g, device=device)
+    keep = torch.rand(B, L, generator=g, device=device) < 0.5
+    z = torch.where(keep, x0, torch.randint(0, K, (B, L), generator=g, device=device))
+    return {"z": z, "x0": x0, "alpha": alpha.float()[:, None], "dalpha": dalpha.float()[:, None]}
+
+
+def _loss_state(N, K, L, dtype, seed=1):
+    B, L = _batch(N, L)
 
     def setup(device):
         g = _gen(device, seed)
-        gamma = _levels(B, g, device)
-        alpha, dalpha_dgamma = duo_fast.gamma_to_alpha(gamma, K)
-        dalpha = (R.DUO_GAMMA_MAX - R.DUO_GAMMA_MIN) * dalpha_dgamma
-        x0 = torch.randint(0, K, (B, L), generator=g, device=device)
-        keep = torch.rand(B, L, generator=g, device=device) < 0.5
-        z = torch.where(keep, x0, torch.randint(0, K, (B, L), generator=g, device=device))
+        st = _targets(B, L, K, g, device)
         logits = torch.randn(B, L, K, generator=g, device=device, dtype=torch.float32).to(dtype)
-        return {"logits": logits.requires_grad_(True), "z": z, "x0": x0,
-                "alpha": alpha.float()[:, None], "dalpha": dalpha.float()[:, None], "K": K}
+        return {"logits": logits.requires_grad_(True), **st, "K": K}
 
     return setup
 
 
 def _kl_state(N, K, L, dtype, seed=2):
-    B = max(N // L, 1)
-    L = N // B
+    B, L = _batch(N, L)
 
     def setup(device):
         g = _gen(device, seed)
@@ -111,8 +121,7 @@ def _kl_state(N, K, L, dtype, seed=2):
 
 
 def _step_state(N, K, L, dtype, seed=3):
-    B = max(N // L, 1)
-    L = N // B
+    B, L = _batch(N, L)
 
     def setup(device):
         g = _gen(device, seed)
@@ -125,8 +134,7 @@ def _step_state(N, K, L, dtype, seed=3):
 
 
 def _zt_state(N, K, L, coupled, seed=4):
-    B = max(N // L, 1)
-    L = N // B
+    B, L = _batch(N, L)
 
     def setup(device):
         g = _gen(device, seed)
@@ -139,8 +147,7 @@ def _zt_state(N, K, L, coupled, seed=4):
 
 
 def _cur_state(N, K, L, d, grad, seed=5):
-    B = max(N // L, 1)
-    L = N // B
+    B, L = _batch(N, L)
 
     def setup(device):
         g = _gen(device, seed)
@@ -153,21 +160,14 @@ def _cur_state(N, K, L, d, grad, seed=5):
 
 
 def _linear_state(N, K, L, d, seed=6):
-    B = max(N // L, 1)
-    L = N // B
+    B, L = _batch(N, L)
 
     def setup(device):
         g = _gen(device, seed)
-        gamma = _levels(B, g, device)
-        alpha, dalpha_dgamma = duo_fast.gamma_to_alpha(gamma, K)
-        x0 = torch.randint(0, K, (B, L), generator=g, device=device)
-        z = torch.where(torch.rand(B, L, generator=g, device=device) < 0.5, x0,
-                        torch.randint(0, K, (B, L), generator=g, device=device))
+        st = _targets(B, L, K, g, device)
         return {"hidden": torch.randn(B, L, d, generator=g, device=device).requires_grad_(True),
                 "W": (0.02 * torch.randn(K, d, generator=g, device=device)).requires_grad_(True),
-                "b": torch.zeros(K, device=device).requires_grad_(True), "z": z, "x0": x0,
-                "alpha": alpha.float()[:, None],
-                "dalpha": ((R.DUO_GAMMA_MAX - R.DUO_GAMMA_MIN) * dalpha_dgamma).float()[:, None], "K": K}
+                "b": torch.zeros(K, device=device).requires_grad_(True), **st, "K": K}
 
     return setup
 
