@@ -177,6 +177,26 @@ DUO_DEVICE void mma_k16(float (&acc)[WC / 8][4], const uint32_t (&a)[4], const u
   }
 }
 
+// Stores the warp's accumulators (m16n8 C fragments: lane holds rows g and g + 8,
+// columns 2 q + i of each n-tile) into the row-major out[rows][d] at column c0,
+// rows ra and ra + 8 scaled by sa and sb; rows >= rows_end and columns past
+// cols_left are not written.
+template <int NT>
+DUO_DEVICE void store_acc(float* __restrict__ out, const float (&acc)[NT][4], int64_t ra, int64_t rows_end, int64_t d,
+                          int64_t c0, int cols_left, int q, float sa, float sb) {
+  const int64_t rb = ra + 8;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int cl = 8 * nt + 2 * q + i;
+      if (cl >= cols_left) continue;
+      if (ra < rows_end) out[ra * d + c0 + cl] = acc[nt][i] * sa;
+      if (rb < rows_end) out[rb * d + c0 + cl] = acc[nt][2 + i] * sb;
+    }
+  }
+}
+
 // (value, index) argmax step: larger value, or the lower index among ties.
 DUO_DEVICE void argmax_merge(double& v, int64_t& i, double ov, int64_t oi) {
   if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
@@ -274,21 +294,8 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
       if (blockIdx.y == 0 && t < n) z[t] = arg, lse[t] = m + log(l);
     }
     __syncthreads();
-    if (cols_left > 0) {
-      const float i0 = inv_l_s[16 * wr + g], i1 = inv_l_s[16 * wr + g + 8];
-      const int64_t ta = t0 + 16 * wr + g, tb = ta + 8;
-#pragma unroll
-      for (int nt = 0; nt < S::kNT; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int cl = 8 * nt + 2 * q + i;
-          if (cl >= cols_left) continue;
-          const int64_t c = c0 + col0 + cl;
-          if (ta < n) h[ta * d + c] = acc[nt][i] * i0;
-          if (tb < n) h[tb * d + c] = acc[nt][2 + i] * i1;
-        }
-      }
-    }
+    if (cols_left > 0)
+      store_acc(h, acc, t0 + 16 * wr + g, n, d, c0 + col0, cols_left, q, inv_l_s[16 * wr + g], inv_l_s[16 * wr + g + 8]);
     __syncthreads();  // inv_l_s is rewritten by the next token group
   }
 }
@@ -346,20 +353,7 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
       }
       __syncthreads();  // Ps and Vs are rewritten by the next token tile
     }
-    if (cols_left > 0) {
-      const int64_t ja = j0 + 16 * wr + g, jb = ja + 8;
-#pragma unroll
-      for (int nt = 0; nt < S::kNT; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int cl = 8 * nt + 2 * q + i;
-          if (cl >= cols_left) continue;
-          const int64_t c = c0 + col0 + cl;
-          if (ja < K) dE[ja * d + c] = acc[nt][i];
-          if (jb < K) dE[jb * d + c] = acc[nt][2 + i];
-        }
-      }
-    }
+    if (cols_left > 0) store_acc(dE, acc, j0 + 16 * wr + g, K, d, c0 + col0, cols_left, q, 1.0f, 1.0f);
   }
 }
 
