@@ -78,7 +78,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..ops import curriculum_embed, curriculum_topk, distill_kl, gamma_to_alpha, sample_step, sample_zt, usdm_loss
+from ..ops import _LOGIT_DTYPES, curriculum_embed, curriculum_topk, distill_kl, gamma_to_alpha, sample_step, sample_zt, usdm_loss
 
 __all__ = ["PARTS", "Patch", "patch", "CurriculumInput", "LogitsCache", "main"]
 
@@ -344,9 +344,8 @@ def _distillation_replacements(algo, *, raw_ok) -> dict:
         student = _raw_logits(self, xt, self._sigma_from_alphat(alpha_t), raw_ok=raw_ok)
         teacher = self._teacher_logits(xs, sigma=self._sigma_from_alphat(alpha_s))
         # float32 / bfloat16 / float16 logits (autocast) are read natively: no float32 copies
-        native = (torch.float32, torch.bfloat16, torch.float16)
-        student = student if student.dtype in native else student.float()
-        teacher = teacher if teacher.dtype in native else teacher.float()
+        student = student if student.dtype in _LOGIT_DTYPES else student.float()
+        teacher = teacher if teacher.dtype in _LOGIT_DTYPES else teacher.float()
         kl = distill_kl(student, teacher, "fwd" if self.loss_type == "kl-fwd" else "bwd")
         if self.config.training.loss_precision == "float64":
             kl = kl.to(torch.float64)
