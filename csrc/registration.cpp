@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "cpu/grad_cache.h"
+
 #ifndef DUO_FAST_VERSION
 #define DUO_FAST_VERSION "0.0.0"
 #endif
@@ -98,8 +100,26 @@ PyObject* build_info(PyObject*, PyObject*) {
                        openmp ? Py_True : Py_False);
 }
 
+PyObject* grad_cache_info(PyObject*, PyObject*) {
+  try {
+    const duo_fast::grad_cache::Info i = duo_fast::grad_cache::info();
+    return Py_BuildValue("{s:L,s:L,s:L}", "bytes", (long long)i.bytes, "buffers", (long long)i.buffers,
+                         "limit_bytes", (long long)i.limit_bytes);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* grad_cache_empty(PyObject*, PyObject*) {
+  return PyLong_FromLongLong((long long)duo_fast::grad_cache::empty_cache());
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "Backends and CUDA architectures compiled into duo_fast."},
+    {"grad_cache_info", grad_cache_info, METH_NOARGS,
+     "Kept gradient buffers of the CPU backward kernels: bytes, buffers, limit_bytes (cpu/grad_cache.h)."},
+    {"grad_cache_empty", grad_cache_empty, METH_NOARGS, "Frees the kept gradient buffers; returns the bytes freed."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -232,10 +232,12 @@ def _bag64(ids, w, E, gh):
     (9000, 2, 50, 20),      # n > 8192 tokens: two token tiles (sorted forward, tiled backward)
     (40, 128, 50257, 770),  # few entries per id: most dE rows are zero rows (written, not left uninitialized)
     (700, 64, 1000, 64),
+    (1100, 64, 3000, 48),   # >= 2 x 2^15 entries: the counting sort runs in one part per thread
 ])
 def test_bag_paths_match_float64_reference_and_threads(monkeypatch, path, n, k, K, d):
     # Both forwards (id-sorted, per-token; DUO_FAST_TOPK_BAG forces one) and the
-    # id-sorted backward against the float64 bag; the same bits at 1 and 2 threads.
+    # id-sorted backward against the float64 bag; the same bits at 1, 2 and 3 threads
+    # (3 > cores here: oversubscribed, and a 3-part counting sort).
     if path != "auto":
         monkeypatch.setenv("DUO_FAST_TOPK_BAG", path)
     x0, gamma = _inputs(n, K, n + k)
@@ -245,7 +247,7 @@ def test_bag_paths_match_float64_reference_and_threads(monkeypatch, path, n, k, 
     out = []
     threads = torch.get_num_threads()
     try:
-        for t in (1, 2):
+        for t in (1, 2, 3):
             torch.set_num_threads(t)
             e = E.clone().requires_grad_(True)
             h, _ = duo_fast.curriculum_topk_embed(x0, gamma, 2.0, k, e, seed=3)
@@ -253,7 +255,8 @@ def test_bag_paths_match_float64_reference_and_threads(monkeypatch, path, n, k, 
             out.append((h.detach(), e.grad))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    for h, gE in out[1:]:
+        assert torch.equal(out[0][0], h) and torch.equal(out[0][1], gE)
     ids, w, _ = duo_fast.curriculum_topk(x0, gamma, 2.0, k, K, seed=3)
     r_h, r_gE, mag, gmag = _bag64(ids, w, E, gh)
     h, gE = out[0]

@@ -5,8 +5,8 @@
 //   * the forward reads each row of E once and adds it into the rows of h of the
 //     tokens that use it;
 //   * the backward writes each row of dE once, zero rows included (the output is
-//     at::empty: one pass over the K d floats, where zero-initializing and then
-//     scattering is two, the second a read-modify-write).
+//     uninitialized, from grad_cache.h: one pass over the K d floats, where
+//     zero-initializing and then scattering is two, the second a read-modify-write).
 // The columns are split into blocks so that a block of h (or dh) of the tile's
 // tokens, kept contiguous in a per-thread buffer, stays in L2 (kBlockFloats);
 // threads take column blocks from a shared counter (a thread that is
@@ -36,9 +36,6 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#endif
-#if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 namespace duo_fast {
@@ -83,30 +80,57 @@ inline Plan plan(int64_t n, int64_t k, int64_t d, int64_t threads) {
 }
 
 // Entries of tokens [t0, t1) sorted by id: start[j] .. start[j + 1] are id j's,
-// in token order, then slot order.
+// in token order, then slot order (a stable counting sort). With several threads
+// the tokens are cut into contiguous parts: each counts its ids, one scan over
+// (id, part) gives every part its write position per id, and each part scatters
+// its entries there: the same order (hence the same bits downstream) as one pass.
+constexpr int64_t kMinEntriesPerPart = int64_t(1) << 15;  // below: one part (the scan is O(K parts))
+
 struct Sorted {
-  std::vector<int32_t> start, cursor, id, token;  // token: relative to t0
+  std::vector<int32_t> start, cursor, token;  // cursor: [parts, K]; token: relative to t0
   std::vector<float> weight;
 
   void build(const int64_t* ids, const float* w, int64_t t0, int64_t t1, int64_t k, int64_t K, bool drop_zero) {
-    start.assign(size_t(K + 1), 0);
-    for (int64_t e = t0 * k; e < t1 * k; ++e)
-      if (!drop_zero || w[e] != 0.0f) ++start[size_t(ids[e] + 1)];
-    for (int64_t j = 0; j < K; ++j) start[size_t(j + 1)] += start[size_t(j)];
-    const size_t n = size_t(start[size_t(K)]);
-    id.resize(n);
-    token.resize(n);
-    weight.resize(n);
-    cursor.assign(start.begin(), start.end() - 1);
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t i = 0; i < k; ++i) {
-        const int64_t e = t * k + i;
-        if (drop_zero && w[e] == 0.0f) continue;
-        const int32_t p = cursor[size_t(ids[e])]++;
-        id[size_t(p)] = int32_t(ids[e]);
-        token[size_t(p)] = int32_t(t - t0);
-        weight[size_t(p)] = w[e];
+    const int64_t nt = t1 - t0;
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nt * k / kMinEntriesPerPart));
+    auto part_tokens = [&](int64_t q) { return std::make_pair(t0 + nt * q / parts, t0 + nt * (q + 1) / parts); };
+    cursor.assign(size_t(parts * K), 0);
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        int32_t* count = cursor.data() + q * K;
+        const auto [a, b] = part_tokens(q);
+        for (int64_t e = a * k; e < b * k; ++e)
+          if (!drop_zero || w[e] != 0.0f) ++count[ids[e]];
       }
+    });
+    start.resize(size_t(K + 1));
+    int32_t total = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      start[size_t(j)] = total;
+      for (int64_t q = 0; q < parts; ++q) {
+        int32_t& c = cursor[size_t(q * K + j)];
+        const int32_t n = c;
+        c = total;
+        total += n;
+      }
+    }
+    start[size_t(K)] = total;
+    token.resize(size_t(total));
+    weight.resize(size_t(total));
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        int32_t* pos = cursor.data() + q * K;
+        const auto [a, b] = part_tokens(q);
+        for (int64_t t = a; t < b; ++t)
+          for (int64_t i = 0; i < k; ++i) {
+            const int64_t e = t * k + i;
+            if (drop_zero && w[e] == 0.0f) continue;
+            const int32_t p = pos[ids[e]]++;
+            token[size_t(p)] = int32_t(t - t0);
+            weight[size_t(p)] = w[e];
+          }
+      }
+    });
   }
 };
 
@@ -154,15 +178,14 @@ struct StreamStore {  // p 16-byte aligned; SSE (baseline x86-64): no target clo
 template <class E>
 [[gnu::always_inline]] inline void block_forward_impl(const Sorted& s, const E* emb, int64_t d, int64_t c0, int64_t nc,
                                                       float* __restrict__ hb, float* __restrict__ er) {
-  const int64_t n = int64_t(s.id.size()), nv = nc / kChunk * kChunk;
-  const int32_t* ids = s.id.data();
+  const int64_t K = int64_t(s.start.size()) - 1, nv = nc / kChunk * kChunk;
+  const int32_t* st = s.start.data();
   const int32_t* tok = s.token.data();
   const float* wt = s.weight.data();
-  for (int64_t e0 = 0; e0 < n;) {
-    const int32_t j = ids[e0];
-    int64_t e1 = e0 + 1;
-    while (e1 < n && ids[e1] == j) ++e1;
-    const E* row = emb + int64_t(j) * d + c0;
+  for (int64_t j = 0; j < K; ++j) {
+    const int32_t e0 = st[j], e1 = st[j + 1];
+    if (e0 == e1) continue;
+    const E* row = emb + j * d + c0;
     for (int64_t c = 0; c < nc; ++c) er[c] = to_float(row[c]);
     for (int64_t c = 0; c < nv; c += kChunk) {
       const f8 a = load8(er + c), b = load8(er + c + 8);
@@ -175,7 +198,6 @@ template <class E>
     }
     for (int64_t c = nv; c < nc; ++c)
       for (int64_t e = e0; e < e1; ++e) hb[int64_t(tok[e]) * nc + c] += wt[e] * er[c];
-    e0 = e1;
   }
 }
 
@@ -290,21 +312,6 @@ void forward(const int64_t* ids, const float* w, int64_t n, int64_t k, const E* 
       }
     });
   }
-}
-
-// Asks Linux for transparent huge pages on the 2 MiB-aligned inside of a fresh
-// buffer, before its first touch: a [K, d] float32 gradient (147 MiB at GPT-2's
-// vocabulary) is otherwise ~38k page faults of 4 KiB, which cost more than the
-// backward itself. A hint (no error when refused; a no-op elsewhere).
-inline void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (b > a) (void)madvise(reinterpret_cast<void*>(a), size_t(b - a), MADV_HUGEPAGE);
-#else
-  (void)p, (void)bytes;
-#endif
 }
 
 // dE [K, d] float32 (every element written; may be uninitialized) from dh [n, d].

@@ -29,6 +29,7 @@
 #include "checks.h"
 #include "curriculum_rows.h"
 #include "dispatch.h"
+#include "grad_cache.h"
 #include "duo_fast/curriculum.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/topk.h"
@@ -175,8 +176,7 @@ at::Tensor topk_bag_backward_cpu(const at::Tensor& grad_h, const at::Tensor& ids
   const at::Tensor gh = grad_h.contiguous().to(at::kFloat), ic = ids.contiguous(), wc = weights.contiguous();
   const int64_t d = gh.size(-1), k = ic.size(-1), tokens = ic.numel() / std::max<int64_t>(k, 1);
   if (d == 0 || k == 0) return at::zeros({vocab_size, d}, gh.options());
-  at::Tensor grad = at::empty({vocab_size, d}, gh.options());  // every element is written once
-  bag_cpu::advise_huge_pages(grad.mutable_data_ptr(), size_t(grad.nbytes()));
+  at::Tensor grad = grad_cache::empty_float(vocab_size, d);  // every element is written once
   bag_cpu::backward(gh.const_data_ptr<float>(), ic.const_data_ptr<int64_t>(), wc.const_data_ptr<float>(), tokens, k,
                     vocab_size, d, grad.mutable_data_ptr<float>());
   return grad;
@@ -336,7 +336,7 @@ at::Tensor curriculum_embed_backward_cpu(const at::Tensor& grad_h, const at::Ten
   const at::Tensor x = x0.contiguous(), g = gamma.contiguous(), it = inv_tau.contiguous(), ls = lse.contiguous();
   const int64_t n = x.numel(), K = vocab_size, d = grad_h.size(-1);
   const at::Tensor dh = grad_h.reshape({n, d}).contiguous().to(at::kFloat);
-  at::Tensor dE = at::zeros({K, d}, dh.options());
+  at::Tensor dE = grad_cache::empty_float(K, d).zero_();  // accumulated by addmm_
   const CurriculumArgs a{x.const_data_ptr<int64_t>(), g.const_data_ptr<double>(), it.const_data_ptr<double>(), K,
                          uint64_t(seed), uint64_t(offset)};
   const double* lp = ls.const_data_ptr<double>();
