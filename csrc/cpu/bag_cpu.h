@@ -173,6 +173,24 @@ struct StreamStore {  // p 16-byte aligned; SSE (baseline x86-64): no target clo
 };
 #endif
 
+// A float buffer starting on a 64-byte cache line. The blocks' rows are 16-float
+// multiples, so every 16-column chunk of hb / dhb is one line; from malloc's 16-byte
+// alignment, half the 8-float loads and stores of a chunk straddled two lines
+// (measured 1 thread, N = 2048, k = 128, d = 768: backward 22-24 -> 20 ms, forward
+// within noise).
+class LineBuffer {
+ public:
+  explicit LineBuffer(int64_t n) : raw_(size_t(n) + 16) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(raw_.data());
+    data_ = raw_.data() + ((64 - a % 64) % 64) / sizeof(float);
+  }
+  float* data() { return data_; }
+
+ private:
+  std::vector<float> raw_;
+  float* data_;
+};
+
 // hb[r, c] (r: tile token, c < nc) += w E[id, c0 + c] over the sorted entries.
 // er: nc floats (the row slice in float32, converted once per id).
 template <class E>
@@ -300,10 +318,10 @@ void forward(const int64_t* ids, const float* w, int64_t n, int64_t k, const E* 
     s.build(ids, w, t0, t1, k, K, /*drop_zero=*/true);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min<int64_t>(p.blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-      std::vector<float> hb(size_t(T * p.cols)), er(size_t(p.cols));
+      LineBuffer hb(T * p.cols), er(p.cols);
       for (int64_t b; (b = next.fetch_add(1)) < p.blocks;) {
         const int64_t c0 = b * p.cols, nc = std::min(p.cols, d - c0);
-        std::fill(hb.begin(), hb.begin() + T * nc, 0.0f);
+        std::fill(hb.data(), hb.data() + T * nc, 0.0f);
         block_forward(s, emb, d, c0, nc, hb.data(), er.data());
         for (int64_t r = 0; r < T; ++r) copy_out(h + (t0 + r) * d + c0, hb.data() + r * nc, nc);
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -324,7 +342,7 @@ inline void backward(const float* dh, const int64_t* ids, const float* w, int64_
     s.build(ids, w, t0, t1, k, K, /*drop_zero=*/false);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min<int64_t>(p.blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-      std::vector<float> dhb(size_t(std::max<int64_t>(T, 1) * p.cols));
+      LineBuffer dhb(std::max<int64_t>(T, 1) * p.cols);
       for (int64_t b; (b = next.fetch_add(1)) < p.blocks;) {
         const int64_t c0 = b * p.cols, nc = std::min(p.cols, d - c0);
         for (int64_t r = 0; r < T; ++r) std::memcpy(dhb.data() + r * nc, dh + (t0 + r) * d + c0, size_t(nc) * 4);
