@@ -687,7 +687,9 @@ def curriculum_topk_embed(
     writer per row, no atomics) when ``torch.use_deterministic_algorithms(True)``.
     The CPU forward sums each ``h`` row in ascending id order (id-sorted bag;
     the per-token bag, in slot order, for tiny bags ``N k < 0.05 K``;
-    ``DUO_FAST_TOPK_BAG=sorted|token`` forces one).
+    ``DUO_FAST_TOPK_BAG=sorted|token`` forces one). The CPU gradient buffer
+    (16 MiB and more) comes from duo_fast's cache of freed gradients, reused
+    across steps (:func:`duo_fast.empty_cache`).
     Bad values: levels as :func:`curriculum_topk` (raise); a NaN / inf
     embedding row gives NaN / inf in the ``h`` of the tokens whose bag holds
     it (propagates, no error). ``x0`` int64 or int32 (``z_t`` in its dtype).
@@ -760,7 +762,9 @@ def curriculum_embed(
     never stored: forward and backward regenerate it, like FlashAttention's
     scores (online softmax over tiles of K; CPU: BLAS GEMMs on tiles of
     P; backward from the saved row log-sum-exp). Memory O(N d + K d) (the
-    embedding's float32 copy when it is not float32), never O(N K).
+    embedding's float32 copy when it is not float32), never O(N K); the CPU
+    gradient buffer (16 MiB and more) comes from duo_fast's cache of freed
+    gradients, reused across steps (:func:`duo_fast.empty_cache`).
     ``gamma`` finite and ``inv_tau`` > 0 per row, per token or a float;
     ``inv_tau`` from 1 to 1e4 and beyond stay finite. With ``seed`` the
     outputs are identical on CPU (any thread count) and CUDA up to float
