@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,38 @@ def test_benchmarks_report_wrapper_lists_cases():
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.returncode == 0, p.stderr
     assert p.stdout.split("\t")[0] == "sample_step/ancestral-N64-K1000"
+
+
+def test_rounds_alternate_the_sides_and_pool_the_calls(monkeypatch):
+    """--rounds R: every side R fresh processes, the order reversed every other round;
+    a side's time is the median of all its rounds' calls (worked by hand below), its
+    peak the largest, a failed round reported beside the others."""
+    case = next(c for c in common.discover_cases("tiny", "cpu", ["usdm_loss"], [])[0]
+                if c.impl("compiled") is not None)
+    calls = []
+    times = {"duo": [[1, 2, 3], [10, 11, 12], [4, 5, 6]], "ref": [[20, 21, 22], [30, 31, 32], [40, 41, 42]],
+             "compiled": [[7, 8, 9], None, [9, 9, 9]]}
+
+    def fake(c, side, mode, device, threads):
+        rnd = sum(1 for s, _ in calls if s == side)
+        calls.append((side, rnd))
+        t = times[side][rnd]
+        if t is None:
+            return {"error": "boom"}
+        return {"median_ms": statistics.median(t), "raw_median_ms": statistics.median(t), "times_ms": t, "scale": 1.0,
+                "peak_mib": 10.0 * (rnd + 1), "first_call_ms": 1.0, "bytes_moved": 1e6, "process_wall_s": 1.0}
+
+    monkeypatch.setattr(common, "run_side_subprocess", fake)
+    r = common.run_case(case, "tiny", "cpu", 2, rounds=3)
+    assert [s for s, _ in calls] == ["duo", "ref", "compiled", "compiled", "ref", "duo", "duo", "ref", "compiled"]
+    duo = r["duo"]  # calls 1 2 3 | 10 11 12 | 4 5 6: median 5
+    assert duo["median_ms"] == 5 and duo["round_medians_ms"] == [2, 11, 5] and duo["peak_mib"] == 30.0
+    assert duo["rounds"] == 3 and duo["gbps"] == pytest.approx(1e6 / 5e-3 / 1e9)
+    assert r["ref"]["median_ms"] == 31
+    comp = r["compiled"]  # 7 8 9 | error | 9 9 9: median 9
+    assert comp["median_ms"] == 9 and comp["rounds"] == 2 and comp["round_errors"] == ["boom"]
+    assert r["speedup_ref"] == pytest.approx(31 / 5)
+    with pytest.raises(ValueError, match="rounds"):
+        common.run_case(case, "tiny", "cpu", 2, rounds=0)
+    with pytest.raises(SystemExit):
+        report.parse_args(["--rounds", "0"])

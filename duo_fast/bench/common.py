@@ -621,23 +621,51 @@ def combine(case: Case, sides: dict[str, dict]) -> dict:
     return r
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One side's result from its rounds (each a fresh process): the median over
+    every round's timed calls, the largest peak; the per-round medians are kept."""
+    ok = [r for r in results if "error" not in r]
+    if len(results) == 1 or not ok:
+        return results[0]
+    out = dict(ok[0])
+    times = [t for r in ok for t in r["times_ms"]]
+    out["times_ms"] = times
+    out["raw_median_ms"] = statistics.median(times)
+    out["median_ms"] = out["raw_median_ms"] * out["scale"]
+    out["round_medians_ms"] = [r["median_ms"] for r in ok]
+    out["peak_mib"] = max(r["peak_mib"] for r in ok)
+    out["first_call_ms"] = max(r["first_call_ms"] for r in ok)
+    out["process_wall_s"] = sum(r.get("process_wall_s", 0.0) for r in ok)
+    out["gbps"] = gbps(out.get("bytes_moved"), out["median_ms"])
+    out["rounds"] = len(ok)
+    if len(ok) < len(results):
+        out["round_errors"] = [r["error"] for r in results if "error" in r]
+    return out
+
+
 def run_case(case: Case, mode: str = "quick", device: str = "cpu", threads: int = 2,
-             log: Callable[[str], None] | None = None) -> dict:
-    """Run every side of a case, each in a fresh subprocess, one after the other;
-    returns the combined JSON-able dict (per-side results, ratios, verdict)."""
-    sides = {}
-    for side in SIDES:
-        if case.impl(side) is None:
-            continue
-        res = run_side_subprocess(case, side, mode, device, threads)
-        sides[side] = res
-        if log:
-            if "error" in res:
-                log(f"  {case.id} [{side}]: ERROR {res['error']}")
-            else:
-                log(f"  {case.id} [{side}]: {res['median_ms']:.4g} ms, {res['peak_mib']:.3g} MiB "
-                    f"(process {res['process_wall_s']:.1f} s)")
-    return combine(case, sides)
+             log: Callable[[str], None] | None = None, rounds: int = 1) -> dict:
+    """Run every side of a case, each in a fresh subprocess, one after the other,
+    `rounds` times with the order of the sides reversed every other round (on a
+    shared machine the speed drifts over minutes: alternating spreads a slow spell
+    over both sides instead of one); returns the combined JSON-able dict (per-side
+    results merged over the rounds, ratios, verdict)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    present = [side for side in SIDES if case.impl(side) is not None]
+    runs: dict[str, list[dict]] = {side: [] for side in present}
+    for rnd in range(rounds):
+        for side in present if rnd % 2 == 0 else present[::-1]:
+            res = run_side_subprocess(case, side, mode, device, threads)
+            runs[side].append(res)
+            if log:
+                tag = f"{case.id} [{side}]" + (f" round {rnd + 1}/{rounds}" if rounds > 1 else "")
+                if "error" in res:
+                    log(f"  {tag}: ERROR {res['error']}")
+                else:
+                    log(f"  {tag}: {res['median_ms']:.4g} ms, {res['peak_mib']:.3g} MiB "
+                        f"(process {res['process_wall_s']:.1f} s)")
+    return combine(case, {side: merge_rounds(v) for side, v in runs.items()})
 
 
 # ---- size grid shared by the per-token-row ops (sample_zt, usdm_loss, distill_kl) ----

@@ -12,8 +12,11 @@ ratios and achieved bandwidth.
 checkout). Every side of every case (duo_fast, the Duo code eager, torch.compile of
 it) is measured in its own fresh process (`python -m duo_fast.bench --one <case-id>
 --side <side>`, internal), with torch.set_num_threads(--threads): warm-up, one call
-for the peak extra memory, then the median of 5 calls. The device's copy bandwidth
-is measured the same way in the same run: the GB/s column is compared with it.
+for the peak extra memory, then the median of 5 calls. With --rounds R every side
+runs R times (R fresh processes, the order of the sides reversed every other round)
+and its time is the median of all R x 5 calls: on a shared machine whose speed
+drifts, this keeps a slow spell from landing on one side only. The device's copy
+bandwidth is measured the same way in the same run: the GB/s column is compared with it.
 
 Writes into --out (default ./duo_fast_bench): report.md (the table), results.csv
 (one row per case, with the machine: CPU, threads, GPU, torch/CUDA/duo_fast
@@ -115,6 +118,7 @@ def environment(args) -> dict:
         "mode": args.mode,
         "device": args.device,
         "threads": args.threads,
+        "rounds": args.rounds,
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if common.is_cuda(args.device) and torch.cuda.is_available() else "",
@@ -164,7 +168,10 @@ def markdown(results: list[dict], env: dict) -> str:
         + f" — duo_fast built with CUDA: {build.get('cuda_version') or 'no'} — {env['date']}"
         + f" — load average (1/5/15 min) {env['load_avg_start']} at the start, {env.get('load_avg_end', '?')} at the end",
         "",
-        "Median of 5 calls (after warm-up) in a fresh process per side "
+        (f"Median of {env.get('rounds', 1)} x 5 calls (after warm-up): {env.get('rounds', 1)} fresh processes per side, "
+         "the sides' order reversed every other round " if env.get("rounds", 1) > 1
+         else "Median of 5 calls (after warm-up) in a fresh process per side ")
+        +
         f"({env['timing']}); peak MiB = peak extra memory during one call ({env['memory_method']}). "
         "Speedup = reference time / duo_fast time (< 1: duo_fast is slower); memory = duo_fast / eager "
         "reference (where the reference needs >= 1 MiB). 'reference code': what the reference side ran — "
@@ -328,6 +335,9 @@ def parse_args(argv=None, prog="duo-fast bench", default_out=DEFAULT_OUT):
     p.add_argument("--ops", default="", help="comma-separated op names (default: all registered)")
     p.add_argument("--match", default="", help="only the cases whose id contains this substring (e.g. N2048-K50257)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads / OMP threads per process (default 2)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="fresh processes per side, the sides alternating; time = median over all rounds "
+                        "(default 1; 3 on a shared machine whose speed drifts)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--out", default=default_out,
                    help=f"folder for report.md, results.csv, results.json, time.png, memory.png "
@@ -337,7 +347,10 @@ def parse_args(argv=None, prog="duo-fast bench", default_out=DEFAULT_OUT):
     p.add_argument("--list", action="store_true", help="list the case ids and exit")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one case ...
     p.add_argument("--side", default="duo", choices=common.SIDES, help=argparse.SUPPRESS)  # ... one side
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    return args
 
 
 def main(argv=None, *, prog: str = "duo-fast bench", default_out: str | None = DEFAULT_OUT) -> int:
@@ -384,7 +397,7 @@ def main(argv=None, *, prog: str = "duo-fast bench", default_out: str | None = D
     results = []
     for c in cases:
         log(f"running {c.id} ({c.size})")
-        r = common.run_case(c, args.mode, args.device, args.threads, log=log)
+        r = common.run_case(c, args.mode, args.device, args.threads, log=log, rounds=args.rounds)
         r["pct_of_copy"] = 100 * r["gbps"] / env["copy_gbps"] if r.get("gbps") and env.get("copy_gbps") else None
         results.append(r)
     env["total_s"] = round(time.perf_counter() - t0, 1)
