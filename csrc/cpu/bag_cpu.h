@@ -23,6 +23,8 @@
 // per-token bag (slot order) by rounding only.
 #pragma once
 
+#include "isa.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -284,10 +286,6 @@ template <class E>
     block_backward_impl<StreamStore>(s, dhb, nc, dE, d, c0, K, first);
   else
     block_backward_impl<PlainStore>(s, dhb, nc, dE, d, c0, K, first);
-}
-inline bool have_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
 }
 #endif
 

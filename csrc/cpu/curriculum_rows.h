@@ -22,6 +22,8 @@
 // exp pass) chosen at run time, else the SSE2 baseline.
 #pragma once
 
+#include "isa.h"
+
 #include <cmath>
 #include <cstdint>
 
@@ -240,10 +242,6 @@ inline float max_base(const float* e, int64_t n) { return max_impl(e, n); }
   return exp_row_impl(e, n, x, p);
 }
 inline double exp_row_base(const float* e, int64_t n, const Exponent& x, float* p) { return exp_row_impl(e, n, x, p); }
-inline bool have_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 inline void noise_tile(uint64_t seed, uint64_t offset, uint64_t token, int64_t b0, int64_t nb, NoiseScratch& sc) {
   if (have_avx2_fma())
     noise_tile_avx2(seed, offset, token, b0, nb, sc);

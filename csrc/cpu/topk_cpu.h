@@ -27,6 +27,8 @@
 // recomputed by topk::token itself. That happens with probability ~1e-8 a token.
 #pragma once
 
+#include "isa.h"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -477,10 +479,6 @@ template <bool kAvx2>
                                                    int zt_rule, SwapMap map, int64_t* ids, float* weights, Scratch sc,
                                                    TokenOut* out) {
   return token_impl<true>(seed, offset, stream, x, pr, inv_tau, k, vocab_size, zt_rule, map, ids, weights, sc, out);
-}
-inline bool have_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
 }
 #endif
 inline bool token_base(uint64_t seed, uint64_t offset, uint64_t stream, int64_t x, const Prologue& pr, double inv_tau,

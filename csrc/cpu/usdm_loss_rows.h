@@ -29,6 +29,8 @@
 // AVX2 + FMA (8 floats a vector) chosen at run time, else the SSE2 baseline.
 #pragma once
 
+#include "isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -247,10 +249,6 @@ template <class T>
 }
 template <class T>
 inline void rows_base(const Rows<T>& a, int64_t begin, int64_t end, float* scratch) { rows_impl(a, begin, end, scratch); }
-inline bool have_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 template <class T>
 inline void rows(const Rows<T>& a, int64_t begin, int64_t end, float* scratch) {
   if (have_avx2_fma())
