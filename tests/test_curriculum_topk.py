@@ -233,6 +233,7 @@ def _bag64(ids, w, E, gh):
     (40, 128, 50257, 770),  # few entries per id: most dE rows are zero rows (written, not left uninitialized)
     (700, 64, 1000, 64),
     (1100, 64, 3000, 48),   # >= 2 x 2^15 entries: the counting sort runs in one part per thread
+    (1601, 64, 3000, 48),   # >= 3 x 2^15 entries: 3 uneven parts (533, 534, 534 tokens) at 3 threads
 ])
 def test_bag_paths_match_float64_reference_and_threads(monkeypatch, path, n, k, K, d):
     # Both forwards (id-sorted, per-token; DUO_FAST_TOPK_BAG forces one) and the

@@ -115,9 +115,9 @@ def test_limits_eviction_and_empty_cache(monkeypatch):
         drop(d)
     assert duo_fast.cache_info() == {"bytes": sizes[2], "buffers": 1, "limit_bytes": 50 * MIB}
 
-    monkeypatch.setenv("DUO_FAST_GRAD_CACHE_MB", "0")  # off: freed buffers go back at once
-    duo_fast.empty_cache()
-    drop(96)
+    monkeypatch.setenv("DUO_FAST_GRAD_CACHE_MB", "0")  # off: what is kept goes at the next call ...
+    assert duo_fast.cache_info() == {"bytes": 0, "buffers": 0, "limit_bytes": 0}
+    drop(96)  # ... and freed buffers go back at once
     assert duo_fast.cache_info()["bytes"] == 0
 
 

@@ -186,6 +186,8 @@ class LineBuffer {
     const uintptr_t a = reinterpret_cast<uintptr_t>(raw_.data());
     data_ = raw_.data() + ((64 - a % 64) % 64) / sizeof(float);
   }
+  LineBuffer(const LineBuffer&) = delete;
+  LineBuffer& operator=(const LineBuffer&) = delete;
   float* data() { return data_; }
 
  private:

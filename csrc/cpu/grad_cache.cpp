@@ -4,12 +4,14 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
-#include <utility>
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -24,52 +26,84 @@ struct Block {
   int64_t bytes;
 };
 
+// Buffers to free outside the lock: a fixed array, so the deleter never allocates.
+struct Drop {
+  std::array<Block, kMaxCachedBuffers + 1> blocks;
+  int n = 0;
+  void add(Block b) { blocks[size_t(n++)] = b; }
+  ~Drop() {
+    for (int i = 0; i < n; ++i) std::free(blocks[size_t(i)].ptr);
+  }
+};
+
 struct Cache {
   std::mutex mu;
-  std::vector<Block> kept;  // oldest first
+  std::vector<Block> kept;  // oldest first; capacity reserved: push_back never allocates
   int64_t bytes = 0;
+  int64_t limit = kDefaultLimitMiB << 20;  // DUO_FAST_GRAD_CACHE_MB as last read by a caller
+
+  Cache() { kept.reserve(kMaxCachedBuffers + 1); }
+
+  // Evicts the oldest kept buffers until `extra` more bytes and one more buffer fit
+  // (extra < 0: until the kept ones fit). Caller holds mu.
+  void make_room(int64_t extra, Drop& drop) {
+    const int64_t max_buffers = extra < 0 ? kMaxCachedBuffers : kMaxCachedBuffers - 1;
+    const int64_t need = extra < 0 ? 0 : extra;
+    while (!kept.empty() && (bytes + need > limit || int64_t(kept.size()) > max_buffers)) {
+      drop.add(kept.front());
+      bytes -= kept.front().bytes;
+      kept.erase(kept.begin());
+    }
+  }
 };
 
 // Never destroyed: a gradient freed during interpreter shutdown still finds it.
-Cache& cache() {
+Cache*& cache_ptr() {
   static Cache* c = new Cache;
-  return *c;
+  return c;
 }
+Cache& cache() { return *cache_ptr(); }
 
-// DUO_FAST_GRAD_CACHE_MB, read at every call (tests and users may change it). A bad
-// value raises where it can (strict: allocation, info) and means the default in the
-// deleter, which must not throw.
-int64_t limit_bytes(bool strict) {
+#if defined(__linux__)
+// A fork() while another thread holds mu (a backward on a worker thread) would leave
+// the child's copy locked forever: the child starts a fresh cache (the parent's kept
+// buffers are left mapped in the child, unused).
+void fresh_cache_in_child() { cache_ptr() = new Cache; }
+const int kAtFork = pthread_atfork(nullptr, nullptr, &fresh_cache_in_child);
+#endif
+
+// DUO_FAST_GRAD_CACHE_MB, read on the caller's thread at every allocation and info()
+// (tests and users may change it) and stored for the deleter, which reads no
+// environment (getenv racing a setenv on another thread is undefined) and must not
+// throw. A lower limit evicts what no longer fits at once.
+int64_t read_limit() {
   int64_t mib = kDefaultLimitMiB;
   if (const char* v = std::getenv("DUO_FAST_GRAD_CACHE_MB")) {
     char* end = nullptr;
     const long long x = std::strtoll(v, &end, 10);
-    const bool ok = end != v && *end == '\0' && x >= 0 && x < (1LL << 40);
-    TORCH_CHECK(ok || !strict, "duo_fast: DUO_FAST_GRAD_CACHE_MB must be a whole number of MiB >= 0, got '", v, "'");
-    if (ok) mib = int64_t(x);
+    TORCH_CHECK(end != v && *end == '\0' && x >= 0 && x < (1LL << 40),
+                "duo_fast: DUO_FAST_GRAD_CACHE_MB must be a whole number of MiB >= 0, got '", v, "'");
+    mib = int64_t(x);
   }
-  return mib << 20;
+  const int64_t limit = mib << 20;
+  Drop drop;
+  std::lock_guard<std::mutex> lock(cache().mu);
+  cache().limit = limit;
+  cache().make_room(-1, drop);
+  return limit;
 }
 
 void give_back(void* ptr, int64_t bytes) noexcept {
-  const int64_t limit = limit_bytes(/*strict=*/false);
-  std::vector<Block> drop;
-  {
-    std::lock_guard<std::mutex> lock(cache().mu);
-    Cache& c = cache();
-    if (bytes <= limit) {
-      while (!c.kept.empty() && (c.bytes + bytes > limit || int64_t(c.kept.size()) >= kMaxCachedBuffers)) {
-        drop.push_back(c.kept.front());
-        c.bytes -= c.kept.front().bytes;
-        c.kept.erase(c.kept.begin());
-      }
-      c.kept.push_back({ptr, bytes});
-      c.bytes += bytes;
-    } else {
-      drop.push_back({ptr, bytes});
-    }
+  Drop drop;
+  std::lock_guard<std::mutex> lock(cache().mu);
+  Cache& c = cache();
+  if (bytes <= c.limit) {
+    c.make_room(bytes, drop);
+    c.kept.push_back({ptr, bytes});
+    c.bytes += bytes;
+  } else {
+    drop.add({ptr, bytes});
   }
-  for (const Block& b : drop) std::free(b.ptr);
 }
 
 void* take(int64_t bytes) {
@@ -99,27 +133,32 @@ at::Tensor empty_float(int64_t rows, int64_t cols) {
   TORCH_CHECK(rows >= 0 && cols >= 0, "duo_fast: gradient shape must be non-negative, got [", rows, ", ", cols, "]");
   const auto options = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
   const int64_t need = rows * cols * int64_t(sizeof(float));
-  (void)limit_bytes(/*strict=*/true);
+  (void)read_limit();
   if (need < kMinCachedBytes) return at::empty({rows, cols}, options);
   const int64_t bytes = (need + kHugePage - 1) / kHugePage * kHugePage;
-  void* p = take(bytes);
-  return at::from_blob(p, {rows, cols}, [bytes](void* q) { give_back(q, bytes); }, options);
+  auto deleter = [bytes](void* q) { give_back(q, bytes); };
+  std::unique_ptr<void, decltype(deleter)> p(take(bytes), deleter);  // back to the cache if from_blob throws
+  at::Tensor t = at::from_blob(p.get(), {rows, cols}, deleter, options);
+  (void)p.release();
+  return t;
 }
 
 Info info() {
+  const int64_t limit = read_limit();
   std::lock_guard<std::mutex> lock(cache().mu);
-  return {cache().bytes, int64_t(cache().kept.size()), limit_bytes(/*strict=*/true)};
+  return {cache().bytes, int64_t(cache().kept.size()), limit};
 }
 
 int64_t empty_cache() {
-  std::vector<Block> drop;
+  std::vector<Block> kept;
   {
     std::lock_guard<std::mutex> lock(cache().mu);
-    drop.swap(cache().kept);
+    kept.swap(cache().kept);
+    cache().kept.reserve(kMaxCachedBuffers + 1);
     cache().bytes = 0;
   }
   int64_t freed = 0;
-  for (const Block& b : drop) {
+  for (const Block& b : kept) {
     freed += b.bytes;
     std::free(b.ptr);
   }

@@ -13,9 +13,12 @@
 // transparent huge pages. A freed one is kept (most recent first) while the cache
 // holds at most kMaxCachedBuffers and DUO_FAST_GRAD_CACHE_MB (default 4096; 0: no
 // cache, every buffer goes back to the kernel), evicting the oldest; a request takes
-// a kept buffer of exactly its rounded size. Kept buffers stay resident until reused
-// or released by empty_cache() (duo_fast.empty_cache()). Thread-safe; the deleter
-// may run on any thread and at exit.
+// a kept buffer of exactly its rounded size. The variable is read at each allocation
+// and by info() (a lower value evicts at once). Kept buffers stay resident until
+// reused or released by empty_cache() (duo_fast.empty_cache()). Thread-safe; the
+// deleter may run on any thread and at exit, and neither throws nor allocates. The
+// tensors are from_blob: their storage cannot be resized (resize_ to a larger size
+// raises), and torch's profiler does not count them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
