@@ -164,7 +164,9 @@ def _sample_zt_fake(x0, gamma_t, gamma_s, vocab_size, seed, offset):
 _DIRECTIONS = {"bwd": 0, "fwd": 1}
 
 
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "bwd") -> torch.Tensor:
+def distill_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "bwd", *, inplace_grad: bool = False
+) -> torch.Tensor:
     """Per-token KL between the student's and the teacher's softmax (SPEC 3):
     ``direction="bwd"``: KL(pS || pT); ``"fwd"``: KL(pT || pS). Logits
     ``[..., K]`` float32, bfloat16 or float16, each law its own dtype, read
@@ -172,6 +174,13 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direc
     ``[...]`` float32, the gradient in the student's dtype. Differentiable w.r.t. ``student_logits`` only; the
     gradient is computed in the same pass as the KL when the student requires
     grad (no ``[N, K]`` temporaries besides the gradient itself).
+
+    Memory, as :func:`usdm_loss`: by default backward returns ``gradient *
+    grad_output`` out of place (two ``[N, K]`` tensors at its peak; with 16-bit
+    logits the product is float32, cast back by autograd: 5x the student's
+    bytes); ``inplace_grad=True`` hands the forward's gradient buffer to autograd,
+    scaled in place in its own dtype (the same bits): peak extra memory the
+    gradient alone, one backward only, ignored inside ``torch.compile``.
 
     Masked vocabularies: a ``-inf`` logit is probability 0 with ``0 log 0 = 0``,
     so an entry that is 0 in the weighting law (the student for ``"bwd"``, the
@@ -196,6 +205,9 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direc
         raise ValueError(f"duo_fast: student_logits must be [..., K] with K >= 2, got shape {tuple(student_logits.shape)}")
     check_same_device(student_logits, "student_logits", teacher_logits, "teacher_logits")
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if inplace_grad and compute_grad and not torch.compiler.is_compiling():
+        return _FusedGradInplace.apply("distill_kl", torch.ops.duo_fast.distill_kl.default, student_logits,
+                                       teacher_logits.detach(), _DIRECTIONS[direction])
     kl, _ = torch.ops.duo_fast.distill_kl.default(
         student_logits, teacher_logits.detach(), _DIRECTIONS[direction], compute_grad
     )
@@ -314,39 +326,56 @@ def usdm_loss(
     # a buffer handed over between forward and backward cannot be traced, so there the
     # op is the plain custom op (same values).
     if inplace_grad and compute_grad and not torch.compiler.is_compiling():
-        return _UsdmLossInplaceGrad.apply(logits, z, x0, a, d)
+        return _FusedGradInplace.apply("usdm_loss", torch.ops.duo_fast.usdm_loss.default, logits, z, x0, a, d)
     loss, _ = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, a, d, compute_grad)
     return loss
 
 
-class _UsdmLossInplaceGrad(torch.autograd.Function):
-    """usdm_loss with the lowest memory: the gradient computed in the forward is
-    handed to autograd as the gradient itself (scaled in place by grad_output,
-    skipped when grad_output is a broadcast 1, e.g. after .sum()), so no second
-    [N, K] tensor ever exists. The price: backward can run only once."""
+class _FusedGradInplace(torch.autograd.Function):
+    """A fused (value, gradient) op (usdm_loss, distill_kl) with the lowest memory:
+    the gradient computed in the forward is handed to autograd as the gradient
+    itself (scaled in place by grad_output, skipped when grad_output is a broadcast
+    1, e.g. after .sum()), so no second [N, K] tensor ever exists. The price:
+    backward can run only once. apply(name, op, input, *rest): op(input, *rest,
+    True) -> (value, gradient w.r.t. input)."""
 
     @staticmethod
-    def forward(ctx, logits, z, x0, alpha, dalpha):
-        loss, grad = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, alpha, dalpha, True)
+    def forward(ctx, name, op, inp, *rest):
+        value, grad = op(inp, *rest, True)
         ctx.grad = grad  # not save_for_backward: backward gives this very tensor away
-        return loss
+        ctx.name, ctx.n_rest = name, len(rest)
+        return value
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_value):
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
-                "duo_fast: usdm_loss(..., inplace_grad=True) supports a single backward (its gradient buffer was "
+                f"duo_fast: {ctx.name}(..., inplace_grad=True) supports a single backward (its gradient buffer was "
                 "handed to autograd); use inplace_grad=False for retain_graph / double backward"
             )
         ctx.grad = None
         # Reading the value would synchronize on CUDA: there the scale is always applied.
-        ones = grad_loss.device.type == "cpu" and all(s == 0 for s in grad_loss.stride()) and bool(grad_loss.reshape(-1)[0] == 1)
+        ones = grad_value.device.type == "cpu" and all(s == 0 for s in grad_value.stride()) and bool(grad_value.reshape(-1)[0] == 1)
         if not ones:
             # in place in grad's dtype, the product taken in float32: a 16-bit gradient is
-            # rounded once more, not grad_output first (found by the fuzzer: bf16 logits)
-            grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None
+            # rounded once more, not grad_output first (found by the fuzzer: bf16 logits).
+            # torch's in-place 16-bit x float32 product makes float32 temporaries of the
+            # operand's size (measured on CPU: 4x the bf16 bytes), so a 16-bit gradient is
+            # scaled by rows through one float32 buffer of 1 MiB (64 MiB on CUDA: fewer
+            # launches): the same bits, O(K) extra memory.
+            if grad.dtype == torch.float32:
+                grad.mul_(grad_value.unsqueeze(-1))
+            else:
+                g2, v = grad.view(-1, grad.shape[-1]), grad_value.reshape(-1, 1)
+                step = max(1, ((64 << 20) if grad.is_cuda else (1 << 20)) // (4 * g2.shape[1]))
+                tmp = g2.new_empty((min(step, g2.shape[0]), g2.shape[1]), dtype=torch.float32)
+                for i in range(0, g2.shape[0], step):
+                    rows = g2[i:i + step]
+                    t = tmp[:rows.shape[0]]
+                    torch.mul(rows, v[i:i + step], out=t)
+                    rows.copy_(t)
+        return (None, None, grad) + (None,) * ctx.n_rest
 
 
 @torch.library.register_fake("duo_fast::usdm_loss")

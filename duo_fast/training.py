@@ -282,7 +282,9 @@ def dcd_loss(student: torch.nn.Module, teacher: torch.nn.Module, x0: torch.Tenso
     student_logits = student(z_t, (-torch.log(alpha_t)).float())
     with torch.no_grad():
         teacher_logits = teacher(z_s, (-torch.log(alpha_s)).float())
-    kl = distill_kl(student_logits.float(), teacher_logits.float(), cfg.direction)
+    student_logits = student_logits.float()
+    kl = distill_kl(student_logits, teacher_logits.float(), cfg.direction,
+                    inplace_grad=torch.is_grad_enabled() and student_logits.requires_grad)
     return LossOutput(kl.mean(), kl, t, {"phase": "dcd", "dt": dt, "round": round})
 
 

@@ -136,7 +136,8 @@ def _run_every_op(t, K, rand, backward=True):
     g = torch.ones_like(t["logits"])
     ops._fused_grad_backward(SimpleNamespace(saved_tensors=(g,), compute_grad=True), ones, 6)
     # a broadcast grad_output (after .sum()): the CPU shortcut reads its value, CUDA must not
-    ops._UsdmLossInplaceGrad.backward(SimpleNamespace(grad=g.clone()), torch.ones((), device=loss.device).expand(loss.shape))
+    ops._FusedGradInplace.backward(SimpleNamespace(grad=g.clone(), name="usdm_loss", n_rest=4),
+                                   torch.ones((), device=loss.device).expand(loss.shape))
     lctx = SimpleNamespace(saved_tensors=(h, w, None, t["z"], t["x0"], t["alpha"][:, None].expand(2, 3),
                                           t["dalpha"][:, None].expand(2, 3)),
                            chunk_size=4, has_bias=False, needs_input_grad=(True, True, False))

@@ -221,3 +221,55 @@ def test_cuda_device_half_logits(direction, sdtype, tdtype):
     eps = 2.0**-8 if sdtype == torch.bfloat16 else 2.0**-11
     err = (sc.grad.cpu().double() - s64.grad).abs()
     assert sc.grad.dtype == sdtype and bool((err <= (eps + 1e-4) * s64.grad.abs() + 1e-6 + 2.0**-25).all())
+
+
+@pytest.mark.parametrize("direction", ["bwd", "fwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_inplace_grad_matches_reference_and_runs_once(direction, dtype):
+    # inplace_grad=True scales the forward's gradient buffer in place: against the
+    # float64 reference within the out-of-place bound (one more rounding of the
+    # product in 16 bits), the same bits as out of place, and a second backward
+    # raises naming the op.
+    shape = (3, 4, 257)
+    w = torch.linspace(0.5, 1.5, 12).reshape(3, 4)  # not representable in 16 bits
+    t = _logits(shape, 3.0, 2).to(dtype)
+    grads = []
+    for inplace in (False, True):
+        s = _logits(shape, 3.0, 1).to(dtype).requires_grad_()
+        kl = duo_fast.distill_kl(s, t, direction, inplace_grad=inplace)
+        (kl * w).sum().backward(retain_graph=True)
+        grads.append(s.grad)
+        if inplace:
+            with pytest.raises(RuntimeError, match=r"distill_kl\(\.\.\., inplace_grad=True\) supports a single backward"):
+                (kl * w).sum().backward()
+    assert grads[1].dtype == dtype and torch.equal(grads[0], grads[1])
+    s64 = _logits(shape, 3.0, 1).to(dtype).double().requires_grad_()
+    (reference.distill_kl(s64, t.double(), direction) * w.double()).sum().backward()
+    eps = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    bound = (2 * eps + 1e-5) * s64.grad.abs() + 1e-7 + (2.0**-24 if dtype == torch.float16 else 0.0)
+    assert bool(((grads[1].double() - s64.grad).abs() <= bound).all())
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_grad_peak_memory_is_the_gradient(dtype):
+    """inplace_grad=True: forward + backward hold one [N, K] tensor besides the
+    logits, the gradient in the student's dtype: peak extra <= 1.1x the student
+    logits' bytes (out of place, bfloat16 peaks at ~5x: the float32 product and
+    its cast back)."""
+    from test_usdm_loss import _peak_extra_bytes
+
+    N, K = 1024, 50257
+    s = _logits((N, K), 3.0, 1).to(dtype).requires_grad_()
+    t = _logits((N, K), 3.0, 2).to(dtype)
+    w = torch.rand(N)
+    small = s[:8].detach().clone().requires_grad_()  # warm up (thread pools, autograd, the scaling path)
+    (duo_fast.distill_kl(small, t[:8], inplace_grad=True) * w[:8]).sum().backward()
+
+    def step():
+        (duo_fast.distill_kl(s, t, inplace_grad=True) * w).sum().backward()
+
+    extra = _peak_extra_bytes(step)
+    nbytes = s.numel() * s.element_size()
+    assert s.grad is not None and s.grad.dtype == dtype
+    assert extra <= 1.1 * nbytes, f"peak extra {extra / 2**20:.1f} MiB > 1.1 x {nbytes / 2**20:.1f} MiB"

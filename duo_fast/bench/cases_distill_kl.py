@@ -5,7 +5,7 @@ No BASELINES.md target (informational rows: target "—").
 
 Sides (each in a fresh process, see benchmarks/README.md):
 
-  * duo:      duo_fast.distill_kl(student, teacher, "bwd").sum().backward()
+  * duo:      duo_fast.distill_kl(student, teacher, "bwd", inplace_grad=True).sum().backward()
               (student float32 requiring grad; .grad dropped before each call).
   * ref:      Distillation.nll's kl-bwd on logits: both through the Duo code's
               DUO_BASE._process_model_output (log_softmax; the teacher detached, as
@@ -82,7 +82,7 @@ def _drop_grad(st):
 
 
 def duo_fwd_bwd(st):
-    duo_fast.distill_kl(st["student"], st["teacher"], DIRECTION).sum().backward()
+    duo_fast.distill_kl(st["student"], st["teacher"], DIRECTION, inplace_grad=True).sum().backward()
 
 
 def ref_fwd_bwd(st):
@@ -132,7 +132,7 @@ def cases(mode: str, device: str) -> list[Case]:
             size=f"KL(pS||pT) fwd+bwd N={N} (B={B}, L={L}) K={K} {dname}",
             setup=_setup(N, K, dtype),
             duo=Impl(duo_fwd_bwd, before_each=_drop_grad,
-                     note=f'duo_fast.distill_kl(student, teacher, "{DIRECTION}").sum().backward()'),
+                     note=f'duo_fast.distill_kl(student, teacher, "{DIRECTION}", inplace_grad=True).sum().backward()'),
             ref=ref, compiled=compiled,
             bytes_moved=_bytes,
             target=None,

@@ -346,7 +346,8 @@ def _distillation_replacements(algo, *, raw_ok) -> dict:
         # float32 / bfloat16 / float16 logits (autocast) are read natively: no float32 copies
         student = student if student.dtype in _LOGIT_DTYPES else student.float()
         teacher = teacher if teacher.dtype in _LOGIT_DTYPES else teacher.float()
-        kl = distill_kl(student, teacher, "fwd" if self.loss_type == "kl-fwd" else "bwd")
+        inplace = torch.is_grad_enabled() and student.requires_grad  # one backward per step: the lowest memory
+        kl = distill_kl(student, teacher, "fwd" if self.loss_type == "kl-fwd" else "bwd", inplace_grad=inplace)
         if self.config.training.loss_precision == "float64":
             kl = kl.to(torch.float64)
         return kl
