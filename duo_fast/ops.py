@@ -461,6 +461,63 @@ class _LinearUsdmLoss(torch.autograd.Function):
         )
 
 
+class _LinearUsdmLossReduced(torch.autograd.Function):
+    """sum (or mean) of usdm_loss(hidden @ weight.T + bias, ...), chunk by chunk,
+    with the gradients computed in the forward (as Liger's fused linear cross
+    entropy): a reduced loss's grad_output is one scalar c, so per chunk the
+    kernel's d loss / d logits G (scaled by 1/N for the mean) goes straight into
+    grad_hidden = G @ weight, grad_weight += G^T @ hidden, grad_bias += sum of G's
+    rows, and backward only multiplies them by c: one logits GEMM and one kernel
+    call per chunk instead of two of each. Holds the float32 gradients of hidden
+    and weight from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, z, x0, alpha, dalpha, chunk_size, mean):
+        N = z.numel()
+        h2 = hidden.reshape(N, hidden.shape[-1])
+        zf, xf, af, df = z.reshape(N), x0.reshape(N), alpha.reshape(N), dalpha.reshape(N)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.empty(h2.shape, dtype=torch.float32, device=h2.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        w32 = weight.float() if need_h else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for s in range(0, N, chunk_size):
+            e = min(N, s + chunk_size)
+            # float32 logits: G then stays float32 for the GEMMs (as _LinearUsdmLoss.backward)
+            logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
+            loss, g = torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], True)
+            del logits
+            total += loss.sum(dtype=torch.float64)
+            if mean:
+                g.div_(N)
+            if need_h:
+                torch.mm(g, w32, out=grad_h[s:e])
+            if need_w:
+                grad_w.addmm_(g.t(), h2[s:e].float())
+            if need_b:
+                grad_b += g.sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return (total / N if mean else total).float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("duo_fast: linear_usdm_loss(..., reduction=...) supports a single backward (its gradients "
+                               "were computed in the forward); use reduction='none' for retain_graph / double backward")
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        shape, h_dtype, w_dtype, b_dtype = ctx.meta
+        c = grad_loss.float()  # a 0-dim tensor: no host read (no CUDA sync)
+        return (
+            grad_h.mul_(c).to(h_dtype).view(shape) if grad_h is not None else None,
+            grad_w.mul_(c).to(w_dtype) if grad_w is not None else None,
+            grad_b.mul_(c).to(b_dtype) if grad_b is not None else None,
+            None, None, None, None, None, None,
+        )
+
+
 def linear_usdm_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -471,6 +528,7 @@ def linear_usdm_loss(
     dalpha: torch.Tensor,
     *,
     chunk_size: int | None = None,
+    reduction: str = "none",
 ) -> torch.Tensor:
     """``usdm_loss(hidden @ weight.T + bias, z, x0, alpha, dalpha)`` without ever
     holding the full ``[B, L, K]`` logits: tokens are processed in chunks of
@@ -478,7 +536,15 @@ def linear_usdm_loss(
     ``[B, L, d]``; ``weight``: ``[K, d]``; ``bias``: ``[K]`` or None (float32,
     or any float dtype: the chunk's logits are formed in it and the loss math
     runs in float32/float64). Differentiable w.r.t. hidden, weight and bias.
-    Peak extra memory is O(chunk_size * K), independent of N. A ``-inf`` bias
+    Peak extra memory is O(chunk_size * K), independent of N.
+
+    ``reduction``: ``"none"`` (default) returns the per-token ``[B, L]`` losses
+    and recomputes each chunk's logits in backward (any ``grad_output``);
+    ``"sum"`` / ``"mean"`` return the scalar sum / mean over tokens and, when a
+    gradient is needed, compute the gradients in the forward, chunk by chunk
+    (one logits GEMM and one kernel call per chunk instead of two of each; the
+    float32 gradients of hidden and weight are held until backward, which then
+    only scales them; one backward only). A ``-inf`` bias
     entry masks that id for every token: probability 0, as in
     :func:`usdm_loss` (its rows of the weight and bias gradients are 0).
     Bad values as :func:`usdm_loss`: NaN / +inf in hidden, weight or bias give
@@ -503,9 +569,16 @@ def linear_usdm_loss(
         chunk_size = _default_chunk_size(K, weight.shape[1])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"duo_fast: chunk_size must be a positive int, got {chunk_size!r}")
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"duo_fast: reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     a = per_token_level(alpha, "alpha", z, "z")
     d = per_token_level(dalpha, "dalpha", z, "z")
-    return _LinearUsdmLoss.apply(hidden, weight, bias, z, x0, a, d, chunk_size)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if reduction != "none" and needs_grad and not torch.compiler.is_compiling():
+        return _LinearUsdmLossReduced.apply(hidden, weight, bias, z, x0, a, d, chunk_size, reduction == "mean")
+    loss = _LinearUsdmLoss.apply(hidden, weight, bias, z, x0, a, d, chunk_size)
+    return loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.mean()
 
 
 # --------------------------------------------------------------------------------------

@@ -44,6 +44,46 @@ def test_matches_reference_on_full_logits(chunk_size, bias, device):
         assert ((p.grad.cpu().double() - rp.grad).abs() <= (3e-4 if cuda else 1e-4) * scale).all()
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("chunk_size,bias", [(3, True), (4, False), (1000, True)])
+def test_reduced_loss_and_gradients_match_reference(reduction, chunk_size, bias, device):
+    # reduction="sum" / "mean": the gradients are computed in the forward and scaled
+    # by the scalar grad_output in backward (2.5 here: the scaling is exercised).
+    cuda = device != "cpu"
+    hidden, weight, b, z, x0, alpha, dalpha = _problem(L=7, bias=bias)
+    params = [t.clone().to(device).requires_grad_() for t in ([hidden, weight] + ([b] if bias else []))]
+    loss = duo_fast.linear_usdm_loss(params[0], params[1], params[2] if bias else None, z.to(device), x0.to(device),
+                                     alpha.to(device), dalpha.to(device), chunk_size=chunk_size, reduction=reduction)
+    assert loss.shape == () and loss.dtype == torch.float32
+    ref_params = [p.detach().cpu().double().requires_grad_() for p in params]
+    ref = reference.usdm_loss(ref_params[0] @ ref_params[1].t() + (ref_params[2] if bias else 0), z, x0, alpha, dalpha)
+    ref = ref.sum() if reduction == "sum" else ref.mean()
+    torch.testing.assert_close(loss.detach().cpu().double(), ref.detach(), rtol=1e-4 if cuda else 1e-5, atol=1e-5)
+    (loss * 2.5).backward()
+    (ref * 2.5).backward()
+    for p, rp in zip(params, ref_params):
+        assert p.grad.dtype == p.dtype and p.grad.shape == p.shape
+        assert ((p.grad.cpu().double() - rp.grad).abs() <= (3e-4 if cuda else 1e-4) * rp.grad.abs().max()).all()
+    with pytest.raises(RuntimeError, match="supports a single backward"):
+        loss.backward()
+    with torch.no_grad():  # no gradient wanted: the value alone
+        again = duo_fast.linear_usdm_loss(*[p.detach() for p in params[:2]], params[2].detach() if bias else None,
+                                          z.to(device), x0.to(device), alpha.to(device), dalpha.to(device),
+                                          chunk_size=chunk_size, reduction=reduction)
+    torch.testing.assert_close(again.cpu().double(), ref.detach(), rtol=1e-4 if cuda else 1e-5, atol=1e-5)
+
+
+def test_reduced_only_some_inputs_require_grad_and_bad_reduction():
+    hidden, weight, b, z, x0, alpha, dalpha = _problem()
+    w = weight.clone().requires_grad_()
+    duo_fast.linear_usdm_loss(hidden, w, b, z, x0, alpha, dalpha, chunk_size=4, reduction="mean").backward()
+    wr = weight.double().requires_grad_()
+    reference.usdm_loss(hidden.double() @ wr.t() + b.double(), z, x0, alpha, dalpha).mean().backward()
+    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        duo_fast.linear_usdm_loss(hidden, w, b, z, x0, alpha, dalpha, reduction="avg")
+
+
 def test_only_some_inputs_require_grad():
     hidden, weight, b, z, x0, alpha, dalpha = _problem()
     w = weight.clone().requires_grad_()

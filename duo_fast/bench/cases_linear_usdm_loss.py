@@ -4,8 +4,9 @@ forward + backward w.r.t. hidden, weight and bias, d = 768.
 Issue 5 asks it "against hidden @ W.T + b followed by the reference loss,
 showing memory independent of N". Sides (fresh process each):
 
-  * duo: duo_fast.linear_usdm_loss(hidden, W, b, z, x0, alpha, dalpha).sum().backward()
-    (tokens in chunks of ~64 MiB of float32 logits; logits recomputed per chunk in backward);
+  * duo: duo_fast.linear_usdm_loss(hidden, W, b, z, x0, alpha, dalpha, reduction="sum").backward()
+    (tokens in chunks of ~64 MiB of float32 logits; the gradients computed chunk by chunk
+    in the forward, scaled by grad_output in backward: one logits GEMM per chunk);
   * ref: logits = hidden @ W.T + b, then the Duo code's loss (DUO_BASE._process_model_output
     and DUO_BASE.nll_per_token on a stand-in model, duo_code.loss), .sum().backward().
 
@@ -63,7 +64,8 @@ def _drop_grads(st):
 
 
 def _duo(st):
-    duo_fast.linear_usdm_loss(st["hidden"], st["W"], st["b"], st["z"], st["x0"], st["alpha"], st["dalpha"]).sum().backward()
+    duo_fast.linear_usdm_loss(st["hidden"], st["W"], st["b"], st["z"], st["x0"], st["alpha"], st["dalpha"],
+                              reduction="sum").backward()
 
 
 def _ref(st):
@@ -96,7 +98,7 @@ def cases(mode: str, device: str) -> list[Case]:
         out.append(Case(
             op=OP, name=f"fwd_bwd-N{N}-K{k}", size=f"fwd+bwd N={N} K={k} d={d} fp32",
             setup=_setup(N, k, d),
-            duo=Impl(_duo, before_each=_drop_grads, note=f"duo_fast.linear_usdm_loss (chunk {_default_chunk_size(k, d)} tokens)"),
+            duo=Impl(_duo, before_each=_drop_grads, note=f"duo_fast.linear_usdm_loss(..., reduction='sum') (chunk {_default_chunk_size(k, d)} tokens)"),
             ref=ref,
             target=Target(f"peak O(chunk*K + K*d), independent of N: <= {bound:.0f} MiB", max_mem_mib=bound),
             notes=notes,
