@@ -263,7 +263,7 @@ def rows(dry: bool) -> list[Row]:
             }, [AUTOCAST_NOTE] if ac else []))
             st = _kl_state(N, K, L, dt)
             out.append(Row("distill_kl", "bwd_fwd_bwd", N, K, d, dn, {
-                "duo": Side(C_KL.duo_fwd_bwd, st, C_KL._drop_grad, note='duo_fast.distill_kl(s, t, "bwd") fwd+bwd'),
+                "duo": Side(C_KL.duo_fwd_bwd, st, C_KL._drop_grad, note='duo_fast.distill_kl(s, t, "bwd", inplace_grad=True) fwd+bwd'),
                 "ref": Side(C_KL.ref_fwd_bwd, _with_model(st), C_KL._drop_grad, autocast=ac, source=src,
                             note="Distillation.nll's kl-bwd (log_softmax of both, inline KL), autograd"),
                 "compiled": Side(C_KL.ref_fwd_bwd, _with_model(st), C_KL._drop_grad, compile=True, autocast=ac,

@@ -5,8 +5,9 @@
 
 Every CUDA kernel of csrc/cuda/*.cu is reached: gamma_to_alpha (float32, float64),
 sample_zt (single, coupled), usdm_loss (fp32 / bf16 / fp16 logits, with and
-without the gradient, a masked id), linear_usdm_loss, distill_kl (both
-directions, with the gradient; 16-bit where the op takes it), sample_step and
+without the gradient, a masked id), linear_usdm_loss (per token and reduced),
+distill_kl (both directions, with the gradient; 16-bit where the op takes it; the
+in-place gradient), sample_step and
 posterior (fp32 / bf16 logits, top_p = 1 and the nucleus path, kappa < 1),
 curriculum_embed (forward and backward; the float kernels and the three
 tensor-core block shapes), curriculum_topk, curriculum_topk_embed
@@ -73,24 +74,28 @@ def calls(device: str):
                 out.append((f"usdm_loss K={K} {dt} grad={grad}", loss(K, dt, grad, B=1 if K > 1000 else 2,
                                                                        L=3 if K > 1000 else 7)))
 
-    def linear():
-        B, L, d, K = 2, 5, 16, 1000
-        h = rn(B, L, d).requires_grad_(True)
-        W = rn(K, d).requires_grad_(True)
-        b = rn(K).requires_grad_(True)
-        alpha, dalpha = duo_fast.gamma_to_alpha(levels(B), K)
-        x0 = ids(K, B, L)
-        duo_fast.linear_usdm_loss(h, W, b, x0, x0, alpha.float()[:, None], 1.75 * dalpha.float()[:, None],
-                                  chunk_size=3).sum().backward()
+    def linear(reduction):
+        def f():
+            B, L, d, K = 2, 5, 16, 1000
+            h = rn(B, L, d).requires_grad_(True)
+            W = rn(K, d).requires_grad_(True)
+            b = rn(K).requires_grad_(True)
+            alpha, dalpha = duo_fast.gamma_to_alpha(levels(B), K)
+            x0 = ids(K, B, L)
+            v = duo_fast.linear_usdm_loss(h, W, b, x0, x0, alpha.float()[:, None], 1.75 * dalpha.float()[:, None],
+                                          chunk_size=3, reduction=reduction)
+            (v.sum() if reduction == "none" else v * 2).backward()  # "mean": gradients in the forward, scaled
+        return f
 
-    out.append(("linear_usdm_loss", linear))
+    out.append(("linear_usdm_loss", linear("none")))
+    out.append(("linear_usdm_loss reduction=mean", linear("mean")))
 
-    def kl(direction, dt, K=1000):
+    def kl(direction, dt, K=1000, inplace=False):
         def f():
             s = rn(2, 5, K, dtype=dt).requires_grad_(True)
             t = rn(2, 5, K, dtype=dt)
-            v = duo_fast.distill_kl(s, t, direction)
-            v.sum().backward()
+            v = duo_fast.distill_kl(s, t, direction, inplace_grad=inplace)
+            (v * rn(2, 5)).sum().backward()  # a grad_output that is not 1: the scaling runs
             return v
         return f
 
@@ -98,6 +103,8 @@ def calls(device: str):
         out.append((f"distill_kl {direction} fp32", kl(direction, torch.float32)))
         out.append((f"distill_kl {direction} K=50257 fp32", kl(direction, torch.float32, 50257)))
         out.append((f"distill_kl {direction} bf16 (where the op takes 16-bit logits)", kl(direction, torch.bfloat16)))
+    out.append(("distill_kl bwd bf16 inplace_grad (rows scaled through a float32 buffer)",
+                kl("bwd", torch.bfloat16, inplace=True)))
 
     def step(dt, top_p, kappa, K=1000, op="sample_step"):
         def f():
