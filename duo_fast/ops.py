@@ -401,6 +401,25 @@ def _default_chunk_size(vocab_size: int, hidden_size: int) -> int:
     return max(1, min(4096, (64 << 20) // (4 * vocab_size)))
 
 
+def _chunk_loss_grad(h2, weight, bias, zf, xf, af, df, s, e):
+    """(loss, G = d loss / d logits) of tokens [s, e) of the fused linear + loss. The
+    chunk's logits are float32, so G stays float32 for the GEMMs that take it (a
+    16-bit G would add its rounding to grad_hidden / grad_weight)."""
+    logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
+    return torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], True)
+
+
+def _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e):
+    """grad_hidden[s:e] = G @ weight (w32: weight in float32), grad_weight += G^T @
+    hidden[s:e], grad_bias += the sum of G's rows; each where it is not None."""
+    if grad_h is not None:
+        grad_h[s:e] = g @ w32
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), h2[s:e].float())
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
 class _LinearUsdmLoss(torch.autograd.Function):
     """loss = usdm_loss(hidden @ weight.T + bias, ...), chunk by chunk.
 
@@ -439,20 +458,12 @@ class _LinearUsdmLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h2) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and ctx.has_bias else None
+        w32 = weight.float() if need_h else None
         for s in range(0, N, cs):
             e = min(N, s + cs)
-            # float32 here: the chunk's gradient G then stays float32 for the GEMMs below
-            # (a 16-bit G would add its rounding to grad_hidden / grad_weight)
-            logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
-            _, g = torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], True)
-            del logits
+            _, g = _chunk_loss_grad(h2, weight, bias, zf, xf, af, df, s, e)
             g.mul_(go[s:e].unsqueeze(-1))
-            if need_h:
-                grad_h[s:e] = (g @ weight.float()).to(h2.dtype)
-            if need_w:
-                grad_w.addmm_(g.t(), h2[s:e].float())
-            if grad_b is not None:
-                grad_b += g.sum(0)
+            _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
         return (
             grad_h.view(hidden.shape) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
@@ -484,19 +495,11 @@ class _LinearUsdmLossReduced(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for s in range(0, N, chunk_size):
             e = min(N, s + chunk_size)
-            # float32 logits: G then stays float32 for the GEMMs (as _LinearUsdmLoss.backward)
-            logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
-            loss, g = torch.ops.duo_fast.usdm_loss.default(logits, zf[s:e], xf[s:e], af[s:e], df[s:e], True)
-            del logits
+            loss, g = _chunk_loss_grad(h2, weight, bias, zf, xf, af, df, s, e)
             total += loss.sum(dtype=torch.float64)
             if mean:
                 g.div_(N)
-            if need_h:
-                torch.mm(g, w32, out=grad_h[s:e])
-            if need_w:
-                grad_w.addmm_(g.t(), h2[s:e].float())
-            if need_b:
-                grad_b += g.sum(0)
+            _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return (total / N if mean else total).float()
