@@ -23,8 +23,6 @@
 // per-token bag (slot order) by rounding only.
 #pragma once
 
-#include "isa.h"
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -35,6 +33,7 @@
 #include <vector>
 
 #include "duo_fast/logits.h"
+#include "isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

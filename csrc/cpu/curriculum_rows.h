@@ -22,8 +22,6 @@
 // exp pass) chosen at run time, else the SSE2 baseline.
 #pragma once
 
-#include "isa.h"
-
 #include <cmath>
 #include <cstdint>
 
@@ -34,6 +32,7 @@
 
 #include "duo_fast/curriculum.h"
 #include "duo_fast/fast_math.h"
+#include "isa.h"
 
 namespace duo_fast {
 namespace curriculum_cpu {

@@ -27,8 +27,6 @@
 // recomputed by topk::token itself. That happens with probability ~1e-8 a token.
 #pragma once
 
-#include "isa.h"
-
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -39,6 +37,7 @@
 #endif
 
 #include "duo_fast/topk.h"
+#include "isa.h"
 
 namespace duo_fast {
 namespace topk_cpu {

@@ -29,8 +29,6 @@
 // AVX2 + FMA (8 floats a vector) chosen at run time, else the SSE2 baseline.
 #pragma once
 
-#include "isa.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -38,6 +36,7 @@
 #include "duo_fast/fast_math.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/usdm_loss.h"
+#include "isa.h"
 
 namespace duo_fast {
 namespace usdm_cpu {
