@@ -76,7 +76,7 @@ except ImportError as e:  # pragma: no cover - only without a build
         f"Original error: {e}"
     ) from e
 
-from . import reference, sampling
+from . import generation, reference
 from .ops import (
     check_device_errors,
     curriculum_embed,
@@ -90,7 +90,7 @@ from .ops import (
     sample_zt,
     usdm_loss,
 )
-from .sampling import generate
+from .generation import generate
 
 __version__ = _C.build_info()["version"]
 
@@ -136,11 +136,11 @@ __all__ = [
     "empty_cache",
     "gamma_to_alpha",
     "generate",
+    "generation",
     "linear_usdm_loss",
     "posterior",
     "reference",
     "sample_step",
     "sample_zt",
-    "sampling",
     "usdm_loss",
 ]

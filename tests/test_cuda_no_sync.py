@@ -130,25 +130,28 @@ def _run_every_op(t, K, rand, backward=True):
         return
     from types import SimpleNamespace
 
-    from duo_fast import ops
+    from duo_fast.ops._inplace_grad import _FusedGradInplace, _fused_grad_backward
+    from duo_fast.ops.curriculum_embed import _curriculum_embed_backward
+    from duo_fast.ops.curriculum_topk import _topk_embed_backward
+    from duo_fast.ops.linear_usdm_loss import _LinearUsdmLoss
 
     ones = torch.ones_like(loss)
     g = torch.ones_like(t["logits"])
-    ops._fused_grad_backward(SimpleNamespace(saved_tensors=(g,), compute_grad=True), ones, 6)
+    _fused_grad_backward(SimpleNamespace(saved_tensors=(g,), compute_grad=True), ones, 6)
     # a broadcast grad_output (after .sum()): the CPU shortcut reads its value, CUDA must not
-    ops._FusedGradInplace.backward(SimpleNamespace(grad=g.clone(), name="usdm_loss", n_rest=4),
-                                   torch.ones((), device=loss.device).expand(loss.shape))
+    _FusedGradInplace.backward(SimpleNamespace(grad=g.clone(), name="usdm_loss", n_rest=4),
+                               torch.ones((), device=loss.device).expand(loss.shape))
     lctx = SimpleNamespace(saved_tensors=(h, w, None, t["z"], t["x0"], t["alpha"][:, None].expand(2, 3),
                                           t["dalpha"][:, None].expand(2, 3)),
                            chunk_size=4, has_bias=False, needs_input_grad=(True, True, False))
-    ops._LinearUsdmLoss.backward(lctx, ones)
+    _LinearUsdmLoss.backward(lctx, ones)
     ectx = SimpleNamespace(saved_tensors=(ids, wts), needs_input_grad=(False,) * 4 + (True,), vocab_size=K,
                            embedding_dtype=torch.float32)
-    ops._topk_embed_backward(ectx, torch.ones_like(hk), None, None, None)
+    _topk_embed_backward(ectx, torch.ones_like(hk), None, None, None)
     lvl = torch.zeros(t["x0"].shape, dtype=torch.float64, device=t["x0"].device)
     cctx = SimpleNamespace(saved_tensors=(t["x0"], lvl, lvl + 2, lvl), needs_input_grad=(False,) * 3 + (True,),
                            vocab_size=K, embedding_dtype=torch.float32, seed=1, offset=0)
-    ops._curriculum_embed_backward(cctx, torch.ones_like(he), None, None)
+    _curriculum_embed_backward(cctx, torch.ones_like(he), None, None)
 
 
 @pytest.mark.parametrize("randomness", ["seed", "philox_state", "get_state"])

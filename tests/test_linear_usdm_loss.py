@@ -1,4 +1,4 @@
-"""duo_fast.linear_usdm_loss (SPEC 3, fused linear + loss): values and gradients
+"""duo_fast.linear_usdm_loss (docs/math.md §3, fused linear + loss): values and gradients
 w.r.t. hidden, weight and bias against the float64 reference applied to the full
 logits, chunk-size independence, memory independent of N, and bad inputs."""
 

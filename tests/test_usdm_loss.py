@@ -1,4 +1,4 @@
-"""duo_fast.usdm_loss (SPEC 3) against the float64 reference (DUO_BASE.nll_per_token
+"""duo_fast.usdm_loss (docs/math.md §3) against the float64 reference (DUO_BASE.nll_per_token
 on log_softmax(logits)): values (1e-5 relative + 1e-6 absolute, as the issue
 states for float32 logits) and gradients, across K (2, odd, 50257), alpha near 0
 and 1, peaked and flat logits, z == x0 and z != x0; perfect-model losses near 0;
@@ -47,7 +47,7 @@ def _compare(logits, z, x0, alpha, dalpha, device="cpu"):
     (ref * w.double()).sum().backward()
     # float32 gradient: 1e-5 relative plus 1e-6 of the largest entry among the
     # tokens sharing this alpha, plus the float64 reference's own rounding: its
-    # autograd of SPEC's form cancels terms of size |dalpha| (1 + r), r = K alpha/(1-alpha),
+    # autograd of the reference's form cancels terms of size |dalpha| (1 + r), r = K alpha/(1-alpha),
     # so below ~1e-14 of that it has no correct digits (test_peaked_rows_match_exact_gradient
     # checks such rows against mpmath instead).
     lead = (-1, *([1] * (l64.dim() - 1)))

@@ -45,10 +45,10 @@ LAUNCH_MS = 0.002  # one kernel launch and its completion: no call is faster (ti
 
 K_GPT2 = 50257
 D_MODEL = 768
-N_BASELINES = 2048  # ../shared/BASELINES.md sizes
+N_BASELINES = 2048  # the BASELINES sizes (docs/benchmarks.md)
 N_TRAIN = 65536  # a training-like size (issue 12)
 TOPK = 128
-# curriculum_embed (2d, csrc/cuda/curriculum_mma.cu): a block of BN tokens re-reads
+# curriculum_embed (2d, csrc/cuda/curriculum_embed_mma.cu): a block of BN tokens re-reads
 # the embedding (bf16) once in the forward; a block of BK vocabulary rows re-reads dh
 # (bf16) once in the backward. Both regenerate the scores from Philox once per column
 # slice of EMBED_SLICE_COLS (d = 768: 2 slices) at ~EMBED_DRAW_INSTR fp32-pipe

@@ -126,7 +126,7 @@ def calls(device: str):
 
     def embed(K=1000, d=24, portable=False):
         # DUO_FAST_EMBED_PORTABLE (read per call): the float kernels, else the tensor-core
-        # kernels on sm_80+ (curriculum_mma.cu; d picks the block shape: <= 128, <= 256, more)
+        # kernels on sm_80+ (curriculum_embed_mma.cu; d picks the block shape: <= 128, <= 256, more)
         def f():
             old = os.environ.get("DUO_FAST_EMBED_PORTABLE")
             os.environ["DUO_FAST_EMBED_PORTABLE"] = "1" if portable else "0"

@@ -1,4 +1,4 @@
-"""Benchmark cases of the curriculum soft inputs (SPEC 2d, 2e):
+"""Benchmark cases of the curriculum soft inputs (docs/math.md §2d, §2e):
 duo_fast.curriculum_embed (exact, fwd+bwd w.r.t. the embedding),
 duo_fast.curriculum_topk (sampling only) and duo_fast.curriculum_topk_embed
 (fwd+bwd, and forward alone), d = 768.

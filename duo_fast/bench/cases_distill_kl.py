@@ -1,4 +1,4 @@
-"""Benchmark cases of duo_fast.distill_kl (SPEC section 3, distillation KLs),
+"""Benchmark cases of duo_fast.distill_kl (docs/math.md §3, distillation KLs),
 forward + backward w.r.t. the student logits.
 
 No BASELINES.md target (informational rows: target "—").

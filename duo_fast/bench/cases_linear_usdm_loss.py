@@ -1,4 +1,4 @@
-"""Benchmark cases of duo_fast.linear_usdm_loss (SPEC 3: fused linear + loss),
+"""Benchmark cases of duo_fast.linear_usdm_loss (docs/math.md §3: fused linear + loss),
 forward + backward w.r.t. hidden, weight and bias, d = 768.
 
 Issue 5 asks it "against hidden @ W.T + b followed by the reference loss,
@@ -24,7 +24,7 @@ import torch
 
 import duo_fast
 from duo_fast import reference as R
-from duo_fast.ops import _default_chunk_size
+from duo_fast.ops.linear_usdm_loss import _default_chunk_size
 
 from . import duo_code
 from .cases_usdm_loss import with_model

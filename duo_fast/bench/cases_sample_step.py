@@ -1,4 +1,4 @@
-"""Benchmark cases of duo_fast.sample_step (SPEC section 4).
+"""Benchmark cases of duo_fast.sample_step (docs/math.md §4).
 
 BASELINES.md target: "sample_step, N=2048, K=50257: >= 10x reference float64,
 >= 3x compiled float32; peak extra memory O(N)". The BASELINES reference rows

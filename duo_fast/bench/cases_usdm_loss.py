@@ -1,4 +1,4 @@
-"""Benchmark cases of duo_fast.usdm_loss (SPEC section 3), forward + backward.
+"""Benchmark cases of duo_fast.usdm_loss (docs/math.md §3), forward + backward.
 
 BASELINES.md target: "usdm_loss fwd+bwd, N=2048, K=50257, fp32 logits: >= 8x
 reference, >= 2.5x compiled; peak extra memory <= 1.1x the logits' bytes (the

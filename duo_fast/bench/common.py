@@ -3,7 +3,7 @@ the `Case` description every op's benchmark module returns, the case registry,
 and the fresh-subprocess runner used by `duo-fast bench` (`python -m duo_fast bench`,
 `python -m benchmarks.report` in a source checkout).
 
-Protocol (../shared/BASELINES.md): each side of a case (duo_fast, the reference,
+Protocol (docs/benchmarks.md): each side of a case (duo_fast, the reference,
 the torch.compile'd reference) is measured in its own fresh Python process:
 build the inputs, warm up (lazy initialisation, per-K tables, torch.compile
 compilation: none of it counted, the first call's time is reported on its own),

@@ -78,7 +78,8 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..ops import _LOGIT_DTYPES, curriculum_embed, curriculum_topk, distill_kl, gamma_to_alpha, sample_step, sample_zt, usdm_loss
+from ..ops import curriculum_embed, curriculum_topk, distill_kl, gamma_to_alpha, sample_step, sample_zt, usdm_loss
+from ..ops._common import _LOGIT_DTYPES
 
 __all__ = ["PARTS", "Patch", "patch", "CurriculumInput", "LogitsCache", "main"]
 
@@ -116,10 +117,10 @@ class CurriculumInput:
 
     def embed(self, layer, original_forward) -> torch.Tensor:
         E = layer.embedding
-        if self.top_k is None:  # exact tempered softmax over all K (SPEC 2d)
+        if self.top_k is None:  # exact tempered softmax over all K (docs/math.md §2d)
             h, self.z_t = curriculum_embed(self.x0, self.gamma, self.inv_tau, E)
             return h
-        # Duo++ top-k (SPEC 2e), then the layer's own weighted embedding bag.
+        # Duo++ top-k (docs/math.md §2e), then the layer's own weighted embedding bag.
         ids, weights, self.z_t = curriculum_topk(self.x0, self.gamma, self.inv_tau, self.top_k, E.shape[0], zt_rule=self.zt_rule)
         return original_forward(layer, ids, weights)
 
@@ -339,7 +340,7 @@ def _distillation_replacements(algo, *, raw_ok) -> dict:
         gamma_s = self.gamma_min + (t - dt) * (self.gamma_max - self.gamma_min)
         alpha_t = self._gamma_to_alphat_integral(gamma_t).unsqueeze(-1)
         alpha_s = self._gamma_to_alphat_integral(gamma_s).unsqueeze(-1)
-        # The coupled pair argmax(a~_t e_x + s~_t eps), argmax(a~_s e_x + s~_s eps), exactly (SPEC 2b).
+        # The coupled pair argmax(a~_t e_x + s~_t eps), argmax(a~_s e_x + s~_s eps), exactly (docs/math.md §2b).
         xt, xs = sample_zt(x0, gamma_t, self.vocab_size, gamma_s=gamma_s)
         student = _raw_logits(self, xt, self._sigma_from_alphat(alpha_t), raw_ok=raw_ok)
         teacher = self._teacher_logits(xs, sigma=self._sigma_from_alphat(alpha_s))
@@ -393,7 +394,7 @@ def _sampling_replacements(trainer_base, *, raw_ok) -> dict:
             return psi_original(self, x, t, labels, dt, kappa, p_x0, noise_removal_step)
         alpha_t, alpha_s, labels = setup
         logits = _logits_for_step(self, x, alpha_t, labels, p_x0)
-        # kappa q_posterior + (1 - kappa) (alpha_s q_posterior(alpha_s = 1) + (1 - alpha_s) / K): SPEC 4.
+        # kappa q_posterior + (1 - kappa) (alpha_s q_posterior(alpha_s = 1) + (1 - alpha_s) / K): docs/math.md §4.
         z = sample_step(logits, x, alpha_t, alpha_s, kappa=float(kappa), top_p=float(self.p_nucleus))
         return LogitsCache(logits), z
 
