@@ -208,7 +208,7 @@ def test_emulated_z_defined_when_every_score_is_nan(harness, emulated, seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernels_match_cpu runs these kernels' source on the CPU")
 def test_cuda_device_matches_cpu(monkeypatch):
     # the portable float kernels (on sm_80+ the op runs the tensor-core kernels unless
-    # asked not to; those are compared within the bf16 bound in test_curriculum_mma.py)
+    # asked not to; those are compared within the bf16 bound in test_curriculum_embed_mma.py)
     monkeypatch.setenv("DUO_FAST_EMBED_PORTABLE", "1")
     K, d = 50257, 768
     x0, gamma = _inputs(256, K, 0)

@@ -3,7 +3,7 @@ forward + backward w.r.t. the student logits.
 
 No BASELINES.md target (informational rows: target "—").
 
-Sides (each in a fresh process, see benchmarks/README.md):
+Sides (each in a fresh process, see docs/benchmarks.md):
 
   * duo:      duo_fast.distill_kl(student, teacher, "bwd", inplace_grad=True).sum().backward()
               (student float32 requiring grad; .grad dropped before each call).

@@ -1,6 +1,6 @@
 """GPU benchmarks of the GPU check (benchmarks/gpu/check.sh, step "bench").
 
-    python -m benchmarks.gpu.bench --out bench.jsonl [--dry-run] [--deadline UNIX_TIME]
+    python -m duo_fast.bench.gpu_bench --out bench.jsonl [--dry-run] [--deadline UNIX_TIME]
 
 Every op at a training-like size (N = 16384 and 65536 tokens, K = 50257, d = 768;
 fp32 and bf16 logits where the op takes logits) against the Duo code's own
@@ -31,7 +31,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -43,7 +42,8 @@ import torch
 
 import duo_fast
 from duo_fast import reference as R
-from duo_fast.bench import cases_curriculum as C_CUR
+from duo_fast.bench import cases_curriculum_embed as C_EMB
+from duo_fast.bench import cases_curriculum_topk as C_TOPK
 from duo_fast.bench import cases_distill_kl as C_KL
 from duo_fast.bench import cases_gamma_to_alpha as C_G2A
 from duo_fast.bench import cases_linear_usdm_loss as C_LIN
@@ -292,23 +292,23 @@ def rows(dry: bool) -> list[Row]:
             }))
         st = _cur_state(N, K, L, d, True)
         out.append(Row("curriculum_embed", "fwd_bwd", N, K, d, None, {
-            "duo": Side(C_CUR._embed_duo, st, C_CUR._drop_grad, note="duo_fast.curriculum_embed fwd+bwd"),
-            "ref": Side(C_CUR._embed_ref, _with_layer(st), C_CUR._drop_grad, source=src,
+            "duo": Side(C_EMB._embed_duo, st, C_EMB._drop_grad, note="duo_fast.curriculum_embed fwd+bwd"),
+            "ref": Side(C_EMB._embed_ref, _with_layer(st), C_EMB._drop_grad, source=src,
                         note="DUO.nll's simple curriculum + EmbeddingLayer (softmax @ E), backward w.r.t. E"),
-            "compiled": Side(C_CUR._embed_ref, _with_layer(st), C_CUR._drop_grad, compile=True, source=src,
+            "compiled": Side(C_EMB._embed_ref, _with_layer(st), C_EMB._drop_grad, compile=True, source=src,
                              note="torch.compile of the same"),
         }, [f"torch.backends.cuda.matmul.allow_tf32 = {torch.backends.cuda.matmul.allow_tf32} (the Duo side's "
             "fp32 einsum)"]))
         st = _cur_state(N, K, L, d, True)
         out.append(Row("curriculum_topk_embed", f"k{TOPK}_fwd_bwd", N, K, d, None, {
-            "duo": Side(C_CUR._topk_embed_duo(TOPK), st, C_CUR._drop_grad, note="duo_fast.curriculum_topk_embed fwd+bwd"),
-            "ref": Side(C_CUR._topk_embed_ref(TOPK), _with_layer(st), C_CUR._drop_grad, source=src,
+            "duo": Side(C_TOPK._topk_embed_duo(TOPK), st, C_EMB._drop_grad, note="duo_fast.curriculum_topk_embed fwd+bwd"),
+            "ref": Side(C_TOPK._topk_embed_ref(TOPK), _with_layer(st), C_EMB._drop_grad, source=src,
                         note="sample_tempered_softmax_topk + F.embedding_bag, backward"),
         }))
         st = _cur_state(N, K, L, d, False)
         out.append(Row("curriculum_topk", f"k{TOPK}", N, K, d, None, {
-            "duo": Side(C_CUR._topk_duo(TOPK), st, note="duo_fast.curriculum_topk"),
-            "ref": Side(C_CUR._topk_ref(TOPK), _with_layer(st), source=src, note="sample_tempered_softmax_topk"),
+            "duo": Side(C_TOPK._topk_duo(TOPK), st, note="duo_fast.curriculum_topk"),
+            "ref": Side(C_TOPK._topk_ref(TOPK), _with_layer(st), source=src, note="sample_tempered_softmax_topk"),
         }))
         st = _linear_state(N, K, L, d)
         out.append(Row("linear_usdm_loss", "fwd_bwd", N, K, d, None, {

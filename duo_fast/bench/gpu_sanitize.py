@@ -1,7 +1,7 @@
 """One small call of every duo_fast kernel, forward and backward (GPU check, step
 "sanitizer": run under `compute-sanitizer --tool memcheck` and `--tool racecheck`).
 
-    python -m benchmarks.gpu.sanitize_calls [--device cuda|cpu]
+    python -m duo_fast.bench.gpu_sanitize [--device cuda|cpu]
 
 Every CUDA kernel of csrc/cuda/*.cu is reached: gamma_to_alpha (float32, float64),
 sample_zt (single, coupled), usdm_loss (fp32 / bf16 / fp16 logits, with and

@@ -3,7 +3,7 @@ H200 floor, our kernel's predicted time (today's kernel and the one designed in
 issue 12 parts 2a-2d), and the Duo code's predicted traffic.
 
 One table (`ROWS`), used by benchmarks/README.md (its numbers are printed by
-`python -m benchmarks.gpu.cost_model`) and by the GPU check
+`python -m duo_fast.bench.cost_model`) and by the GPU check
 (benchmarks/gpu/check.sh prints measured / floor next to every benchmark row).
 
 Notation: N tokens, K vocabulary, d embedding width, E = N*K entries, b the bytes
