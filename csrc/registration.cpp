@@ -33,14 +33,16 @@ TORCH_LIBRARY(duo_fast, m) {
   // key `seed`, positions offset, offset+1 of stream token (sample_zt.h).
   m.def("sample_zt(Tensor x0, Tensor gamma_t, Tensor? gamma_s, int vocab_size, SymInt seed, int offset)"
         " -> (Tensor, Tensor)");
-  // docs/math.md §3: per-token KL of student vs teacher logits [..., K] (direction 0:
-  // KL(pS||pT), 1: KL(pT||pS)); with compute_grad also dKL/dstudent_logits
-  // (else the second output is empty). Backward scales it by grad_output.
-  // docs/math.md §3: per-token uniform-state NELBO from float32 logits [..., K]; z, x0
-  // int64 and alpha, dalpha float64 of the leading shape. With compute_grad also
-  // d loss / d logits (else the second output is empty); backward scales it.
+  // docs/math.md §3: per-token uniform-state NELBO from logits [..., K] (float32,
+  // bfloat16 or float16, read natively); z, x0 int64 and alpha, dalpha float64 of the
+  // leading shape. With compute_grad also d loss / d logits in the logits' dtype (else
+  // the second output is empty); backward scales it by grad_output.
   m.def("usdm_loss(Tensor logits, Tensor z, Tensor x0, Tensor alpha, Tensor dalpha, bool compute_grad)"
         " -> (Tensor, Tensor)");
+  // docs/math.md §3: per-token KL of student vs teacher logits [..., K] (float32,
+  // bfloat16 or float16, each its own dtype; direction 0: KL(pS||pT), 1: KL(pT||pS));
+  // with compute_grad also dKL/dstudent_logits in the student's dtype (else the second
+  // output is empty). Backward scales it by grad_output.
   m.def("distill_kl(Tensor student_logits, Tensor teacher_logits, int direction, bool compute_grad)"
         " -> (Tensor, Tensor)");
   // docs/math.md §2c/§2d: exact curriculum input h = softmax((a~ onehot(x0) + s~ eps) * inv_tau) E

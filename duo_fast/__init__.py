@@ -110,9 +110,8 @@ def empty_cache() -> int:
     a small cache: when a gradient is freed (``optimizer.zero_grad()``, or
     ``param.grad = None``) its buffer is kept, and the next backward of the same
     shape reuses it instead of asking the kernel for fresh pages (which it must
-    fault in and zero: at GPT-2's vocabulary, 147 MiB, that is ~10 ms per step on
-    a small CPU). At most 2 buffers and ``DUO_FAST_GRAD_CACHE_MB`` MiB (default
-    4096; 0 turns the cache off) are kept; they stay resident until reused or
+    fault in and zero: at GPT-2's vocabulary, 147 MiB per step). At most 2 buffers
+    and ``DUO_FAST_GRAD_CACHE_MB`` MiB (default 4096; 0 turns the cache off) are kept; they stay resident until reused or
     freed here. Like ``torch.cuda.empty_cache()``, this never frees memory that
     a live tensor uses. CUDA gradients use torch's own caching allocator.
     """

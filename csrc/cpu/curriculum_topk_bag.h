@@ -176,9 +176,7 @@ struct StreamStore {  // p 16-byte aligned; SSE (baseline x86-64): no target clo
 
 // A float buffer starting on a 64-byte cache line. The blocks' rows are 16-float
 // multiples, so every 16-column chunk of hb / dhb is one line; from malloc's 16-byte
-// alignment, half the 8-float loads and stores of a chunk straddled two lines
-// (measured 1 thread, N = 2048, k = 128, d = 768: backward 22-24 -> 20 ms, forward
-// within noise).
+// alignment, half the 8-float loads and stores of a chunk straddled two lines.
 class LineBuffer {
  public:
   explicit LineBuffer(int64_t n) : raw_(size_t(n) + 16) {

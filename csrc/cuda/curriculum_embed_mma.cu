@@ -33,19 +33,15 @@
 // against 2 C flops of mma per entry. On an H200 (~30 T fp32-pipe
 // instructions/s, i.e. ~60 TFLOP/s of FMA; ~790 TFLOP/s bf16 mma) the draws
 // cost (60 / 30e12) / (2 C / 790e12) ~ 790 / C times the mma time: C = 384 ->
-// ~2x. Predicted at N = 65536, K = 50257, d = 768 (2 slices of 384), per
-// direction: draws N K * 2 * 60 / 30e12 ~ 13 ms, mma 2 N K d / 790e12 ~ 6.4 ms
-// at peak (~10 ms at mma.sync's usual ~65%), partly overlapped across the
-// SM's warps: ~15-23 ms, so ~30-45 ms forward + backward against ~170 ms for
-// the float kernels (2 N K d / 60e12 ~ 85 ms per direction): the draws, not
-// the GEMM, bound this op; a GPU run decides the next step.
+// ~2x, so the draws, not the GEMM, bound this op (its predicted times per size
+// are the cost model's, duo_fast/bench/cost_model.py; a GPU run decides the next step).
 // Recomputing the scores per column slice was chosen over a two-pass design
 // (pass 1 row stats, pass 2 GEMM with known lse: every score drawn at least
 // twice, and still once per slice in pass 2) and over a whole-d block (64 x 768
 // float accumulators do not fit the register file; C = 384 per block already
 // takes 212 registers per thread, 96 of them accumulators). The E tile is read from global
-// memory (L2) once per 64 tokens: N / 64 * K d * 2 bytes (79 GB at the size
-// above, ~10-15 ms at L2 rates, overlapped), so the operands are bf16 copies
+// memory (L2) once per 64 tokens: N / 64 * K d * 2 bytes (overlapped with the
+// draws), so the operands are bf16 copies
 // made once by the caller (E: K d * 2 bytes, no copy for a bf16 embedding; dh:
 // N d * 2 bytes), which halves that traffic against staging float32.
 //

@@ -66,7 +66,7 @@ class _FusedGradInplace(torch.autograd.Function):
             # in place in grad's dtype, the product taken in float32: a 16-bit gradient is
             # rounded once more, not grad_output first (found by the fuzzer: bf16 logits).
             # torch's in-place 16-bit x float32 product makes float32 temporaries of the
-            # operand's size (measured on CPU: 4x the bf16 bytes), so a 16-bit gradient is
+            # operand's size (4x the bf16 bytes), so a 16-bit gradient is
             # scaled by rows through one float32 buffer of 1 MiB (64 MiB on CUDA: fewer
             # launches): the same bits, O(K) extra memory.
             if grad.dtype == torch.float32:

@@ -15,13 +15,14 @@ public name is re-exported here.
 """
 
 from ._common import DUO_GAMMA_MAX, DUO_GAMMA_MIN, SAMPLING_EPS, SCHEDULE_EPS, TRAIN_T_EPS
-from .curriculum_embed import curriculum_embed_dense
+from .curriculum_embed import curriculum_embed, curriculum_embed_dense
 from .curriculum_topk import TopKDraws, curriculum_topk, curriculum_topk_embed, draw_topk
 from .distill_kl import distill_kl
 from .gamma_to_alpha import cosine_alpha, gamma_schedule, gamma_to_alpha, loglinear_alpha, pt_from_gamma
+from .linear_usdm_loss import linear_usdm_loss
 from .generation import generate, psi_kappas, schedule_alpha
 from .sample_step import nucleus_filter, posterior, sample_categorical, sample_step
-from .sample_zt import coupled_joint_law, latent_marginal, sample_zt_dense, sample_zt_o1
+from .sample_zt import coupled_joint_law, latent_marginal, sample_zt, sample_zt_dense, sample_zt_o1
 from .usdm_loss import usdm_loss, usdm_loss_from_log_probs
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "TopKDraws",
     "cosine_alpha",
     "coupled_joint_law",
+    "curriculum_embed",
     "curriculum_embed_dense",
     "curriculum_topk",
     "curriculum_topk_embed",
@@ -42,6 +44,7 @@ __all__ = [
     "gamma_to_alpha",
     "generate",
     "latent_marginal",
+    "linear_usdm_loss",
     "loglinear_alpha",
     "nucleus_filter",
     "posterior",
@@ -49,6 +52,7 @@ __all__ = [
     "pt_from_gamma",
     "sample_categorical",
     "sample_step",
+    "sample_zt",
     "sample_zt_dense",
     "sample_zt_o1",
     "schedule_alpha",

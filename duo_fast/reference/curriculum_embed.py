@@ -23,3 +23,7 @@ def curriculum_embed_dense(x0, gamma, inv_tau, embedding, *, noise=None,
        + s[..., None] * noise.to(_F64))
   P = torch.softmax(w * _per_token(inv_tau, x0)[..., None], dim=-1)
   return P @ embedding.to(_F64), w.argmax(-1)
+
+
+# The oracle under the op's name: the dense definition.
+curriculum_embed = curriculum_embed_dense

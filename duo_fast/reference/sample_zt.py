@@ -68,3 +68,7 @@ def sample_zt_o1(x0, gamma, vocab_size, gamma_s=None, generator=None):
 
   z_t = latent(gamma)
   return z_t if gamma_s is None else (z_t, latent(gamma_s))
+
+
+# The oracle under the op's name: the dense definition (argmax over K noises).
+sample_zt = sample_zt_dense
