@@ -23,7 +23,7 @@ from .linear_usdm_loss import linear_usdm_loss
 from .generation import generate, psi_kappas, schedule_alpha
 from .sample_step import nucleus_filter, posterior, sample_categorical, sample_step
 from .sample_zt import coupled_joint_law, latent_marginal, sample_zt, sample_zt_dense, sample_zt_o1
-from .usdm_loss import usdm_loss, usdm_loss_from_log_probs
+from .usdm_loss import usdm_loss, usdm_loss_from_log_probs, usdm_loss_value
 
 __all__ = [
     "DUO_GAMMA_MAX",
@@ -58,4 +58,5 @@ __all__ = [
     "schedule_alpha",
     "usdm_loss",
     "usdm_loss_from_log_probs",
+    "usdm_loss_value",
 ]
