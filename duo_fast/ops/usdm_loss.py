@@ -33,7 +33,8 @@ def usdm_loss(
     reductions, gradient) and scaled by ``grad_output`` in backward, so the only
     ``[N, K]`` memory is the gradient itself. The loss is evaluated in a form
     where every term vanishes for a perfect model (see csrc/include/duo_fast/
-    usdm_loss.h), so small losses keep their relative accuracy.
+    usdm_loss.h): within 1e-5 relative, or 1e-8 of the size of its first-order
+    parts for the tiniest losses (docs/math.md §3).
 
     Masked vocabularies: a ``-inf`` logit is probability 0 (``0 log 0 = 0``):
     it stays in the vocabulary size ``K`` of the uniform prior, its model
