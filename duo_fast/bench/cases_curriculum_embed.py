@@ -94,16 +94,20 @@ def _embed_ref(st):
 # ---- top-k ------------------------------------------------------------------------------
 
 
+def sizes(mode: str):
+    """(N, K, d, size label, at the target's K) of the curriculum cases of a mode."""
+    d = _dim(mode)
+    for N, K in token_sizes(mode):
+        B, L = _shape(N)
+        yield N, K, d, f"N={N} (B={B}, L={L}) K={K} d={d}", K == TARGET_K
+
+
 def cases(mode: str, device: str) -> list[Case]:
     full = mode == "full"
-    d = _dim(mode)
     limit = ref_limit_gib(device)
     src = duo_code.source
     out = []
-    for N, K in token_sizes(mode):
-        B, L = _shape(N)
-        size = f"N={N} (B={B}, L={L}) K={K} d={d}"
-        at_target = K == TARGET_K
+    for N, K, d, size, at_target in sizes(mode):
         # exact curriculum input, fwd+bwd
         est = REF_PEAK_UNITS * N * K * 4 / 2**30
         notes = []

@@ -27,8 +27,8 @@ import torch
 import duo_fast
 
 from . import duo_code
-from .cases_curriculum_embed import INV_TAU, SEED, TARGET_K, _dim, _drop_grad, _setup, _shape
-from .common import Case, Impl, Target, token_sizes
+from .cases_curriculum_embed import INV_TAU, SEED, _drop_grad, _setup, sizes
+from .common import Case, Impl, Target
 
 
 def _topk_duo(k):
@@ -88,13 +88,9 @@ def _bag_bytes(N: int, K: int, d: int, k: int, backward: bool) -> int:
 
 
 def cases(mode: str, device: str) -> list[Case]:
-    d = _dim(mode)
     src = duo_code.source
     out = []
-    for N, K in token_sizes(mode):
-        B, L = _shape(N)
-        size = f"N={N} (B={B}, L={L}) K={K} d={d}"
-        at_target = K == TARGET_K
+    for N, K, d, size, at_target in sizes(mode):
         for k in (32, 128):
             tgt = Target(">= 10x reference, peak <= reference", min_speedup_ref=10.0, max_mem_ratio=1.0) \
                 if at_target and k == 128 else None
