@@ -18,12 +18,17 @@ def _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):
         raise ValueError("duo_fast: logits must be [..., K], got a 0-dim tensor")
     check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
     _check_ids_like(logits, "logits", z)
+    return (z, *_step_levels(z, alpha_t, alpha_s, kappa, temperature, top_p))
+
+
+def _step_levels(z, alpha_t, alpha_s, kappa, temperature, top_p):
+    """The levels (float64 of z's shape) and scalars of a reverse step, checked."""
     a_t = per_token_level(alpha_t, "alpha_t", z, "z")
     a_s = per_token_level(alpha_s, "alpha_s", z, "z")
     kappa = check_real(kappa, "kappa", 0.0, 1.0)
     temperature = check_real(temperature, "temperature", 0.0, float("inf"), lo_open=True, hi_open=True)
     top_p = check_real(top_p, "top_p", 0.0, 1.0, lo_open=True)
-    return z, a_t, a_s, kappa, temperature, top_p
+    return a_t, a_s, kappa, temperature, top_p
 
 
 def sample_step(
@@ -77,7 +82,7 @@ def sample_step(
 
 
 @torch.library.register_fake("duo_fast::sample_step")
-def _sample_step_fake(logits, z, alpha_t, alpha_s, kappa, temperature, top_p, seed, offset):
+def _sample_step_fake(logits, z, alpha_t, alpha_s, kappa, temperature, top_p, seed, offset, row_offset=0):
     return z.new_empty(z.shape)
 
 
