@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL_OPS = ("gamma_to_alpha", "sample_zt", "curriculum_embed", "curriculum_topk", "usdm_loss", "distill_kl",
               "sample_step")
-COMPOSITE_OPS = ("linear_usdm_loss",)  # Python over a kernel op: no header or kernels of their own
+COMPOSITE_OPS = ("linear_usdm_loss", "linear_distill_kl", "linear_sample_step")  # Python over a kernel op: no header or kernels of their own
 
 
 def _places(op: str, kernels: bool) -> list[Path]:

@@ -15,6 +15,8 @@ from .curriculum_topk import curriculum_topk, curriculum_topk_embed
 from .device_checks import check_device_errors
 from .distill_kl import distill_kl
 from .gamma_to_alpha import gamma_to_alpha
+from .linear_distill_kl import linear_distill_kl
+from .linear_sample_step import linear_sample_step
 from .linear_usdm_loss import linear_usdm_loss
 from .sample_step import posterior, sample_step
 from .sample_zt import sample_zt
@@ -27,6 +29,8 @@ __all__ = [
     "curriculum_topk_embed",
     "distill_kl",
     "gamma_to_alpha",
+    "linear_distill_kl",
+    "linear_sample_step",
     "linear_usdm_loss",
     "posterior",
     "sample_step",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_same_device, check_tensor, check_vocab
+from ._common import _LOGIT_DTYPES
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -27,6 +28,12 @@ def default_chunk_size(vocab_size: int, hidden_size: int) -> int:
     """Tokens per chunk so that one chunk's float32 logits (and their gradient)
     take about 64 MiB: large enough for efficient GEMMs, O(1) in N."""
     return max(1, min(4096, (64 << 20) // (4 * vocab_size)))
+
+
+def kernel_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the kernels read them: float32 / bfloat16 / float16 natively, other
+    float dtypes (float64) as float32."""
+    return logits if logits.dtype in _LOGIT_DTYPES else logits.float()
 
 
 def check_linear(hidden, weight, bias, names: tuple[str, str, str] = ("hidden", "weight", "bias")) -> int:

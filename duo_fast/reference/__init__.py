@@ -19,6 +19,8 @@ from .curriculum_embed import curriculum_embed, curriculum_embed_dense
 from .curriculum_topk import TopKDraws, curriculum_topk, curriculum_topk_embed, draw_topk
 from .distill_kl import distill_kl
 from .gamma_to_alpha import cosine_alpha, gamma_schedule, gamma_to_alpha, loglinear_alpha, pt_from_gamma
+from .linear_distill_kl import linear_distill_kl
+from .linear_sample_step import guided_posterior, linear_sample_step
 from .linear_usdm_loss import linear_usdm_loss
 from .generation import generate, psi_kappas, schedule_alpha
 from .sample_step import nucleus_filter, posterior, sample_categorical, sample_step
@@ -43,7 +45,10 @@ __all__ = [
     "gamma_schedule",
     "gamma_to_alpha",
     "generate",
+    "guided_posterior",
     "latent_marginal",
+    "linear_distill_kl",
+    "linear_sample_step",
     "linear_usdm_loss",
     "loglinear_alpha",
     "nucleus_filter",
