@@ -211,7 +211,8 @@ def test_every_mode_lists_cases_with_a_reference():
         assert not errors, errors
         ops = {c.op for c in cases}
         assert {"usdm_loss", "sample_step", "sample_zt", "curriculum_embed", "curriculum_topk",
-                "curriculum_topk_embed", "distill_kl", "gamma_to_alpha", "linear_usdm_loss"} <= ops
+                "curriculum_topk_embed", "distill_kl", "gamma_to_alpha", "linear_usdm_loss", "linear_distill_kl",
+                "linear_sample_step"} <= ops
         for c in cases:
             if c.ref is not None and c.op != "duo_dropin":
                 assert c.ref.source is not None, c.id

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT_FILES = {"gpu_report.md", "gpu_results.json", "gpu_log.txt", "gpu_tests_junit.xml", "gpu_sanitizer.txt",
              "gpu_build.log"}
 OPS = {"usdm_loss", "distill_kl", "sample_step", "sample_zt", "curriculum_embed", "curriculum_topk_embed",
-       "curriculum_topk", "linear_usdm_loss", "gamma_to_alpha"}
+       "curriculum_topk", "linear_usdm_loss", "linear_distill_kl", "linear_sample_step", "gamma_to_alpha"}
 
 
 @pytest.fixture(scope="module")

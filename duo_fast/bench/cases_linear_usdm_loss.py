@@ -73,9 +73,11 @@ def _ref(st):
     duo_code.loss(st["model"], logits, st["z"], st["x0"], st["alpha"], st["dalpha"]).sum().backward()
 
 
-def _duo_peak_bound_mib(N: int, K: int = K, D: int = D) -> float:
+def _duo_peak_bound_mib(N: int, K: int = K, D: int = D, chunk_units: int = 3) -> float:
+    """Bound of a fused linear op's peak (cases_linear_distill_kl too): chunk_units
+    float32 [chunk, K] tensors live at once, plus the parameter gradients and O(N d)."""
     chunk = default_chunk_size(K, D)
-    per_chunk = 3 * chunk * K * 4  # logits, their gradient, and the GEMM's output of a chunk
+    per_chunk = chunk_units * chunk * K * 4  # here: logits, their gradient, and the GEMM's output of a chunk
     params = 2 * (K * D + K) * 4  # parameter gradients and a chunk's grad_weight product
     activations = 4 * N * D * 4  # grad_hidden and the per-chunk slices
     return (per_chunk + params + activations) / 2**20 * 1.1 + 8

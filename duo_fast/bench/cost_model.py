@@ -249,6 +249,38 @@ def _linear_duo(N, K, d, b):
                 note="hidden @ W.T + b (fp32), the Duo loss, autograd")
 
 
+def _linear_kl_floor(N, K, d, b):
+    return Cost(2 * (2 * N * d + 3 * K * d) * 4, flops=8 * N * K * d, unit="bf16_tc",
+                note="4 GEMMs (student and teacher logits, grad hidden, grad W) on tensor cores; logits never stored")
+
+
+def _linear_kl_today(N, K, d, b):
+    # reduction="sum": per chunk the two logits GEMMs (written once each), the KL kernel's
+    # 3 sweeps over both + its gradient write (7 E 4), the gradient read by 2 GEMMs
+    return Cost(11 * N * K * 4, flops=8 * N * K * d, unit="fp32", note="fp32 GEMMs, the fused KL per chunk")
+
+
+def _linear_kl_duo(N, K, d, b):
+    return Cost(2 * N * K * 4 + _kl_duo(N, K, d, 4).bytes + 2 * N * K * 4, flops=8 * N * K * d, unit="fp32",
+                note="both logits GEMMs (fp32), the Duo KL, autograd")
+
+
+def _linear_step_floor(N, K, d, b):
+    return Cost((N * d + K * d) * 4 + 16 * N, flops=2 * N * K * d, unit="bf16_tc",
+                note="the logits GEMM on tensor cores, never stored; z read, z_s written")
+
+
+def _linear_step_today(N, K, d, b):
+    # per chunk the logits are written by the GEMM, then read by sample_step's passes
+    return Cost((3 + P_SCAN) * N * K * 4, flops=2 * N * K * d, unit="fp32",
+                note="fp32 GEMM per chunk + the sample_step kernel on the chunk's logits")
+
+
+def _linear_step_duo(N, K, d, b):
+    return Cost(N * K * 4 + _step_duo(N, K, d, 4).bytes, flops=2 * N * K * d, unit="fp32",
+                note="hidden @ W.T + b (fp32), then the float64 posterior + Gumbel argmax")
+
+
 def _g2a_floor(N, K, d, b):
     return Cost(24 * N, note="read gamma, write alpha and dalpha (float64)")
 
@@ -299,6 +331,17 @@ ROWS: list[Row] = [
         "floor: 3 GEMMs (6NKd flops) on tensor cores, the logits never stored. Ours: chunked fp32 GEMMs, the "
         "logits recomputed in backward (8NKd flops) and each chunk through the fused loss. Duo: hidden @ W.T + b "
         "and its loss on the full [N, K] logits."),
+    Row("linear_distill_kl", "kl-bwd fwd+bwd d=768", (), _linear_kl_floor, _linear_kl_today, _linear_kl_today,
+        _linear_kl_duo,
+        "floor: 4 GEMMs (8NKd flops: student and teacher logits, grad hidden, grad W) on tensor cores, no logits "
+        "stored. Ours (reduction='sum'): chunked fp32 GEMMs, the gradients in the forward, each chunk's two logits "
+        "through the fused KL kernel (7 passes) and its gradient through 2 GEMMs. Duo: both [N, K] logits, its KL, "
+        "autograd."),
+    Row("linear_sample_step", "ancestral d=768", (), _linear_step_floor, _linear_step_today, _linear_step_today,
+        _linear_step_duo,
+        "floor: the logits GEMM (2NKd flops) on tensor cores, the logits never stored. Ours: a chunk's fp32 logits "
+        "written by the GEMM and read by sample_step's passes. Duo: hidden @ W.T + b on the full [N, K], then its "
+        "float64 posterior and Gumbel argmax."),
     Row("gamma_to_alpha", "N values f64", (), _g2a_floor, _g2a_floor, _g2a_floor, _g2a_duo,
         "floor = ours: one read and two writes per value (Chebyshev expansions in registers). Duo: table lookup "
         "and finite difference (needs its integral/gpt2.pkl)."),

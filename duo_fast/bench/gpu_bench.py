@@ -46,6 +46,8 @@ from duo_fast.bench import cases_curriculum_embed as C_EMB
 from duo_fast.bench import cases_curriculum_topk as C_TOPK
 from duo_fast.bench import cases_distill_kl as C_KL
 from duo_fast.bench import cases_gamma_to_alpha as C_G2A
+from duo_fast.bench import cases_linear_distill_kl as C_LKL
+from duo_fast.bench import cases_linear_sample_step as C_LSS
 from duo_fast.bench import cases_linear_usdm_loss as C_LIN
 from duo_fast.bench import cases_sample_step as C_STEP
 from duo_fast.bench import cases_sample_zt as C_ZT
@@ -168,6 +170,36 @@ def _linear_state(N, K, L, d, seed=6):
         return {"hidden": torch.randn(B, L, d, generator=g, device=device).requires_grad_(True),
                 "W": (0.02 * torch.randn(K, d, generator=g, device=device)).requires_grad_(True),
                 "b": torch.zeros(K, device=device).requires_grad_(True), **st, "K": K}
+
+    return setup
+
+
+def _linear_kl_state(N, K, L, d, seed=8):
+    """_linear_state (the student) + a teacher of the same width, no gradient."""
+    student = _linear_state(N, K, L, d, seed)
+
+    def setup(device):
+        st = student(device)
+        g = _gen(device, seed + 100)
+        B, L2 = st["z"].shape
+        return {**st, "t_hidden": torch.randn(B, L2, d, generator=g, device=device),
+                "t_W": 0.02 * torch.randn(K, d, generator=g, device=device),
+                "t_b": 0.1 * torch.randn(K, generator=g, device=device)}
+
+    return setup
+
+
+def _linear_step_state(N, K, L, d, seed=9):
+    B, L = _batch(N, L)
+
+    def setup(device):
+        g = _gen(device, seed)
+        return {"hidden": torch.randn(B, L, d, generator=g, device=device),
+                "W": 2.0 / d**0.5 * torch.randn(K, d, generator=g, device=device),
+                "b": 0.1 * torch.randn(K, generator=g, device=device),
+                "z": torch.randint(0, K, (B, L), generator=g, device=device),
+                "alpha_t": torch.full((B, 1), 0.3, dtype=torch.float64, device=device),
+                "alpha_s": torch.full((B, 1), 0.6, dtype=torch.float64, device=device), "top_p": 1.0, "K": K}
 
     return setup
 
@@ -317,6 +349,19 @@ def rows(dry: bool) -> list[Row]:
                         note="hidden @ W.T + b, the Duo code's loss, autograd"),
             "compiled": Side(C_LIN._ref, _with_model(st), C_LIN._drop_grads, compile=True, source=src,
                              note="torch.compile of the same"),
+        }))
+        st = _linear_kl_state(N, K, L, d)
+        out.append(Row("linear_distill_kl", "kl-bwd_fwd_bwd", N, K, d, None, {
+            "duo": Side(C_LKL._duo, st, C_LIN._drop_grads,
+                        note="duo_fast.linear_distill_kl(..., 'bwd', reduction='sum') fwd+bwd (chunked)"),
+            "ref": Side(C_LKL._ref, _with_model(st), C_LIN._drop_grads, source=src,
+                        note="both models' hidden @ W.T + b (the teacher's under no_grad), the Duo KL, autograd"),
+        }))
+        st = _linear_step_state(N, K, L, d)
+        out.append(Row("linear_sample_step", "ancestral", N, K, d, None, {
+            "duo": Side(C_LSS._duo, st, note="duo_fast.linear_sample_step(hidden, W, b, z, 0.3, 0.6, seed=...)"),
+            "ref": Side(C_LSS._ref, _ref32(_with_model(st, use_float64=True, p_nucleus=1.0)), source=src,
+                        note="hidden @ W.T + b, then the Duo code's _ancestral_update, float64"),
         }))
         st = _g2a_state(N, K)
         sides = {"duo": Side(C_G2A._duo, st, note="duo_fast.gamma_to_alpha on N float64 levels")}

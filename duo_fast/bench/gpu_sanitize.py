@@ -9,6 +9,8 @@ without the gradient, a masked id), linear_usdm_loss (per token and reduced),
 distill_kl (both directions, with the gradient; 16-bit where the op takes it; the
 in-place gradient), sample_step and
 posterior (fp32 / bf16 logits, top_p = 1 and the nucleus path, kappa < 1),
+linear_sample_step (row chunks: sample_step's row_offset; guidance: posterior),
+linear_distill_kl (per token and reduced),
 curriculum_embed (forward and backward; the float kernels and the three
 tensor-core block shapes), curriculum_topk, curriculum_topk_embed
 (forward, the atomic and the sorted (deterministic) bag backward). Sizes are
@@ -123,6 +125,32 @@ def calls(device: str):
             for top_p, kappa in ((1.0, 1.0), (0.9, 0.5)):
                 out.append((f"{op} {dt} top_p={top_p} kappa={kappa}", step(dt, top_p, kappa, op=op)))
     out.append(("sample_step K=50257", step(torch.float32, 1.0, 1.0, K=50257)))
+
+    def linear_step(guided, top_p=1.0, kappa=1.0):
+        # chunks of 4 rows: sample_step with row_offset > 0; guided: posterior x 2 (x 4 for kappa < 1)
+        def f():
+            B, L, d, K = 2, 9, 16, 1000
+            h, W, b = rn(B, L, d), rn(K, d), rn(K)
+            at = torch.full((B, 1), 0.3, dtype=torch.float64, device=device)
+            as_ = torch.full((B, 1), 0.6, dtype=torch.float64, device=device)
+            return duo_fast.linear_sample_step(h, W, b, ids(K, B, L), at, as_, kappa=kappa, top_p=top_p, seed=6,
+                                               chunk_size=4, guidance=(rn(B, L, d), 2.0) if guided else None)
+        return f
+
+    out.append(("linear_sample_step top_p=0.9 (row_offset)", linear_step(False, top_p=0.9)))
+    out.append(("linear_sample_step guidance kappa=0.5", linear_step(True, kappa=0.5)))
+
+    def linear_kl(direction, reduction):
+        def f():
+            B, L, d, K = 2, 5, 16, 1000
+            h, W, b = rn(B, L, d).requires_grad_(True), rn(K, d).requires_grad_(True), rn(K).requires_grad_(True)
+            v = duo_fast.linear_distill_kl(h, W, b, rn(B, L, 12), rn(K, 12), None, direction, chunk_size=3,
+                                           reduction=reduction)
+            ((v * rn(B, L)).sum() if reduction == "none" else v * 2).backward()
+        return f
+
+    out.append(("linear_distill_kl bwd", linear_kl("bwd", "none")))
+    out.append(("linear_distill_kl fwd reduction=mean", linear_kl("fwd", "mean")))
 
     def embed(K=1000, d=24, portable=False):
         # DUO_FAST_EMBED_PORTABLE (read per call): the float kernels, else the tensor-core
