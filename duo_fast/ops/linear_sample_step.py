@@ -86,18 +86,23 @@ def _draw_rows(hidden, weight, bias, z, a_t, a_s, kappa, temperature, top_p, key
     h2, zf, atf, asf = flat_rows(hidden), z.reshape(-1), a_t.reshape(-1), a_s.reshape(-1)
     u2 = flat_rows(guidance[0]) if guidance is not None else None
     out = torch.empty_like(zf)
-    step = torch.ops.duo_fast.sample_step.default
-    for s, e in chunks(zf.shape[0], chunk_size):
-        logits = kernel_logits(torch.nn.functional.linear(h2[s:e], weight, bias))
-        if guidance is None:
-            out[s:e] = step(logits, zf[s:e], atf[s:e], asf[s:e], kappa, temperature, top_p, key, 0, s)
-            continue
-        uncond = kernel_logits(torch.nn.functional.linear(u2[s:e], weight, bias))
-        lw = _guided_chunk_logits(logits, uncond, zf[s:e], atf[s:e], asf[s:e], kappa, temperature, top_p, guidance[1])
-        del logits, uncond
-        # alpha_t = 0, alpha_s = 1: the draw is from softmax(lw) alone (see _guided_chunk_logits)
-        out[s:e] = step(lw, zf[s:e], torch.zeros_like(atf[s:e]), torch.ones_like(asf[s:e]), 1.0, 1.0, 1.0, key, 0, s)
+    with torch.no_grad():  # integer outputs: no graph for the chunks' logits
+        for s, e in chunks(zf.shape[0], chunk_size):
+            out[s:e] = _draw_chunk(h2, u2, weight, bias, zf, atf, asf, kappa, temperature, top_p, key, guidance, s, e)
     return out
+
+
+def _draw_chunk(h2, u2, weight, bias, zf, atf, asf, kappa, temperature, top_p, key, guidance, s, e):
+    """z_s of rows [s, e) (see _draw_rows)."""
+    step = torch.ops.duo_fast.sample_step.default
+    logits = kernel_logits(torch.nn.functional.linear(h2[s:e], weight, bias))
+    if guidance is None:
+        return step(logits, zf[s:e], atf[s:e], asf[s:e], kappa, temperature, top_p, key, 0, s)
+    uncond = kernel_logits(torch.nn.functional.linear(u2[s:e], weight, bias))
+    lw = _guided_chunk_logits(logits, uncond, zf[s:e], atf[s:e], asf[s:e], kappa, temperature, top_p, guidance[1])
+    del logits, uncond
+    # alpha_t = 0, alpha_s = 1: the draw is from softmax(lw) alone (see _guided_chunk_logits)
+    return step(lw, zf[s:e], torch.zeros_like(atf[s:e]), torch.ones_like(asf[s:e]), 1.0, 1.0, 1.0, key, 0, s)
 
 
 def linear_sample_step(
