@@ -211,3 +211,21 @@ def test_bad_inputs_name_the_argument():
         call(chunk_size=0)
     with pytest.raises(ValueError, match="reduction must be"):
         call(reduction="avg")
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_double_backward_raises(reduction):
+    """The kernels' gradient has no graph: a second-order gradient must raise, not come back as 0."""
+    p = _problem(seed=6)
+    params = _params(p, "cpu")
+    kl = duo_fast.linear_distill_kl(*params, *_teacher(p, "cpu"), "bwd", chunk_size=4, reduction=reduction)
+    (g,) = torch.autograd.grad(kl.sum(), params[0], create_graph=True)
+    assert not g.requires_grad  # once_differentiable: no graph through the gradient
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        g.sum().backward()
+    # a grad_output that requires grad: the error is delayed to the second backward
+    kl = duo_fast.linear_distill_kl(*params, *_teacher(p, "cpu"), "bwd", chunk_size=4, reduction=reduction)
+    c = torch.tensor(2.0, requires_grad=True)
+    (g,) = torch.autograd.grad(kl.sum() * c, params[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

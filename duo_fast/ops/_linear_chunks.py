@@ -135,6 +135,7 @@ class LinearRows(torch.autograd.Function):
         return value
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises (the row ops' G has no graph)
     def backward(ctx, grad_value):
         hidden, weight, bias, *tensors = ctx.saved_tensors
         h2 = flat_rows(hidden)
@@ -180,6 +181,7 @@ class LinearRowsReduced(torch.autograd.Function):
         return (total / N if mean else total).float()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_value):
         if ctx.grads is None:
             raise RuntimeError(f"duo_fast: {ctx.what}(..., reduction=...) supports a single backward (its gradients "
