@@ -229,3 +229,22 @@ def test_double_backward_raises(reduction):
     (g,) = torch.autograd.grad(kl.sum() * c, params[0], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+def test_nan_hidden_gives_nan_rows():
+    """Bad values propagate (docs/bad_values.md): a NaN in one token's hidden state gives
+    that token a NaN KL and the NaN reaches the parameter gradients; the other tokens'
+    KLs are those of the reference."""
+    p = _problem(seed=7)
+    params, teacher = _params(p, "cpu"), _teacher(p, "cpu")
+    with torch.no_grad():
+        params[0][1, 2, 3] = float("nan")
+    kl = duo_fast.linear_distill_kl(*params, *teacher, "bwd", chunk_size=4)
+    bad = torch.zeros(kl.shape, dtype=torch.bool)
+    bad[1, 2] = True
+    assert bool(kl[bad].isnan().all()) and not bool(kl[~bad].isnan().any())
+    ref, _ = _reference(params, teacher, "bwd")
+    torch.testing.assert_close(kl[~bad].detach().double(), ref[~bad].detach(), rtol=1e-5, atol=1e-6)
+    kl.sum().backward()
+    assert bool(params[0].grad[1, 2].isnan().all()) and not bool(params[0].grad[0].isnan().any())
+    assert bool(params[1].grad.isnan().any())

@@ -1,4 +1,4 @@
-"""Benchmark cases of duo_fast.linear_distill_kl (SPEC 3: the distillation KL fused
+"""Benchmark cases of duo_fast.linear_distill_kl (docs/math.md §3: the distillation KL fused
 with the output layers of the student and the teacher), forward + backward
 w.r.t. the student's hidden, weight and bias, d = 768 (student and teacher).
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 import duo_fast
-from duo_fast._linear_chunks import default_chunk_size
+from duo_fast.ops._linear_chunks import default_chunk_size
 
 from . import duo_code
 from .cases_linear_usdm_loss import D, K, _drop_grads, _duo_peak_bound_mib

@@ -1,4 +1,4 @@
-"""Benchmark cases of duo_fast.linear_sample_step (SPEC 4: the reverse-process
+"""Benchmark cases of duo_fast.linear_sample_step (docs/math.md §4: the reverse-process
 step fused with the output layer), d = 768.
 
 Sides (fresh process each):
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 import duo_fast
-from duo_fast._linear_chunks import default_chunk_size
+from duo_fast.ops._linear_chunks import default_chunk_size
 
 from . import duo_code
 from .cases_linear_usdm_loss import D, K
