@@ -28,10 +28,10 @@ import duo_fast
 from duo_fast.ops._linear_chunks import default_chunk_size
 
 from . import duo_code
-from .cases_linear_usdm_loss import D, K, _drop_grads, _duo_peak_bound_mib
+from .cases_linear_usdm_loss import D, K, _drop_grads, _duo_peak_bound_mib, linear_sizes
 from .cases_linear_usdm_loss import _setup as _student_setup
 from .cases_usdm_loss import with_model
-from .common import Case, Impl, Target, ref_limit_gib
+from .common import Case, Impl, Target
 
 OP = "linear_distill_kl"
 DIRECTION = "bwd"
@@ -68,12 +68,8 @@ def _ref(st):
 
 
 def cases(mode: str, device: str) -> list[Case]:
-    sizes = {"full": [512, 2048, 8192], "quick": [256, 1024], "tiny": [64]}[mode]
-    k, d = (1000, 64) if mode == "tiny" else (K, D)
-    limit = ref_limit_gib(device)
     out = []
-    for N in sizes:
-        est = REF_PEAK_UNITS * N * k * 4 / 2**30 + 0.3
+    for N, k, d, est, limit in linear_sizes(mode, device, REF_PEAK_UNITS):
         notes = []
         ref = Impl(_ref, before_each=_drop_grads, setup=with_model(_setup(N, k, d)), source=duo_code.source,
                    note="student hidden @ W.T + b, teacher's under no_grad, then Distillation.nll's kl-bwd "

@@ -83,13 +83,19 @@ def _duo_peak_bound_mib(N: int, K: int = K, D: int = D, chunk_units: int = 3) ->
     return (per_chunk + params + activations) / 2**20 * 1.1 + 8
 
 
-def cases(mode: str, device: str) -> list[Case]:
-    sizes = {"full": [512, 2048, 8192], "quick": [256, 1024], "tiny": [64]}[mode]
+def linear_sizes(mode: str, device: str, ref_peak_units: float):
+    """(N, K, d, the reference's estimated peak GiB, the limit it must stay under) of the
+    fused linear ops' cases (cases_linear_distill_kl too): d = 768 at GPT-2's K, tiny
+    sizes in --tiny."""
     k, d = (1000, 64) if mode == "tiny" else (K, D)
     limit = ref_limit_gib(device)
+    for N in {"full": [512, 2048, 8192], "quick": [256, 1024], "tiny": [64]}[mode]:
+        yield N, k, d, ref_peak_units * N * k * 4 / 2**30 + 0.3, limit
+
+
+def cases(mode: str, device: str) -> list[Case]:
     out = []
-    for N in sizes:
-        est = REF_PEAK_UNITS * N * k * 4 / 2**30 + 0.3
+    for N, k, d, est, limit in linear_sizes(mode, device, REF_PEAK_UNITS):
         notes = []
         ref = Impl(_ref, before_each=_drop_grads, setup=with_model(_setup(N, k, d)), source=duo_code.source,
                    note="hidden @ W.T + b, then the Duo code's loss (log_softmax + DUO_BASE.nll_per_token), autograd") \
