@@ -7,6 +7,8 @@ import torch
 
 MIN_VOCAB = 2
 MAX_VOCAB = 1 << 24  # mirrors duo_fast::kMaxVocab (csrc/include/duo_fast/common.h)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # 3.4e38: kernels that scale by a level in float32
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # 1.2e-38: the smallest normal float32
 
 
 def check_tensor(t, name: str, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
@@ -40,9 +42,19 @@ def check_vocab(vocab_size, name: str = "vocab_size") -> int:
     return vocab_size
 
 
-def check_same_device(a: torch.Tensor, name_a: str, b: torch.Tensor, name_b: str) -> None:
-    if a.device != b.device:
-        raise ValueError(f"duo_fast: {name_a} is on {a.device} but {name_b} is on {b.device}")
+def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
+    """Every tensor of ``(name, tensor)`` pairs (None skipped) on the first one's device."""
+    first = None
+    for name, t in named:
+        if t is None:
+            continue
+        if first is None:
+            first = (name, t)
+        elif t.device != first[1].device:
+            raise ValueError(
+                f"duo_fast: {name} is on {t.device}, expected {first[1].device} (the device of {first[0]}): "
+                "every tensor argument must be on one device"
+            )
 
 
 def per_token_level(level, name: str, like: torch.Tensor, like_name: str = "x0") -> torch.Tensor:
@@ -51,7 +63,7 @@ def per_token_level(level, name: str, like: torch.Tensor, like_name: str = "x0")
     check_tensor(level, name)
     if not level.is_floating_point():
         raise TypeError(f"duo_fast: {name} must be a floating tensor, got {str(level.dtype).replace('torch.', '')}")
-    check_same_device(like, like_name, level, name)
+    check_same_device((like_name, like), (name, level))
     shape = tuple(like.shape)
     rows = shape[0] if shape else 1
     if level.dim() == 1 and level.shape[0] == rows:
@@ -64,13 +76,86 @@ def per_token_level(level, name: str, like: torch.Tensor, like_name: str = "x0")
     return out.to(torch.float64).contiguous()
 
 
-def check_real(value, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
-    """A Python real in [lo, hi] (open ends where asked), as a float."""
+def check_real(value, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+               why: str = "") -> float:
+    """A Python real in [lo, hi] (open ends where asked), as a float; ``why`` says
+    where the range comes from."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"duo_fast: {name} must be a float, got {type(value).__name__}")
     v = float(value)
     ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"duo_fast: {name} must be in {interval}, got {value}")
+        num = lambda x: repr(float(x)) if len(repr(float(x))) <= 8 else f"{x:.4g}"  # noqa: E731
+        interval = f"{'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
+        raise ValueError(f"duo_fast: {name} must be in {interval}{f' ({why})' if why else ''}, got {value!r}")
     return v
+
+
+# ---- command-line arguments (argparse types: errors name the flag, the range and the text) ----
+
+
+def _interval(lo, hi, lo_open=False, hi_open=False) -> str:
+    if hi is None:
+        return f" {'>' if lo_open else '>='} {lo}" if lo is not None else ""
+    if lo is None:
+        return f" {'<' if hi_open else '<='} {hi}"
+    return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def arg_int(lo: int | None = None, hi: int | None = None):
+    """An argparse ``type``: an integer in [lo, hi] (None: unbounded)."""
+
+    def parse(text: str) -> int:
+        import argparse
+
+        want = f"expected an integer{_interval(lo, hi)}"
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{want}, got {text!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{want}, got {text!r}")
+        return v
+
+    return parse
+
+
+def arg_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """An argparse ``type``: a finite float in the interval (open ends where asked)."""
+
+    def parse(text: str) -> float:
+        import argparse
+        import math
+
+        want = f"expected a finite number{_interval(lo, hi, lo_open, hi_open)}"
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{want}, got {text!r}") from None
+        ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (
+            hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{want}, got {text!r}")
+        return v
+
+    return parse
+
+
+def writable_dir(path, flag: str) -> None:
+    """Create folder ``path`` (and its parents) if needed and check that a file can be
+    written in it: an error naming ``flag`` up front, not after the work."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SystemExit(f"error: {flag} {str(p)!r} exists and is not a folder: expected a folder to write into")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {str(p)!r}: expected a folder duo_fast can create and write into, got "
+                         f"{type(e).__name__}: {e.strerror or e}") from None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import check_not_differentiated, second_order_error
+
 
 def _fused_grad_fake(logits, compute_grad):
     """Fake outputs of the (value, d value / d logits) ops; mirrors csrc/fused_outputs.h."""
@@ -19,18 +21,31 @@ def _fused_grad_setup_context(ctx, inputs, output):
     gradient computed in the forward (compute_grad is their last argument)."""
     ctx.compute_grad = inputs[-1]
     ctx.save_for_backward(output[1])
-    # The second output is a by-product, never differentiated: do not make
-    # autograd allocate an [N, K] zero gradient for it.
+    # The second output is a by-product, never differentiated: no [N, K] zero
+    # gradient for it, and no cotangent (its derivative would be the Hessian).
+    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
-def _fused_grad_backward(ctx, grad_value, n_inputs):
+def check_no_create_graph(op: str, wrt: str) -> None:
+    """In the backward of an op without a second derivative: create_graph=True asks
+    for a differentiable gradient, which would come back without the op's own
+    second-order term (a silent error): raise at once instead."""
+    if torch.is_grad_enabled():
+        raise second_order_error(op, wrt)
+
+
+def _fused_grad_backward(ctx, grad_value, op: str, wrt: str, levels: dict[int, str], n_inputs: int):
     """grad_input = saved gradient * grad_output (out of place: scaling the saved
     tensor in place breaks gradcheck's repeated backward and AOT partitioning;
-    so backward holds two [N, K] tensors at its peak)."""
+    so backward holds two [N, K] tensors at its peak). ``levels``: the inputs the
+    op does not differentiate (index -> name)."""
+    check_not_differentiated(ctx, op, levels)
+    check_no_create_graph(op, wrt)
     (grad,) = ctx.saved_tensors
     if not ctx.compute_grad:
-        raise RuntimeError("duo_fast: the op was called with compute_grad=False; call it with compute_grad=True to differentiate")
+        raise RuntimeError(f"duo_fast: torch.ops.duo_fast.{op} was called with compute_grad=False; call it with "
+                           f"compute_grad=True to differentiate it w.r.t. {wrt} (duo_fast.{op} does)")
     if grad_value is None:
         return (None,) * n_inputs
     return (grad * grad_value.unsqueeze(-1),) + (None,) * (n_inputs - 1)
@@ -41,27 +56,35 @@ class _FusedGradInplace(torch.autograd.Function):
     the gradient computed in the forward is handed to autograd as the gradient
     itself (scaled in place by grad_output, skipped when grad_output is a broadcast
     1, e.g. after .sum()), so no second [N, K] tensor ever exists. The price:
-    backward can run only once. apply(name, op, input, *rest): op(input, *rest,
-    True) -> (value, gradient w.r.t. input)."""
+    backward can run only once. apply(name, wrt, levels, op, input, *rest):
+    op(input, *rest, True) -> (value, gradient w.r.t. input, named ``wrt``);
+    ``levels``: index in ``rest`` -> name of the inputs the op does not
+    differentiate."""
 
     @staticmethod
-    def forward(ctx, name, op, inp, *rest):
+    def forward(ctx, name, wrt, levels, op, inp, *rest):
         value, grad = op(inp, *rest, True)
         ctx.grad = grad  # not save_for_backward: backward gives this very tensor away
-        ctx.name, ctx.n_rest = name, len(rest)
+        ctx.name, ctx.wrt, ctx.n_rest = name, wrt, len(rest)
+        ctx.levels = {5 + i: n for i, n in levels.items()}  # index among forward's inputs
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
+        check_not_differentiated(ctx, ctx.name, ctx.levels)
+        check_no_create_graph(ctx.name, ctx.wrt)
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
                 f"duo_fast: {ctx.name}(..., inplace_grad=True) supports a single backward (its gradient buffer was "
-                "handed to autograd); use inplace_grad=False for retain_graph / double backward"
+                "handed to autograd); use inplace_grad=False for retain_graph=True (neither has a second-order gradient)"
             )
         ctx.grad = None
         # Reading the value would synchronize on CUDA: there the scale is always applied.
-        ones = grad_value.device.type == "cpu" and all(s == 0 for s in grad_value.stride()) and bool(grad_value.reshape(-1)[0] == 1)
+        # An empty batch has nothing to scale.
+        ones = grad_value.numel() == 0 or (
+            grad_value.device.type == "cpu" and all(s == 0 for s in grad_value.stride())
+            and bool(grad_value.reshape(-1)[0] == 1))
         if not ones:
             # in place in grad's dtype, the product taken in float32: a 16-bit gradient is
             # rounded once more, not grad_output first (found by the fuzzer: bf16 logits).
@@ -80,4 +103,4 @@ class _FusedGradInplace(torch.autograd.Function):
                     t = tmp[:rows.shape[0]]
                     torch.mul(rows, v[i:i + step], out=t)
                     rows.copy_(t)
-        return (None, None, grad) + (None,) * ctx.n_rest
+        return (None, None, None, None, grad) + (None,) * ctx.n_rest

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_same_device, check_tensor, check_vocab
-from ._common import _LOGIT_DTYPES
+from ._common import _LOGIT_DTYPES, check_no_func_transform, check_not_differentiated, first_order_only
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -37,23 +39,25 @@ def kernel_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def check_linear(hidden, weight, bias, names: tuple[str, str, str] = ("hidden", "weight", "bias")) -> int:
-    """hidden [..., d] and weight [K, d] floating, bias [K] or None, one device;
-    returns K. ``names``: the arguments' names in the caller's signature."""
+    """hidden [..., d] and weight [K, d], bias [K] or None: one floating dtype (float32,
+    bfloat16, float16 or float64; checked first, so that no matmul complains about a
+    tensor the user never passed) and one device; returns K. ``names``: the
+    arguments' names in the caller's signature."""
     h, w, b = names
-    check_tensor(hidden, h)
-    check_tensor(weight, w)
-    for t, name in ((hidden, h), (weight, w)):
-        if not t.is_floating_point():
-            raise TypeError(f"duo_fast: {name} must be a floating tensor, got {str(t.dtype).replace('torch.', '')}")
+    check_tensor(hidden, h, DTYPES)
+    check_tensor(weight, w, DTYPES)
+    if bias is not None:
+        check_tensor(bias, b, DTYPES)
+    for t, name in ((weight, w), (bias, b)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"duo_fast: {name} has dtype {str(t.dtype).replace('torch.', '')}, expected {h}'s dtype "
+                            f"{str(hidden.dtype).replace('torch.', '')} ({h}, {w} and {b} must have one dtype)")
     if weight.dim() != 2 or hidden.dim() < 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"duo_fast: {w} must be [K, d] with d = {h}.size(-1); got {w} {tuple(weight.shape)}, "
                          f"{h} {tuple(hidden.shape)}")
-    check_same_device(hidden, h, weight, w)
-    if bias is not None:
-        check_tensor(bias, b)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"duo_fast: {b} has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-        check_same_device(weight, w, bias, b)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"duo_fast: {b} has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    check_same_device((h, hidden), (w, weight), (b, bias))
     return check_vocab(weight.shape[0], f"{w}.size(0) (the vocabulary size)")
 
 
@@ -119,11 +123,15 @@ class LinearRows(torch.autograd.Function):
     kept. Backward: per chunk, the logits are recomputed (float32), the row op gives
     G, rows are scaled by grad_output, and the three gradient GEMMs run. Works for
     any grad_output (retain_graph, torch.compile); the price is a second logits GEMM.
-    apply(row_op, hidden, weight, bias, chunk_size, *tensors): tensors are the row
-    op's extra inputs (saved for backward, never differentiated)."""
+    Under create_graph=True the gradients are exact and raise when differentiated
+    again (first_order_only: the row ops have no second derivative).
+    apply(row_op, hidden, weight, bias, chunk_size, what, names, *tensors): tensors
+    are the row op's extra inputs (saved for backward, never differentiated: a
+    backward that needs one raises, naming it); ``what`` names the op, ``names``
+    hidden, weight, bias and the tensors."""
 
     @staticmethod
-    def forward(ctx, row_op, hidden, weight, bias, chunk_size, *tensors):
+    def forward(ctx, row_op, hidden, weight, bias, chunk_size, what, names, *tensors):
         h2 = flat_rows(hidden)
         N = h2.shape[0]
         value = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -131,26 +139,29 @@ class LinearRows(torch.autograd.Function):
             logits = torch.nn.functional.linear(h2[s:e], weight, bias)
             value[s:e], _ = row_op(logits, s, e, False, *tensors)
         ctx.save_for_backward(hidden, weight, bias, *tensors)
-        ctx.row_op, ctx.chunk_size = row_op, chunk_size
+        ctx.row_op, ctx.chunk_size, ctx.what, ctx.names = row_op, chunk_size, what, names
         return value
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a double backward raises (the row ops' G has no graph)
     def backward(ctx, grad_value):
+        check_not_differentiated(ctx, ctx.what, {7 + i: n for i, n in enumerate(ctx.names[3:])})
         hidden, weight, bias, *tensors = ctx.saved_tensors
-        h2 = flat_rows(hidden)
-        grad_h, grad_w, grad_b, w32 = _new_grads(h2, weight, bias, ctx.needs_input_grad[1:4], hidden.dtype)
-        for s, e in chunks(h2.shape[0], ctx.chunk_size):
-            _, g = _chunk_value_grad(ctx.row_op, h2, weight, bias, s, e, tensors)
-            g.mul_(grad_value[s:e].unsqueeze(-1))
-            _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
-        return (
-            None,
-            grad_h.view(hidden.shape) if grad_h is not None else None,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            grad_b.to(bias.dtype) if grad_b is not None else None,
-            None,
-        ) + (None,) * len(tensors)
+        with torch.no_grad():
+            h2 = flat_rows(hidden)
+            grad_h, grad_w, grad_b, w32 = _new_grads(h2, weight, bias, ctx.needs_input_grad[1:4], hidden.dtype)
+            for s, e in chunks(h2.shape[0], ctx.chunk_size):
+                _, g = _chunk_value_grad(ctx.row_op, h2, weight, bias, s, e, tensors)
+                g.mul_(grad_value[s:e].unsqueeze(-1))
+                _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
+            grads = (
+                grad_h.view(hidden.shape) if grad_h is not None else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None,
+            )
+        anchor = next((t for t in (hidden, weight, bias) if t is not None and t.requires_grad), None)
+        wrt = f"{ctx.names[0]}, {ctx.names[1]} and {ctx.names[2]}"
+        return (None, *first_order_only(ctx.what, wrt, anchor, *grads),
+                None, None, None) + (None,) * len(tensors)
 
 
 class LinearRowsReduced(torch.autograd.Function):
@@ -160,12 +171,12 @@ class LinearRowsReduced(torch.autograd.Function):
     op's G (scaled by 1/N for the mean) goes straight into the three gradient GEMMs,
     and backward only multiplies them by c: one logits GEMM and one kernel call per
     chunk instead of two of each. Holds the float32 gradients of hidden and weight
-    from forward to backward; one backward only.
-    apply(row_op, hidden, weight, bias, chunk_size, mean, what, *tensors): ``what``
-    names the op in the single-backward error."""
+    from forward to backward; one backward only, and not under create_graph=True.
+    apply(row_op, hidden, weight, bias, chunk_size, mean, what, names, *tensors):
+    ``what`` names the op in the errors, ``names`` its extra tensors."""
 
     @staticmethod
-    def forward(ctx, row_op, hidden, weight, bias, chunk_size, mean, what, *tensors):
+    def forward(ctx, row_op, hidden, weight, bias, chunk_size, mean, what, names, *tensors):
         h2 = flat_rows(hidden)
         N = h2.shape[0]
         grad_h, grad_w, grad_b, w32 = _new_grads(h2, weight, bias, ctx.needs_input_grad[1:4], torch.float32)
@@ -176,16 +187,23 @@ class LinearRowsReduced(torch.autograd.Function):
             if mean:
                 g.div_(N)
             _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
-        ctx.grads, ctx.what, ctx.n_tensors = (grad_h, grad_w, grad_b), what, len(tensors)
+        ctx.grads, ctx.what, ctx.names, ctx.n_tensors = (grad_h, grad_w, grad_b), what, names, len(tensors)
         ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return (total / N if mean else total).float()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_value):
+        check_not_differentiated(ctx, ctx.what, {8 + i: n for i, n in enumerate(ctx.names[3:])})
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"duo_fast: {ctx.what}(..., reduction='sum' or 'mean') computes its gradients in the forward: "
+                "expected a backward without create_graph=True, got create_graph=True. Use reduction='none' and "
+                "reduce the per-token values: its gradients can be used under create_graph=True (differentiating "
+                "them again raises: the op has no second-order gradient)"
+            )
         if ctx.grads is None:
             raise RuntimeError(f"duo_fast: {ctx.what}(..., reduction=...) supports a single backward (its gradients "
-                               "were computed in the forward); use reduction='none' for retain_graph / double backward")
+                               "were computed in the forward); use reduction='none' for retain_graph=True")
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
         shape, h_dtype, w_dtype, b_dtype = ctx.meta
@@ -195,19 +213,25 @@ class LinearRowsReduced(torch.autograd.Function):
             grad_h.mul_(c).to(h_dtype).view(shape) if grad_h is not None else None,
             grad_w.mul_(c).to(w_dtype) if grad_w is not None else None,
             grad_b.mul_(c).to(b_dtype) if grad_b is not None else None,
-            None, None, None,
+            None, None, None, None,
         ) + (None,) * ctx.n_tensors
 
 
-def linear_rows(what: str, row_op, hidden, weight, bias, tensors: tuple, *, chunk_size: int, reduction: str):
+def linear_rows(what: str, row_op, hidden, weight, bias, tensors: tuple, *, chunk_size: int, reduction: str,
+                names: tuple[str, ...]):
     """row_op over the chunks of hidden @ weight.T + bias, reduced: ``[...]`` per
     token (hidden's leading shape) for "none", a 0-dim float32 for "sum" / "mean".
     Where a gradient is wanted and the value is reduced, the gradients are computed
     in the forward (LinearRowsReduced), except inside torch.compile (the graph is
-    traced functionally: LinearRows, then the reduction; the same values)."""
+    traced functionally: LinearRows, then the reduction; the same values).
+    ``names``: the names of hidden, weight, bias and ``tensors`` in the op's
+    signature (for the errors of a second-order backward, and of a backward that
+    needs a gradient w.r.t. one of ``tensors``)."""
+    check_no_func_transform(what, hidden, weight, bias, *tensors)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
     if reduction != "none" and needs_grad and not torch.compiler.is_compiling():
-        return LinearRowsReduced.apply(row_op, hidden, weight, bias, chunk_size, reduction == "mean", what, *tensors)
-    value = LinearRows.apply(row_op, hidden, weight, bias, chunk_size, *tensors).view(hidden.shape[:-1])
+        return LinearRowsReduced.apply(row_op, hidden, weight, bias, chunk_size, reduction == "mean", what, names,
+                                       *tensors)
+    value = LinearRows.apply(row_op, hidden, weight, bias, chunk_size, what, names, *tensors).view(hidden.shape[:-1])
     return value if reduction == "none" else value.sum() if reduction == "sum" else value.mean()

@@ -7,7 +7,7 @@ import torch
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import token_ids
 from .._random import philox_seed
-from ._common import _check_x0_embedding, _curriculum_levels
+from ._common import _check_x0_embedding, _curriculum_levels, check_no_func_transform, check_not_differentiated, register_first_order_only
 
 
 def curriculum_embed(
@@ -23,7 +23,8 @@ def curriculum_embed(
     @ embedding`` with the Gaussian latent ``w = a~ onehot(x0) + s~ eps`` over all
     K entries, and ``z_t = argmax w``. Returns ``(h [B, L, d], z_t [B, L])``,
     ``h`` in ``embedding``'s dtype (float32, bfloat16 or float16; math in
-    float32 with scores in float64), differentiable w.r.t. ``embedding``.
+    float32 with scores in float64), differentiable w.r.t. ``embedding`` (first
+    order; not w.r.t. ``gamma`` or ``inv_tau``: a backward that needs those raises).
 
     ``eps[token, j]`` is generated inside the kernel from Philox (docs/math.md §2c) and
     never stored: forward and backward regenerate it, like FlashAttention's
@@ -53,6 +54,7 @@ def curriculum_embed(
     The same holds for every random op of this module.
     """
     _check_x0_embedding(x0, embedding)
+    check_no_func_transform("curriculum_embed", embedding, gamma, inv_tau)
     g, it = _curriculum_levels(x0, gamma, inv_tau)
     key = philox_seed(x0.device, generator, seed)
     h, z_t, _ = torch.ops.duo_fast.curriculum_embed.default(token_ids(x0, "x0"), g, it, embedding, key, 0)
@@ -73,6 +75,7 @@ def _curriculum_embed_setup_context(ctx, inputs, output):
 
 
 def _curriculum_embed_backward(ctx, grad_h, grad_z, grad_lse):
+    check_not_differentiated(ctx, "curriculum_embed", _LEVELS)
     if grad_h is None or not ctx.needs_input_grad[3]:
         return None, None, None, None, None, None
     x0, gamma, inv_tau, lse = ctx.saved_tensors
@@ -82,6 +85,8 @@ def _curriculum_embed_backward(ctx, grad_h, grad_z, grad_lse):
     return None, None, None, grad.to(ctx.embedding_dtype), None, None
 
 
+_LEVELS = {1: "gamma", 2: "inv_tau"}  # input index -> name (not differentiated)
+
 torch.library.register_autograd(
     "duo_fast::curriculum_embed", _curriculum_embed_backward, setup_context=_curriculum_embed_setup_context
 )
@@ -90,3 +95,6 @@ torch.library.register_autograd(
 @torch.library.register_fake("duo_fast::curriculum_embed_backward")
 def _curriculum_embed_backward_fake(grad_h, x0, gamma, inv_tau, lse, vocab_size, seed, offset):
     return grad_h.new_empty((vocab_size, grad_h.shape[-1]), dtype=torch.float32)
+
+
+register_first_order_only("duo_fast::curriculum_embed_backward", "curriculum_embed", "embedding")

@@ -8,7 +8,8 @@ import torch
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import check_vocab, token_ids
 from .._random import philox_seed
-from ._common import _check_x0_embedding, _curriculum_levels
+from ._common import (_check_x0_embedding, _curriculum_levels, check_no_func_transform, check_not_differentiated,
+                      register_first_order_only, register_no_autograd)
 
 
 _ZT_RULES = {"exact": 0, "reference": 1}
@@ -54,12 +55,14 @@ def curriculum_topk(
     ``P(z_t = x0) = alpha(gamma)``'s pt); ``"reference"``: ``z_t = x0`` iff it
     is in the top k, as ``utils.sample_tempered_softmax_topk`` (biased towards
     x0 for k >= 2). With ``seed`` the ids and z_t are identical on CPU (any
-    thread count) and CUDA; weights agree to rounding. Not differentiable.
+    thread count) and CUDA; weights agree to rounding. Not differentiable (a
+    backward that needs a gradient w.r.t. ``gamma`` or ``inv_tau`` raises).
     ``x0`` int64 or int32 (``ids`` and ``z_t`` come back in its dtype).
     Bad values: ``gamma`` must be finite and ``inv_tau`` finite and > 0 (else
     an error naming them, docs/bad_values.md).
     """
     ids = token_ids(x0, "x0")
+    check_no_func_transform("curriculum_topk", gamma, inv_tau)
     check_vocab(vocab_size)
     k = _check_k(k, vocab_size)
     g, it = _curriculum_levels(x0, gamma, inv_tau)
@@ -88,7 +91,8 @@ def curriculum_topk_embed(
     """:func:`curriculum_topk` fused with the weighted embedding bag
     ``h = sum_i w_i embedding[id_i]`` (docs/math.md §2e step 6): returns ``(h [B, L, d],
     z_t)``, ``h`` in ``embedding``'s dtype (float32, bfloat16 or float16;
-    accumulated in float32), differentiable w.r.t. ``embedding``.
+    accumulated in float32), differentiable w.r.t. ``embedding`` (first order;
+    not w.r.t. ``gamma`` or ``inv_tau``: a backward that needs those raises).
     ``vocab_size = embedding.shape[0]``. Backward scatters ``w_i grad_h`` into
     a float32 ``[K, d]`` gradient: on CPU always deterministic (entries
     counting-sorted by id, each row written once, same bits for any thread
@@ -104,6 +108,7 @@ def curriculum_topk_embed(
     it (propagates, no error). ``x0`` int64 or int32 (``z_t`` in its dtype).
     """
     K = _check_x0_embedding(x0, embedding)
+    check_no_func_transform("curriculum_topk_embed", embedding, gamma, inv_tau)
     k = _check_k(k, K)
     g, it = _curriculum_levels(x0, gamma, inv_tau)
     key = philox_seed(x0.device, generator, seed)
@@ -129,6 +134,7 @@ def _topk_embed_setup_context(ctx, inputs, output):
 
 
 def _topk_embed_backward(ctx, grad_h, grad_z, grad_ids, grad_weights):
+    check_not_differentiated(ctx, "curriculum_topk_embed", _LEVELS)
     if grad_h is None or not ctx.needs_input_grad[4]:
         return None, None, None, None, None, None, None, None
     ids, weights = ctx.saved_tensors
@@ -137,6 +143,9 @@ def _topk_embed_backward(ctx, grad_h, grad_z, grad_ids, grad_weights):
     return None, None, None, None, grad.to(ctx.embedding_dtype), None, None, None
 
 
+_LEVELS = {1: "gamma", 2: "inv_tau"}  # input index -> name (not differentiated)
+
+register_no_autograd("duo_fast::curriculum_topk", "curriculum_topk", _LEVELS)
 torch.library.register_autograd(
     "duo_fast::curriculum_topk_embed", _topk_embed_backward, setup_context=_topk_embed_setup_context
 )
@@ -145,3 +154,6 @@ torch.library.register_autograd(
 @torch.library.register_fake("duo_fast::topk_bag_backward")
 def _topk_bag_backward_fake(grad_h, ids, weights, vocab_size, deterministic):
     return grad_h.new_empty((vocab_size, grad_h.shape[-1]), dtype=torch.float32)
+
+
+register_first_order_only("duo_fast::topk_bag_backward", "curriculum_topk_embed", "embedding")

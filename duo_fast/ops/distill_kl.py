@@ -7,7 +7,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import check_same_device, check_tensor
-from ._common import _LOGIT_DTYPES
+from ._common import _LOGIT_DTYPES, check_no_func_transform
 from ._inplace_grad import _FusedGradInplace, _fused_grad_backward, _fused_grad_fake, _fused_grad_setup_context
 
 
@@ -21,7 +21,9 @@ def distill_kl(
     ``direction="bwd"``: KL(pS || pT); ``"fwd"``: KL(pT || pS). Logits
     ``[..., K]`` float32, bfloat16 or float16, each law its own dtype, read
     natively (no float32 copy; math in float64 on CPU, float32 on CUDA); returns
-    ``[...]`` float32, the gradient in the student's dtype. Differentiable w.r.t. ``student_logits`` only; the
+    ``[...]`` float32, the gradient in the student's dtype. Differentiable w.r.t. ``student_logits`` only
+    (``teacher_logits`` is a fixed target: detached; first order: differentiating
+    the gradient again raises); the
     gradient is computed in the same pass as the KL when the student requires
     grad (no ``[N, K]`` temporaries besides the gradient itself).
 
@@ -45,6 +47,7 @@ def distill_kl(
     no error (AMP's GradScaler skips such steps)."""
     check_tensor(student_logits, "student_logits", _LOGIT_DTYPES)
     check_tensor(teacher_logits, "teacher_logits", _LOGIT_DTYPES)
+    check_no_func_transform("distill_kl", student_logits, teacher_logits)
     if direction not in _DIRECTIONS:
         raise ValueError(f"duo_fast: direction must be 'bwd' or 'fwd', got {direction!r}")
     if student_logits.shape != teacher_logits.shape:
@@ -53,10 +56,10 @@ def distill_kl(
         )
     if student_logits.dim() < 1 or student_logits.shape[-1] < 2:
         raise ValueError(f"duo_fast: student_logits must be [..., K] with K >= 2, got shape {tuple(student_logits.shape)}")
-    check_same_device(student_logits, "student_logits", teacher_logits, "teacher_logits")
+    check_same_device(("student_logits", student_logits), ("teacher_logits", teacher_logits))
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     if inplace_grad and compute_grad and not torch.compiler.is_compiling():
-        return _FusedGradInplace.apply("distill_kl", torch.ops.duo_fast.distill_kl.default, student_logits,
+        return _FusedGradInplace.apply("distill_kl", "student_logits", {}, torch.ops.duo_fast.distill_kl.default, student_logits,
                                        teacher_logits.detach(), _DIRECTIONS[direction])
     kl, _ = torch.ops.duo_fast.distill_kl.default(
         student_logits, teacher_logits.detach(), _DIRECTIONS[direction], compute_grad
@@ -70,7 +73,7 @@ def _distill_kl_fake(student, teacher, direction, compute_grad):
 
 
 def _distill_kl_backward(ctx, grad_kl, grad_grad):
-    return _fused_grad_backward(ctx, grad_kl, 4)
+    return _fused_grad_backward(ctx, grad_kl, "distill_kl", "student_logits", {}, 4)
 
 
 torch.library.register_autograd("duo_fast::distill_kl", _distill_kl_backward, setup_context=_fused_grad_setup_context)

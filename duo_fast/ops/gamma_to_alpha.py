@@ -6,7 +6,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import check_tensor, check_vocab
-from ._common import _FLOAT_LEVELS
+from ._common import _FLOAT_LEVELS, check_no_func_transform
 
 
 def gamma_to_alpha(gamma: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +29,14 @@ def gamma_to_alpha(gamma: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, 
     never NaN; on CUDA its outputs are NaN and the next duo_fast CUDA call
     raises, see docs/bad_values.md).
 
-    Not differentiable (a schedule, not a model output): for d alpha / d t use
+    Differentiable w.r.t. ``gamma`` through ``alpha`` (its derivative is
+    ``dalpha_dgamma``, returned anyway): a learned schedule ``gamma(t)`` gets its
+    gradient. ``dalpha_dgamma`` itself is not differentiable (no second
+    derivative): a backward through it raises. For d alpha / d t use
     ``dalpha_dgamma * dgamma_dt``.
     """
     check_tensor(gamma, "gamma", _FLOAT_LEVELS)
+    check_no_func_transform("gamma_to_alpha", gamma)
     check_vocab(vocab_size)
     return torch.ops.duo_fast.gamma_to_alpha.default(gamma, vocab_size)
 
@@ -41,3 +45,29 @@ def gamma_to_alpha(gamma: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, 
 def _gamma_to_alpha_fake(gamma, vocab_size):
     torch._check(gamma.dtype in _FLOAT_LEVELS, lambda: f"duo_fast: gamma has dtype {gamma.dtype}")
     return gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape)
+
+
+def _gamma_to_alpha_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _gamma_to_alpha_backward(ctx, grad_alpha, grad_dalpha):
+    """d alpha / d gamma = dalpha_dgamma (saved). Under create_graph=True the product
+    is tied to the op through that saved output, so differentiating it again arrives
+    here as grad_dalpha, as does a loss that uses dalpha_dgamma: no second derivative."""
+    if grad_dalpha is not None:
+        raise RuntimeError(
+            "duo_fast: gamma_to_alpha is differentiable through alpha only: expected no gradient to flow into "
+            "dalpha_dgamma (d^2 alpha / d gamma^2 is not computed; detach dalpha_dgamma, or do not differentiate "
+            "d alpha / d gamma again), got a backward through it"
+        )
+    if grad_alpha is None:
+        return None, None
+    (dalpha,) = ctx.saved_tensors
+    return grad_alpha * dalpha, None
+
+
+torch.library.register_autograd(
+    "duo_fast::gamma_to_alpha", _gamma_to_alpha_backward, setup_context=_gamma_to_alpha_setup_context
+)

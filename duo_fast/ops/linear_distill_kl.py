@@ -71,7 +71,7 @@ def linear_distill_kl(
     if tuple(teacher_hidden.shape[:-1]) != tuple(student_hidden.shape[:-1]):
         raise ValueError(f"duo_fast: teacher_hidden has shape {tuple(teacher_hidden.shape)}, expected the leading "
                          f"shape of student_hidden, {tuple(student_hidden.shape[:-1])}")
-    check_same_device(student_hidden, "student_hidden", teacher_hidden, "teacher_hidden")
+    check_same_device(("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden))
     if direction not in _DIRECTIONS:
         raise ValueError(f"duo_fast: direction must be 'bwd' or 'fwd', got {direction!r}")
     chunk_size = check_chunk_size(chunk_size, K, max(weight.shape[1], teacher_weight.shape[1]))
@@ -80,4 +80,5 @@ def linear_distill_kl(
                None if teacher_bias is None else teacher_bias.detach())
     row_op = functools.partial(_kl_rows, direction=_DIRECTIONS[direction])
     return linear_rows("linear_distill_kl", row_op, student_hidden, weight, bias, teacher, chunk_size=chunk_size,
-                       reduction=reduction)
+                       reduction=reduction, names=("student_hidden", "weight", "bias", "teacher_hidden",
+                                                                   "teacher_weight", "teacher_bias"))

@@ -33,7 +33,7 @@ def _check_guidance(guidance, hidden: torch.Tensor):
                          f"shape {tuple(hidden.shape)}")
     if uncond.dtype != hidden.dtype:
         raise TypeError(f"duo_fast: guidance[0] (uncond_hidden) has dtype {uncond.dtype}, expected hidden's {hidden.dtype}")
-    check_same_device(hidden, "hidden", uncond, "guidance[0] (uncond_hidden)")
+    check_same_device(("hidden", hidden), ("guidance[0] (uncond_hidden)", uncond))
     w = check_real(weight, "guidance[1] (guid_weight)", -math.inf, math.inf, lo_open=True, hi_open=True)
     return uncond, w
 

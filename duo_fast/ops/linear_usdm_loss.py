@@ -8,12 +8,13 @@ import torch
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import per_token_level, token_ids
 from ._common import _check_ids_like
-from ._linear_chunks import check_chunk_size, check_linear, check_reduction, linear_rows
+from ._linear_chunks import check_chunk_size, check_linear, check_reduction, kernel_logits, linear_rows
 
 
 def _usdm_rows(logits, s, e, compute_grad, z, x0, alpha, dalpha):
     """The row op of linear_usdm_loss (ops/_linear_chunks.py): tokens [s, e)."""
-    return torch.ops.duo_fast.usdm_loss.default(logits, z[s:e], x0[s:e], alpha[s:e], dalpha[s:e], compute_grad)
+    return torch.ops.duo_fast.usdm_loss.default(kernel_logits(logits), z[s:e], x0[s:e], alpha[s:e], dalpha[s:e],
+                                                compute_grad)
 
 
 def linear_usdm_loss(
@@ -31,9 +32,13 @@ def linear_usdm_loss(
     """``usdm_loss(hidden @ weight.T + bias, z, x0, alpha, dalpha)`` without ever
     holding the full ``[B, L, K]`` logits: tokens are processed in chunks of
     ``chunk_size`` (default: ~64 MiB of float32 logits per chunk). ``hidden``:
-    ``[B, L, d]``; ``weight``: ``[K, d]``; ``bias``: ``[K]`` or None (float32,
-    or any float dtype: the chunk's logits are formed in it and the loss math
-    runs in float32/float64). Differentiable w.r.t. hidden, weight and bias.
+    ``[B, L, d]``; ``weight``: ``[K, d]``; ``bias``: ``[K]`` or None, one dtype
+    for the three: float32, bfloat16, float16 or float64 (the chunk's logits are
+    formed in it; float64 logits are rounded to float32 for the loss kernel; the
+    gradients are accumulated in float32 and returned in that dtype). Every
+    tensor on one device. Differentiable w.r.t. hidden, weight and bias (first
+    order: differentiating those gradients again raises, and so does a backward
+    that needs a gradient w.r.t. ``alpha`` or ``dalpha``).
     Peak extra memory is O(chunk_size * K), independent of N.
 
     ``reduction``: ``"none"`` (default) returns the per-token ``[B, L]`` losses
@@ -56,4 +61,5 @@ def linear_usdm_loss(
     a = per_token_level(alpha, "alpha", z, "z")
     d = per_token_level(dalpha, "dalpha", z, "z")
     return linear_rows("linear_usdm_loss", _usdm_rows, hidden, weight, bias, (z.reshape(-1), x0.reshape(-1),
-                       a.reshape(-1), d.reshape(-1)), chunk_size=chunk_size, reduction=reduction)
+                       a.reshape(-1), d.reshape(-1)), chunk_size=chunk_size, reduction=reduction,
+                       names=("hidden", "weight", "bias", "z", "x0", "alpha", "dalpha"))

@@ -6,9 +6,18 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
-from .._checks import check_real, check_tensor, check_vocab, per_token_level, token_ids
+from .._checks import FLOAT32_MAX, FLOAT32_TINY, check_real, check_tensor, check_vocab, per_token_level, token_ids
 from .._random import philox_seed
-from ._common import _LOGIT_DTYPES, _check_ids_like
+from ._common import _LOGIT_DTYPES, _check_ids_like, check_no_func_transform, register_no_autograd
+
+
+def check_temperature(temperature) -> float:
+    """1/temperature scales the logits in float32 (csrc/include/duo_fast/sample_step.h
+    weight()): it must be a finite, normal float32 (below 1/FLT_MAX the scale is inf
+    and the row's max gives 0 * inf = NaN; above 1/FLT_MIN it flushes to 0 and a -inf
+    logit gives NaN)."""
+    return check_real(temperature, "temperature", 1.0 / FLOAT32_MAX, 1.0 / FLOAT32_TINY,
+                      why="1/temperature scales the logits in float32: a finite, normal float32")
 
 
 def _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):
@@ -26,7 +35,7 @@ def _step_levels(z, alpha_t, alpha_s, kappa, temperature, top_p):
     a_t = per_token_level(alpha_t, "alpha_t", z, "z")
     a_s = per_token_level(alpha_s, "alpha_s", z, "z")
     kappa = check_real(kappa, "kappa", 0.0, 1.0)
-    temperature = check_real(temperature, "temperature", 0.0, float("inf"), lo_open=True, hi_open=True)
+    temperature = check_temperature(temperature)
     top_p = check_real(top_p, "top_p", 0.0, 1.0, lo_open=True)
     return a_t, a_s, kappa, temperature, top_p
 
@@ -103,7 +112,9 @@ def posterior(
     ``q`` is the uniform and point-mass parts alone). Bad values as
     :func:`sample_step`: a logits row with NaN, +inf or no finite entry raises
     (on CUDA: a NaN row of ``q``, and the next duo_fast CUDA call raises).
-    Not differentiable."""
+    Not differentiable: a backward that needs a gradient w.r.t. ``logits``,
+    ``alpha_t`` or ``alpha_s`` raises naming it."""
+    check_no_func_transform("posterior", logits, alpha_t, alpha_s)
     ids, a_t, a_s, kappa, temperature, top_p = _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p)
     return torch.ops.duo_fast.posterior.default(logits, ids, a_t, a_s, kappa, temperature, top_p)
 
@@ -111,3 +122,6 @@ def posterior(
 @torch.library.register_fake("duo_fast::posterior")
 def _posterior_fake(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):
     return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+register_no_autograd("duo_fast::posterior", "posterior", {0: "logits", 2: "alpha_t", 3: "alpha_s"})

@@ -7,7 +7,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import check_tensor, check_vocab, per_token_level, token_ids
-from ._common import _LOGIT_DTYPES, _check_ids_like
+from ._common import _LOGIT_DTYPES, _check_ids_like, check_no_func_transform
 from ._inplace_grad import _FusedGradInplace, _fused_grad_backward, _fused_grad_fake, _fused_grad_setup_context
 
 
@@ -28,7 +28,10 @@ def usdm_loss(
     (each entry computed in float32 and rounded once); ``z``, ``x0``: ``[B, L]`` int64 (or int32) ids in
     ``[0, K)``; ``alpha`` in (0, 1) and ``dalpha`` <= 0 (d alpha / d t) per row
     (``[B]``, ``[B, 1]``) or per token (``[B, L]``). Returns ``[B, L]`` float32.
-    Differentiable w.r.t. ``logits``: when they require grad the gradient is
+    Differentiable w.r.t. ``logits`` (first order; differentiating the gradient
+    again raises, as does a backward that needs a gradient w.r.t. ``alpha`` or
+    ``dalpha``; torch.func transforms other than vmap are refused, see
+    :func:`duo_fast.ops._common.check_no_func_transform`): when they require grad the gradient is
     computed in the same call (three sweeps over each row: log-sum-exp,
     reductions, gradient) and scaled by ``grad_output`` in backward, so the only
     ``[N, K]`` memory is the gradient itself. The loss is evaluated in a form
@@ -56,6 +59,7 @@ def usdm_loss(
     graph plans its buffers itself; the values are the same).
     """
     check_tensor(logits, "logits", _LOGIT_DTYPES)
+    check_no_func_transform("usdm_loss", logits, alpha, dalpha)
     z, x0 = token_ids(z, "z"), token_ids(x0, "x0")
     if logits.dim() < 2:
         raise ValueError(f"duo_fast: logits must be [..., K], got shape {tuple(logits.shape)}")
@@ -68,7 +72,7 @@ def usdm_loss(
     # a buffer handed over between forward and backward cannot be traced, so there the
     # op is the plain custom op (same values).
     if inplace_grad and compute_grad and not torch.compiler.is_compiling():
-        return _FusedGradInplace.apply("usdm_loss", torch.ops.duo_fast.usdm_loss.default, logits, z, x0, a, d)
+        return _FusedGradInplace.apply("usdm_loss", "logits", _LEVELS, torch.ops.duo_fast.usdm_loss.default, logits, z, x0, a, d)
     loss, _ = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, a, d, compute_grad)
     return loss
 
@@ -78,8 +82,11 @@ def _usdm_loss_fake(logits, z, x0, alpha, dalpha, compute_grad):
     return _fused_grad_fake(logits, compute_grad)
 
 
+_LEVELS = {2: "alpha", 3: "dalpha"}  # index among the inputs after logits -> name (not differentiated)
+
+
 def _usdm_loss_backward(ctx, grad_loss, grad_grad):
-    return _fused_grad_backward(ctx, grad_loss, 6)
+    return _fused_grad_backward(ctx, grad_loss, "usdm_loss", "logits", {i + 1: n for i, n in _LEVELS.items()}, 6)
 
 
 torch.library.register_autograd("duo_fast::usdm_loss", _usdm_loss_backward, setup_context=_fused_grad_setup_context)
