@@ -19,8 +19,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 
 #include "duo_fast/common.h"
+#include "duo_fast/device_check.h"
+#include "duo_fast/usdm_loss.h"
 
 namespace duo_fast {
 
@@ -35,12 +39,26 @@ inline void check_vocab(int64_t vocab_size, const char* name = "vocab_size") {
               ", ", kMaxVocab, "], got ", vocab_size);
 }
 
+// A DUO_FAST_* environment variable with a fixed set of values (duo_fast/_env.py
+// checks the same at import): the index of its value in `accepted`, -1 when unset
+// or empty; any other value raises naming the variable and the accepted values.
+inline int env_choice(const char* name, std::initializer_list<const char*> accepted) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return -1;
+  int i = 0;
+  std::string list;
+  for (const char* a : accepted) {
+    if (std::strcmp(v, a) == 0) return i;
+    list += (i++ ? ", " : "") + std::string(a);
+  }
+  TORCH_CHECK_VALUE(false, "duo_fast: the environment variable ", name, " must be one of ", list,
+                    " (or unset), got '", v, "'");
+  return -1;
+}
+
 // Whether the values of t are checked on the host (see the top of this file).
 inline bool check_values_on_host(const at::Tensor& t) {
-  static const bool sync_checks = [] {
-    const char* v = std::getenv("DUO_FAST_CUDA_SYNC_CHECKS");
-    return v != nullptr && *v != 0 && std::strcmp(v, "0") != 0;
-  }();
+  static const bool sync_checks = env_choice("DUO_FAST_CUDA_SYNC_CHECKS", {"0", "1"}) == 1;
   return !t.is_cuda() || sync_checks;
 }
 
@@ -132,6 +150,16 @@ inline void check_usdm_loss_args(const at::Tensor& logits, const at::Tensor& z, 
                 mx, "]");
     const double dmax = dalpha.max().item<double>();
     TORCH_CHECK(dmax <= 0.0, "duo_fast: dalpha must be <= 0 (alpha decreases in t), got a value ", dmax);
+    // the loss must be a float32 number (usdm::loss_in_float32; the CUDA kernels check the same per token)
+    const at::Tensor a = alpha.to(at::kCPU).contiguous(), d = dalpha.to(at::kCPU).contiguous();
+    const double *ap = a.const_data_ptr<double>(), *dp = d.const_data_ptr<double>();
+    for (int64_t i = 0; i < a.numel(); ++i) {
+      if (usdm::loss_in_float32(double(K), ap[i], dp[i])) continue;
+      TORCH_CHECK(false, "duo_fast: dalpha must be finite and small enough that the loss is a float32: expected "
+                  "|dalpha| <= ", kFloat32Max / usdm::loss_bound_per_dalpha(double(K), ap[i]), " for alpha = ", ap[i],
+                  " and K = ", K, " (the loss bound |dalpha| B(K, alpha) / (K alpha) <= 3.4e38, "
+                  "csrc/include/duo_fast/usdm_loss.h), got dalpha = ", dp[i], " (token ", i, ")");
+    }
   }
 }
 
@@ -177,8 +205,9 @@ inline void check_sample_step_args(const at::Tensor& logits, const at::Tensor& z
               "duo_fast: alpha_t and alpha_s must be Double (the wrapper converts), got ", alpha_t.scalar_type(),
               " and ", alpha_s.scalar_type());
   TORCH_CHECK(kappa >= 0.0 && kappa <= 1.0, "duo_fast: kappa must be in [0, 1], got ", kappa);
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "duo_fast: temperature must be finite and > 0, got ",
-              temperature);
+  TORCH_CHECK(temperature >= 1.0 / kFloat32Max && temperature <= 1.0 / kFloat32Tiny,
+              "duo_fast: temperature must be in [", 1.0 / kFloat32Max, ", ", 1.0 / kFloat32Tiny,
+              "] (1/temperature scales the logits in float32: a finite, normal float32), got ", temperature);
   TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "duo_fast: top_p must be in (0, 1], got ", top_p);
   check_token_ids(z, "z", K);
   if (z.numel() == 0 || !check_values_on_host(alpha_t)) return;
@@ -212,8 +241,9 @@ inline void check_curriculum_levels(const at::Tensor& x0, const at::Tensor& gamm
   TORCH_CHECK(at::isfinite(gamma).all().item<bool>(), "duo_fast: gamma must be finite");
   auto [lo, hi] = at::aminmax(inv_tau);
   const double mn = lo.item<double>(), mx = hi.item<double>();
-  TORCH_CHECK(mn > 0.0 && std::isfinite(mx), "duo_fast: inv_tau must be finite and > 0, got values in [", mn, ", ",
-              mx, "]");
+  TORCH_CHECK(check::valid_inv_tau(mn) && check::valid_inv_tau(mx), "duo_fast: inv_tau must be finite and > 0, at most ",
+              kFloat32Max, " (the largest float32: the kernels scale the noise by it in float32), got values in [", mn,
+              ", ", mx, "]");
 }
 
 // curriculum_topk: 1 <= k <= K - 1, zt_rule 0 (exact) or 1 (reference).

@@ -67,6 +67,10 @@ def _check_build(path=None) -> dict | None:
 
 _check_build()
 
+from . import _env  # noqa: E402
+
+_env.check()  # a malformed DUO_FAST_* variable raises here, naming it and the accepted values
+
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - only without a build
@@ -117,12 +121,14 @@ def empty_cache() -> int:
     freed here. Like ``torch.cuda.empty_cache()``, this never frees memory that
     a live tensor uses. CUDA gradients use torch's own caching allocator.
     """
+    _env.check("DUO_FAST_GRAD_CACHE_MB")
     return int(_C.grad_cache_empty())
 
 
 def cache_info() -> dict:
     """The kept gradient buffers: {'bytes', 'buffers', 'limit_bytes'} (see empty_cache).
     Raises ValueError if DUO_FAST_GRAD_CACHE_MB is not a whole number >= 0."""
+    _env.check("DUO_FAST_GRAD_CACHE_MB")
     return dict(_C.grad_cache_info())
 
 

@@ -32,6 +32,7 @@
 #include <cstring>
 #include <vector>
 
+#include "checks.h"
 #include "duo_fast/logits.h"
 #include "isa.h"
 
@@ -53,12 +54,10 @@ constexpr int64_t kMaxTileTokens = kBlockFloats / kMinCols;
 constexpr double kSortedMinEntriesPerId = 0.05;
 
 // DUO_FAST_TOPK_BAG=sorted / token forces one forward (benchmarks, tests); unset or
-// anything else: this rule. Read at every call.
+// auto: this rule; anything else raises. Read at every call.
 inline bool use_sorted_forward(int64_t n, int64_t k, int64_t vocab_size) {
-  if (const char* v = std::getenv("DUO_FAST_TOPK_BAG")) {
-    if (std::strcmp(v, "sorted") == 0) return true;
-    if (std::strcmp(v, "token") == 0) return false;
-  }
+  const int forced = env_choice("DUO_FAST_TOPK_BAG", {"sorted", "token", "auto"});
+  if (forced == 0 || forced == 1) return forced == 0;
   return double(n) * double(k) >= kSortedMinEntriesPerId * double(vocab_size);
 }
 

@@ -403,8 +403,7 @@ template <bool kAvx2>
 
   // tail mass (scalar, as topk::token).
   const double S = s * inv_tau, ct = c * inv_tau;
-  const double log_mu = 0.5 * S * S + log_ndtr((ct - S * S) / S) - log_ndtr(ct / S);
-  const double log_tail = n_tail > 0.0 ? log(n_tail) + log_mu : -INFINITY;
+  const double log_tail = n_tail > 0.0 ? log(n_tail) + topk::log_tail_mean(S, ct) : -INFINITY;
 
   // 5. weights: e_i = exp(kept_i / tau - m) once, w_i = e_i / sum.
   double mx = kept[0], ksum = 0.0;

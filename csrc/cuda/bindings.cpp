@@ -235,10 +235,9 @@ at::Tensor posterior_cuda(const at::Tensor& logits, const at::Tensor& z, const a
 // curriculum_embed on tensor cores (curriculum_embed_mma.cu) when the device and the
 // kernel binary the runtime picks for it are sm_80+ (a build whose only code
 // for this device is older PTX would trap), unless DUO_FAST_EMBED_PORTABLE=1
-// asks for the portable float kernels (curriculum.cu; they also serve sm < 80).
+// asks for the portable float kernels (0 or unset: the rule; anything else raises) (curriculum.cu; they also serve sm < 80).
 bool embed_on_tensor_cores(const at::Device& device) {
-  const char* env = std::getenv("DUO_FAST_EMBED_PORTABLE");
-  if (env != nullptr && std::strcmp(env, "1") == 0) return false;
+  if (env_choice("DUO_FAST_EMBED_PORTABLE", {"0", "1"}) == 1) return false;
   static std::mutex mutex;
   static std::map<int, bool> ok;
   std::lock_guard<std::mutex> lock(mutex);

@@ -122,8 +122,7 @@ DUO_DEVICE int64_t warp_token(uint64_t seed, uint64_t offset, uint64_t t, int64_
 
   // 3. tail mass.
   const double S = sc.s * inv_tau, ct = c * inv_tau;
-  const double log_mu = 0.5 * S * S + log_ndtr((ct - S * S) / S) - log_ndtr(ct / S);
-  const double log_tail = n_tail > 0.0 ? log(n_tail) + log_mu : -INFINITY;
+  const double log_tail = n_tail > 0.0 ? log(n_tail) + topk::log_tail_mean(S, ct) : -INFINITY;
 
   // 4. argmax (first index among ties), normalizer and weights.
   double best = -INFINITY;

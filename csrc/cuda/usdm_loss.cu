@@ -195,7 +195,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) usdm_loss_kernel(const T* __re
     const double a = alpha[row], da = dalpha[row];
     // Device-side value checks (device_check.h); the same values for the whole block.
     const bool ok_x = check::valid_id(x, K), ok_z = check::valid_id(zz, K);
-    const bool ok_a = check::valid_alpha(a), ok_d = check::valid_dalpha(da);
+    const bool ok_a = check::valid_alpha(a);
+    const bool ok_d = check::valid_dalpha(da) && (!ok_a || usdm::loss_in_float32(double(K), a, da));
     if (!(ok_x && ok_z && ok_a && ok_d)) {
       if (threadIdx.x == 0) {
         loss[row] = check::nan_f();

@@ -43,7 +43,6 @@ code from the same random state). ``Reference.source`` says which one ran
 from __future__ import annotations
 
 import functools
-import os
 import types
 import warnings
 from dataclasses import dataclass
@@ -51,6 +50,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from .. import _env
 
 SOURCE_DUO = "Duo code"
 SOURCE_EAGER = "eager copy"
@@ -163,9 +164,7 @@ def _duo_reference(ref) -> Reference:
 def reference() -> Reference:
     """The Duo code when it can be imported here (unless $DUO_FAST_BENCH_REFERENCE=eager),
     else the eager copy (an error if $DUO_FAST_BENCH_REFERENCE=duo)."""
-    choice = os.environ.get(ENV_VAR, "auto").lower()
-    if choice not in ("auto", "duo", "eager"):
-        raise ValueError(f"${ENV_VAR} must be auto, duo or eager, got {choice!r}")
+    choice = _env.get(ENV_VAR, "auto").lower()
     reason = f"${ENV_VAR}=eager"
     if choice != "eager":
         from duo_fast.integrations import duo_reference

@@ -23,5 +23,9 @@ namespace duo_fast {
 // Bounds shared by the Python checks, the C++ checks and the kernels.
 constexpr int64_t kMinVocab = 2;
 constexpr int64_t kMaxVocab = int64_t(1) << 24;
+// The float32 range of levels that kernels use in float32: inv_tau scales the
+// noise, 1/temperature the logits, and a loss is a float32 number.
+constexpr double kFloat32Max = 3.4028234663852886e38;   // FLT_MAX
+constexpr double kFloat32Tiny = 1.1754943508222875e-38;  // FLT_MIN, the smallest normal float
 
 }  // namespace duo_fast

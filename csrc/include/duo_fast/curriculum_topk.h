@@ -120,6 +120,15 @@ DUO_HD void draw_ranks(uint64_t seed, uint64_t offset, uint64_t stream, int64_t 
   }
 }
 
+// log E[exp(e / tau) | e < c] for e ~ N(0, s~^2), with S = s~ / tau and ct = c / tau:
+//   S^2/2 + log Phi(u - S) - log Phi(u),  u = ct / S = c / s~
+// (the tail mass of the entries below c; special.h forms the first two terms without
+// their cancellation: at 1/tau ~ 1e38 it had made the tail outweigh the kept entries).
+DUO_HD double log_tail_mean(double S, double ct) {
+  const double u = ct / S;
+  return half_square_plus_log_ndtr(S, u) - log_ndtr(u);
+}
+
 struct TokenOut {
   int64_t z;     // the discrete latent
   bool in_topk;  // x-entry among the top k (then the last id is x)
@@ -158,8 +167,7 @@ DUO_HD TokenOut token(uint64_t seed, uint64_t offset, uint64_t stream, int64_t x
 
   // 3. tail mass.
   const double S = sc.s * inv_tau, ct = c * inv_tau;
-  const double log_mu = 0.5 * S * S + log_ndtr((ct - S * S) / S) - log_ndtr(ct / S);
-  const double log_tail = n_tail > 0.0 ? log(n_tail) + log_mu : -INFINITY;
+  const double log_tail = n_tail > 0.0 ? log(n_tail) + log_tail_mean(S, ct) : -INFINITY;
 
   // 4. normalizer and weights.
   int64_t arg = 0;

@@ -24,11 +24,11 @@ enum Arg : int {
   kZ = 1,       // z: token ids outside [0, K)
   kIds = 2,     // ids (embedding-bag backward): outside [0, K)
   kAlpha = 3,   // alpha outside (0, 1)
-  kDalpha = 4,  // dalpha > 0 or NaN
+  kDalpha = 4,  // dalpha > 0 or NaN, or a loss beyond float32 (usdm::loss_in_float32)
   kAlphaT = 5,  // alpha_t outside [0, 1)
   kAlphaS = 6,  // alpha_s outside (0, 1] or below alpha_t
   kGamma = 7,   // gamma not finite
-  kInvTau = 8,  // inv_tau not finite and > 0
+  kInvTau = 8,  // inv_tau not in (0, FLT_MAX]
   kGammaNaN = 9,    // gamma NaN (sample_zt, gamma_to_alpha: +-inf are the limits alpha = 1, 0)
   kGammaSNaN = 10,  // gamma_s NaN (sample_zt)
   kLogits = 11,     // a logits row with NaN, +inf or no finite entry (sample_step, posterior)
@@ -41,11 +41,11 @@ inline const char* arg_message(int a) {
     case kZ: return "z holds token ids outside [0, vocab_size)";
     case kIds: return "ids hold token ids outside [0, vocab_size)";
     case kAlpha: return "alpha must be in (0, 1)";
-    case kDalpha: return "dalpha must be <= 0";
+    case kDalpha: return "dalpha must be <= 0, with the loss bound |dalpha| B(K, alpha) / (K alpha) a finite float32";
     case kAlphaT: return "alpha_t must be in [0, 1)";
     case kAlphaS: return "alpha_s must be in (0, 1] and >= alpha_t";
     case kGamma: return "gamma must be finite";
-    case kInvTau: return "inv_tau must be finite and > 0";
+    case kInvTau: return "inv_tau must be finite and > 0, at most 3.4e38 (the largest float32)";
     case kGammaNaN: return "gamma must not be NaN";
     case kGammaSNaN: return "gamma_s must not be NaN";
     case kLogits:
@@ -62,7 +62,8 @@ DUO_HD bool valid_dalpha(double d) { return d <= 0.0; }
 DUO_HD bool valid_alpha_t(double a) { return a >= 0.0 && a < 1.0; }
 DUO_HD bool valid_alpha_s(double as, double at) { return as > 0.0 && as <= 1.0 && as >= at; }
 DUO_HD bool valid_gamma(double g) { return g - g == 0.0; }  // finite
-DUO_HD bool valid_inv_tau(double t) { return t > 0.0 && t - t == 0.0; }
+// inv_tau scales the noise in float32 (above FLT_MAX the forward gives NaN).
+DUO_HD bool valid_inv_tau(double t) { return t > 0.0 && t <= kFloat32Max; }
 DUO_HD bool not_nan(double g) { return g == g; }
 // A sampling row: the sum of exp((x_j - max) / T) is >= 1 (the max entry gives
 // exactly 1) when every logit is finite or -inf with a finite max; NaN logits,

@@ -19,19 +19,34 @@ DUO_HD double log_normal_pdf(double x) { return -0.5 * x * x - kLogSqrt2Pi; }
 // Phi(x) = erfc(-x/sqrt2)/2: relative accuracy in the lower tail.
 DUO_HD double normal_cdf(double x) { return 0.5 * erfc(-x * kInvSqrt2); }
 
+// 1 - 1/x^2 + 3/x^4 - 15/x^6 + ... (the Mills-ratio series), truncated below 1e-16
+// for x < -30: Phi(x) = phi(x) / (-x) times it.
+DUO_HD double ndtr_tail_series(double x) {
+  const double r = 1.0 / (x * x);
+  // 1 - r + 3r^2 - 15r^3 + 105r^4 - 945r^5 + 10395r^6 - 135135r^7
+  return 1.0 + r * (-1.0 + r * (3.0 + r * (-15.0 + r * (105.0 + r * (-945.0 + r * (10395.0 - r * 135135.0))))));
+}
+
 // log Phi(x).
 //   x > 0        : log1p(-Q(x)) with Q(x) = erfc(x/sqrt2)/2 (no cancellation near 1)
 //   -30 <= x <= 0: log(erfc(-x/sqrt2)/2) (erfc is relative-accurate, no underflow)
 //   x < -30      : Mills-ratio series, log Phi(x) = log phi(x) - log(-x)
-//                  + log(1 - 1/x^2 + 3/x^4 - 15/x^6 + ...), truncated below 1e-16.
+//                  + log(ndtr_tail_series(x)).
 DUO_HD double log_ndtr(double x) {
   if (x > 0.0) return log1p(-0.5 * erfc(x * kInvSqrt2));
   if (x >= -30.0) return log(0.5 * erfc(-x * kInvSqrt2));
-  const double r = 1.0 / (x * x);
-  // 1 - r + 3r^2 - 15r^3 + 105r^4 - 945r^5 + 10395r^6 - 135135r^7
-  const double s =
-      1.0 + r * (-1.0 + r * (3.0 + r * (-15.0 + r * (105.0 + r * (-945.0 + r * (10395.0 - r * 135135.0))))));
-  return log_normal_pdf(x) - log(-x) + log(s);
+  return log_normal_pdf(x) - log(-x) + log(ndtr_tail_series(x));
+}
+
+// S^2/2 + log Phi(u - S) (a Gaussian moment generating function truncated at u),
+// without cancellation: for x = u - S < -30 the two large terms cancel
+// analytically, S^2/2 - (u - S)^2/2 = u S - u^2/2, leaving
+// u S - u^2/2 - log sqrt(2 pi) - log(-x) + log(ndtr_tail_series(x)). (Summed in
+// double they lose all digits once S^2 ~ 1e16 and give garbage beyond.)
+DUO_HD double half_square_plus_log_ndtr(double S, double u) {
+  const double x = u - S;
+  if (x >= -30.0) return 0.5 * S * S + log_ndtr(x);
+  return u * S - 0.5 * u * u - kLogSqrt2Pi - log(-x) + log(ndtr_tail_series(x));
 }
 
 // Acklam's approximation alone (relative error < 1.15e-9), for p in (0, 1).

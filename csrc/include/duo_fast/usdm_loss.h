@@ -65,6 +65,24 @@ DUO_HD Token token_constants(int64_t vocab_size, double alpha, double dalpha, bo
   return t;
 }
 
+// The levels' range: the loss is a float32 number. With finite logits each term of
+// T is bounded: r p_z / (1 + r p_z) <= min(1, r), L_y, D_y <= log1p(r), S_y <= K
+// log1p(r), so |T| <= B = (2K + 1 + 2r) log1p(r) + K min(1, r) / (1 - alpha), and
+// |loss| <= |dalpha| B / (K alpha). Levels whose bound is not a finite float32 are
+// refused (|dalpha| = inf, or |dalpha| near FLT_MAX, gave inf and NaN losses:
+// coeff overflows and meets a 0). B / (K alpha) is formed without overflow:
+// log1p(r) / (K alpha) -> 1 and min(1, r) / alpha -> K as alpha -> 0.
+DUO_HD double loss_bound_per_dalpha(double K, double alpha) {
+  const double r = K * alpha / (1.0 - alpha), l = log1p(r);
+  return (2.0 * K + 1.0 + 2.0 * r) * (l / (K * alpha)) + (r < 1.0 ? K / ((1.0 - alpha) * (1.0 - alpha)) : 1.0 / (alpha * (1.0 - alpha)));
+}
+
+// A valid alpha (in (0, 1)) and dalpha <= 0 whose loss bound is a finite float32
+// (NaN fails).
+DUO_HD bool loss_in_float32(double K, double alpha, double dalpha) {
+  return -dalpha * loss_bound_per_dalpha(K, alpha) <= kFloat32Max;
+}
+
 // The float32 entry switch shared by the CPU (cpu/usdm_loss_rows.h, which
 // derives it) and CUDA kernels: float32 entries (double sums) keep the loss and
 // gradient within the tests' 1e-5 relative + 1e-6 absolute except for rows with
