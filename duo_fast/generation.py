@@ -8,12 +8,14 @@ logits (no probabilities are materialized).
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Sequence
 
 import torch
 
 from ._checks import check_real, check_vocab
 from .ops import check_device_errors, gamma_to_alpha, sample_step
+from .ops.sample_step import check_temperature
 
 SCHEDULES = ("loglinear", "cosine", "duo")
 SAMPLERS = ("ancestral", "psi")
@@ -61,6 +63,11 @@ def time_grid(steps: int, eps: float = SAMPLING_EPS) -> torch.Tensor:
     return torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
 
 
+# <kind>-<eta>: eta an unsigned decimal number; a sign, another dash (the Duo code reads the text
+# after the last dash: "2e-2" would be 2 there) or trailing text is malformed.
+_KAPPA_MODE = re.compile(r"(constant-remdm|constant|max-capped|max-rescale)-((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE]\+?[0-9]+)?)")
+
+
 def psi_kappas(mode, alphas: torch.Tensor) -> torch.Tensor:
     """The Psi-sampler's kappa per step (``_mode_to_psi_kappas``), float64 of
     length ``len(alphas) - 1``, from the schedule's alphas on the time grid.
@@ -89,22 +96,24 @@ def psi_kappas(mode, alphas: torch.Tensor) -> torch.Tensor:
         return torch.ones(n, dtype=torch.float64)
     if mode == "pure-pc":
         return torch.zeros(n, dtype=torch.float64)
-    try:
-        eta = float(mode.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        raise ValueError(f"duo_fast: unknown kappa mode {mode!r}") from None
-    if mode.startswith("constant-") and not mode.startswith("constant-remdm-"):
-        return torch.full((n,), check_real(eta, "kappa mode's eta", 0.0, 1.0), dtype=torch.float64)
+    m = _KAPPA_MODE.fullmatch(mode)
+    if m is None:
+        raise ValueError(
+            f"duo_fast: kappa mode must be 'pure-posterior', 'pure-pc', 'constant-<eta>', 'max-capped-<eta>', "
+            f"'max-rescale-<eta>' or 'constant-remdm-<eta>' with eta a number >= 0, got {mode!r} (unknown kappa mode)"
+        )
+    kind, eta = m.group(1), float(m.group(2))
+    if kind == "constant":
+        return torch.full((n,), check_real(eta, f"kappa mode {mode!r}: eta", 0.0, 1.0), dtype=torch.float64)
+    check_real(eta, f"kappa mode {mode!r}: eta", 0.0, math.inf, hi_open=True, why="a finite sigma")
     a_t, a_s = alphas[:-1], alphas[1:]
     sigma_max = torch.clamp((1 - a_s) / a_t, max=eta)
-    if mode.startswith("max-capped-"):
+    if kind == "max-capped":
         sigma = torch.where(a_t == 0, torch.full_like(a_t, eta), sigma_max)
-    elif mode.startswith("max-rescale-"):
+    elif kind == "max-rescale":
         sigma = torch.where(a_t > 0, sigma_max, torch.ones_like(a_t)) * eta
-    elif mode.startswith("constant-remdm-"):
+    else:  # constant-remdm
         sigma = torch.full_like(a_t, eta)
-    else:
-        raise ValueError(f"duo_fast: unknown kappa mode {mode!r}")
     return torch.clamp(1 - sigma / (1 - a_s), 0.0, 1.0)
 
 
@@ -186,9 +195,33 @@ def generate(
             raise ValueError("duo_fast: pass either seed or generator, not both")
         generator = torch.Generator(device).manual_seed(seed)
 
+    # Every argument is checked before the first denoiser call, also those the chosen
+    # schedule / sampler does not use (a malformed value is an error wherever it is).
+    temperature = check_temperature(temperature)
+    top_p = check_real(top_p, "top_p", 0.0, 1.0, lo_open=True)
+    eps = check_real(eps, "eps", 0.0, 1.0, lo_open=True, hi_open=True, why="the last time of the grid")
+    schedule_eps = check_real(schedule_eps, "schedule_eps", 0.0, 1.0, hi_open=True,
+                              why="the schedules start from alpha(1) ~ schedule_eps; at 1 no noise is left")
+    gamma_min = check_real(gamma_min, "gamma_min", -math.inf, gamma_max, lo_open=True, hi_open=True,
+                           why="below gamma_max, finite")
+    gamma_max = check_real(gamma_max, "gamma_max", gamma_min, math.inf, lo_open=True, hi_open=True,
+                           why="above gamma_min, finite")
     ts = time_grid(steps, eps)
     alphas = schedule_alpha(ts, schedule, vocab_size=K, eps=schedule_eps, gamma_min=gamma_min, gamma_max=gamma_max)
-    kappas = psi_kappas(kappa, alphas) if sampler == "psi" else torch.ones(steps, dtype=torch.float64)
+    kappas = psi_kappas(kappa, alphas)  # checked for any sampler
+    if sampler != "psi":
+        kappas = torch.ones(steps, dtype=torch.float64)
+    # Each step starts from alpha_t < 1 (the noise-removal step from alpha(eps)): a grid
+    # point whose alpha rounds to 1 has no noise left to remove.
+    starts = alphas[:steps + (noise_removal != "none")]
+    if bool((starts >= 1).any()):
+        i = int((starts >= 1).nonzero()[0])
+        culprit = "gamma_min" if schedule == "duo" else "eps"
+        raise ValueError(
+            f"duo_fast: the {schedule!r} schedule gives alpha = 1 at t = {float(ts[i]):.6g} (step {i}): expected "
+            f"alpha(t) < 1 at every step's start; raise {culprit} (eps = {eps!r}"
+            + (f", gamma_min = {gamma_min!r})" if schedule == "duo" else ")")
+        )
 
     expected = (batch_size, length, K)
 
