@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ._checks import MAX_VOCAB, arg_float, arg_int, writable_dir
 from .datasets import MarkovChain
 from .models import DiT
 from .generation import generate
@@ -98,6 +99,44 @@ class DemoConfig:
 # --quick: the whole pipeline at a smoke-test size (seconds of training; the numbers mean nothing).
 QUICK = dict(hidden=32, n_layers=2, batch_size=16, curriculum_steps=60, elbo_steps=60, dcd_rounds=3, dcd_steps=15,
              dcd_T=64, n_samples=64, steps=(1, 2, 4), ckpt_every=50)
+
+
+# The range of every field, checked when the command line is parsed (argparse names the
+# flag); relations between fields are checked by check_config.
+FIELD_TYPES = {
+    "vocab_size": arg_int(2, MAX_VOCAB), "length": arg_int(2), "branching": arg_int(2),
+    "chain_eps": arg_float(0.0, 1.0, lo_open=True, hi_open=True), "data_seed": arg_int(0),
+    "hidden": arg_int(2), "n_layers": arg_int(1), "n_heads": arg_int(1),
+    "batch_size": arg_int(1), "lr": arg_float(0.0, lo_open=True), "warmup": arg_int(0),
+    "grad_clip": arg_float(0.0, lo_open=True), "curriculum_steps": arg_int(0), "elbo_steps": arg_int(0),
+    "tau_log10_start": arg_float(), "tau_log10_end": arg_float(),
+    "alpha_high": arg_float(0.0, 1.0, lo_open=True, hi_open=True),
+    "alpha_low": arg_float(0.0, 1.0, lo_open=True, hi_open=True),
+    "dcd_rounds": arg_int(0, 62), "dcd_steps": arg_int(1), "dcd_lr": arg_float(0.0, lo_open=True),
+    "dcd_T": arg_int(1), "steps": arg_int(1), "n_samples": arg_int(1), "seed": arg_int(0),
+    "ckpt_every": arg_int(1),
+}
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """What the flags' own ranges cannot say: relations between fields (before any work)."""
+    problems = []
+    if cfg.branching > cfg.vocab_size:
+        problems.append(f"--branching ({cfg.branching}) must be <= --vocab-size ({cfg.vocab_size})")
+    if cfg.hidden % cfg.n_heads or (cfg.hidden // cfg.n_heads) % 2:
+        problems.append(f"--hidden ({cfg.hidden}) must split into --n-heads ({cfg.n_heads}) heads of an even size")
+    if not cfg.alpha_low < cfg.alpha_high:
+        problems.append(f"--alpha-low ({cfg.alpha_low}) must be below --alpha-high ({cfg.alpha_high})")
+    if cfg.curriculum_steps + cfg.elbo_steps < 1:
+        problems.append("--curriculum-steps + --elbo-steps must be >= 1 (no base training otherwise)")
+    if cfg.dcd_rounds and 2 ** (cfg.dcd_rounds - 1) > cfg.dcd_T:
+        problems.append(f"--dcd-T ({cfg.dcd_T}) must be >= 2^(--dcd-rounds - 1) = {2 ** (cfg.dcd_rounds - 1)} "
+                        "(the last round's dt = 2^round / T is at most 1)")
+    unknown = [s for s in cfg.samplers if s not in SAMPLERS]
+    if unknown:
+        problems.append(f"unknown sampler(s) {unknown}; choose from {list(SAMPLERS)}")
+    if problems:
+        raise SystemExit("duo_fast demo: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------
@@ -172,6 +211,10 @@ def optimizer_step(model, opt, loss: torch.Tensor, lr: float, grad_clip: float) 
     return float(norm)
 
 
+CHECKPOINT_KEYS = frozenset({"config", "phase", "step", "model", "opt", "student", "teacher", "base_state", "history",
+                             "generators", "world"})
+
+
 class Run:
     """The state of one demo run: models, optimizers, generators, progress;
     saved to and restored from ``checkpoint.pt``."""
@@ -226,7 +269,25 @@ class Run:
         os.replace(tmp, self.out / "checkpoint.pt")
 
     def load(self, path: Path) -> None:
-        st = torch.load(path, map_location=self.device, weights_only=False)
+        """Restore from ``path``; anything wrong with the file is one SystemExit naming it."""
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # noqa: BLE001  (empty, truncated, garbage: EOFError, UnpicklingError, RuntimeError ...)
+            raise SystemExit(f"duo_fast demo: cannot resume from {path}: expected a checkpoint written by duo-fast "
+                             f"demo, got a file torch.load cannot read ({type(e).__name__}: {e}); start over with "
+                             "--force") from None
+        missing = sorted(CHECKPOINT_KEYS - set(st)) if isinstance(st, dict) else None
+        if missing is None or missing:
+            got = f"missing keys {missing}" if missing else f"a {type(st).__name__}"
+            raise SystemExit(f"duo_fast demo: cannot resume from {path}: expected a duo-fast demo checkpoint (a dict "
+                             f"with keys {sorted(CHECKPOINT_KEYS)}), got {got}; start over with --force")
+        try:
+            self._restore(st, path)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"duo_fast demo: cannot resume from {path}: its contents do not fit this run "
+                             f"({type(e).__name__}: {e}); start over with --force") from None
+
+    def _restore(self, st: dict, path: Path) -> None:
         if st["config"] != self.cfg.training_fields():
             diff = {k: (st["config"].get(k), v) for k, v in self.cfg.training_fields().items() if st["config"].get(k) != v}
             raise SystemExit(f"duo_fast demo: {path} was written with other settings (checkpoint, now): {diff}")
@@ -403,8 +464,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small run for a smoke test (< 2 minutes on 2 cores)")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an OUT that holds a checkpoint (overwriting it; without --force or --resume "
+                        "such an OUT is refused)")
     p.add_argument("--no-curriculum", action="store_true", help="ablation: the same budget, plain ELBO only")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=arg_int(1), default=1,
                    help="torch threads per process (default 1: the model is small enough that a second thread "
                         "gains little, and one thread is not slowed down by other load on the machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -416,11 +480,14 @@ def parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-").lower()
         default = getattr(d, f.name)
-        if isinstance(default, tuple):
-            p.add_argument(flag, dest=f.name, type=(int if f.name == "steps" else str), nargs="+", default=None,
+        if f.name == "samplers":
+            p.add_argument(flag, dest=f.name, choices=list(SAMPLERS), nargs="+", default=None,
+                           help=f"default {' '.join(default)}")
+        elif isinstance(default, tuple):
+            p.add_argument(flag, dest=f.name, type=FIELD_TYPES[f.name], nargs="+", default=None,
                            help=f"default {' '.join(map(str, default))}")
         else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=f"default {default}")
+            p.add_argument(flag, dest=f.name, type=FIELD_TYPES[f.name], default=None, help=f"default {default}")
     return p
 
 
@@ -432,17 +499,19 @@ def config_from_args(args) -> DemoConfig:
             values[f.name] = tuple(v) if isinstance(v, list) else v
     values["no_curriculum"] = args.no_curriculum
     cfg = DemoConfig(**values)
-    unknown = [s for s in cfg.samplers if s not in SAMPLERS]
-    if unknown:
-        raise SystemExit(f"duo_fast demo: unknown sampler(s) {unknown}; choose from {list(SAMPLERS)}")
+    check_config(cfg)
     return cfg
 
 
-def run(cfg: DemoConfig, out: Path, *, resume: bool = False, progress: bool = True, sample: bool = True,
-        rank_report: str | None = None) -> dict | None:
+def run(cfg: DemoConfig, out: Path, *, resume: bool = False, force: bool = False, progress: bool = True,
+        sample: bool = True, rank_report: str | None = None) -> dict | None:
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists() and not (resume or force):  # never overwrite a run silently
+        raise SystemExit(f"duo_fast demo: {ckpt} exists (an earlier run): pass --resume to continue it, or --force to "
+                         "start over and overwrite it (or choose another --out)")
+    writable_dir(out, "--out")  # before any work: a bad --out fails now, not at the first checkpoint
     rank, world, device = dist_setup()
     r = Run(cfg, out, rank, world, device, progress)
-    ckpt = out / "checkpoint.pt"
     if resume:
         if not ckpt.exists():
             raise SystemExit(f"duo_fast demo: --resume but {ckpt} does not exist")
@@ -484,9 +553,11 @@ def run(cfg: DemoConfig, out: Path, *, resume: bool = False, progress: bool = Tr
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.resume and args.force:
+        p.error("--resume and --force exclude each other (continue the checkpoint, or overwrite it)")
     cfg = config_from_args(args)
-    run(cfg, Path(args.out), resume=args.resume, progress=not args.no_progress, sample=not args.no_sample,
-        rank_report=args.rank_report)
+    torch.set_num_threads(args.threads)
+    run(cfg, Path(args.out), resume=args.resume, force=args.force, progress=not args.no_progress,
+        sample=not args.no_sample, rank_report=args.rank_report)

@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from .._checks import arg_int, writable_dir
 from . import common
 from .report import markdown, merge_runs, write_csv, write_plots
 
@@ -94,6 +95,21 @@ def environment(args) -> dict:
 # ---- CLI ---------------------------------------------------------------------------------
 
 
+def timed_device(text: str) -> str:
+    """An argparse ``type``: a device the benchmark can time: cpu (perf_counter) or
+    cuda / cuda:N (CUDA events). meta and the like run nothing and would print
+    made-up rates."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (a device whose work can be timed), got {text!r}")
+    return text
+
+
 def parse_args(argv=None, prog="duo-fast bench", default_out=DEFAULT_OUT):
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
@@ -105,11 +121,11 @@ def parse_args(argv=None, prog="duo-fast bench", default_out=DEFAULT_OUT):
     p.set_defaults(mode="quick")
     p.add_argument("--ops", default="", help="comma-separated op names (default: all registered)")
     p.add_argument("--match", default="", help="only the cases whose id contains this substring (e.g. N2048-K50257)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads / OMP threads per process (default 2)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--threads", type=arg_int(1), default=2, help="torch.set_num_threads / OMP threads per process (default 2)")
+    p.add_argument("--rounds", type=arg_int(1), default=1,
                    help="fresh processes per side, the sides alternating; time = median over all rounds "
                         "(default 1; 3 on a shared machine whose speed drifts)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", type=timed_device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--out", default=default_out,
                    help=f"folder for report.md, results.csv, results.json, time.png, memory.png "
                         f"(default: {default_out or 'none: print the table only'})")
@@ -121,10 +137,7 @@ def parse_args(argv=None, prog="duo-fast bench", default_out=DEFAULT_OUT):
                         "come from the last run that has it) into one report and plots in --out")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one case ...
     p.add_argument("--side", default="duo", choices=common.SIDES, help=argparse.SUPPRESS)  # ... one side
-    args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {args.rounds}")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None, *, prog: str = "duo-fast bench", default_out: str | None = DEFAULT_OUT) -> int:
@@ -159,6 +172,15 @@ def main(argv=None, *, prog: str = "duo-fast bench", default_out: str | None = D
             print(f"{c.id}\t{c.size}\t[{sides}]")
         return 0
 
+    # Where the results go is checked before anything is measured (a --full run is an hour).
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        writable_dir(out, "--out")
+    if args.json_out:
+        if Path(args.json_out).is_dir():
+            raise SystemExit(f"error: --json {args.json_out!r} is a folder: expected a file path")
+        writable_dir(Path(args.json_out).resolve().parent, "--json (its folder)")
+
     env = environment(args)
     t0 = time.perf_counter()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -176,24 +198,14 @@ def main(argv=None, *, prog: str = "duo-fast bench", default_out: str | None = D
         r = common.run_case(c, args.mode, args.device, args.threads, log=log, rounds=args.rounds)
         r["pct_of_copy"] = 100 * r["gbps"] / env["copy_gbps"] if r.get("gbps") and env.get("copy_gbps") else None
         results.append(r)
+        # after every case: a late failure (or an interrupt) keeps what was measured
+        _write(args, out, results, env, copy, errors, skipped, complete=False)
     env["total_s"] = round(time.perf_counter() - t0, 1)
     env["load_avg_end"] = _load()
-    table = markdown(results, env)
-    if skipped:
-        table += "\n\nSkipped: " + "; ".join(skipped)
+    table = _write(args, out, results, env, copy, errors, skipped, complete=True)
     print(table)
     print(f"\n(total {env['total_s']} s)", flush=True)
-    payload = {"environment": env, "copy": copy, "results": results, "module_errors": errors, "skipped": skipped}
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(payload, f, indent=1)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(table + "\n")
-        write_csv(out / "results.csv", results, env)
-        with open(out / "results.json", "w") as f:
-            json.dump(payload, f, indent=1)
+    if out is not None:
         written = [out / "report.md", out / "results.csv", out / "results.json"]
         if not args.no_plots:
             try:
@@ -205,6 +217,30 @@ def main(argv=None, *, prog: str = "duo-fast bench", default_out: str | None = D
     return 1 if failed or errors else 0
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write(args, out: Path | None, results, env, copy, errors, skipped, *, complete: bool) -> str:
+    """The table, CSV and JSON of the cases measured so far (``complete``: all of them);
+    returns the table."""
+    table = markdown(results, env)
+    if skipped:
+        table += "\n\nSkipped: " + "; ".join(skipped)
+    if not complete:
+        table += f"\n\n(partial: {len(results)} case(s) so far; the run did not finish)"
+    payload = {"environment": env, "copy": copy, "results": results, "module_errors": errors, "skipped": skipped,
+               "complete": complete}
+    if args.json_out:
+        _replace_text(Path(args.json_out), json.dumps(payload, indent=1))
+    if out is not None:
+        _replace_text(out / "report.md", table + "\n")
+        write_csv(out / "results.csv", results, env)
+        _replace_text(out / "results.json", json.dumps(payload, indent=1))
+    return table
 
 
 def merge_main(args) -> int:
@@ -212,9 +248,9 @@ def merge_main(args) -> int:
     if not args.out:
         print("error: --merge needs --out (the folder for the merged report)", file=sys.stderr)
         return 2
-    results, env = merge_runs([Path(p) for p in args.merge])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "--out")
+    results, env = merge_runs([Path(p) for p in args.merge])
     table = markdown(results, env)
     (out / "report.md").write_text(table + "\n")
     write_csv(out / "results.csv", results, env)
