@@ -126,6 +126,27 @@ def test_context_manager_and_no_double_patching(ref):
     assert ref.algo.DUO.nll is original and not p.active
 
 
+def test_undo_keeps_what_the_user_reassigned(ref):
+    """undo() after the user reassigned a patched attribute: that one is left as the
+    user set it (with a warning naming it); the others are restored by identity."""
+    before = {(o, n): o.__dict__.get(n, "<absent>") for o, n in targets(ref)}
+    p = D.patch()
+
+    def mine(self, *args, **kwargs):
+        return "mine"
+
+    ref.algo.DUO.nll = mine
+    try:
+        with pytest.warns(RuntimeWarning, match=r"left 1 attribute\(s\) alone: .*algo\.DUO\.nll"):
+            p.undo()
+        assert ref.algo.DUO.__dict__["nll"] is mine
+        for o, n in targets(ref):
+            if (o, n) != (ref.algo.DUO, "nll"):
+                assert o.__dict__.get(n, "<absent>") is before[(o, n)], (o, n)
+    finally:
+        ref.algo.DUO.nll = before[(ref.algo.DUO, "nll")]
+
+
 def test_patch_argument_errors(ref, monkeypatch):
     with pytest.raises(ValueError, match="parts must be a non-empty subset"):
         D.patch(parts=["schedule", "speed"])

@@ -80,12 +80,14 @@ import torch.nn.functional as F
 
 from ..ops import curriculum_embed, curriculum_topk, distill_kl, gamma_to_alpha, sample_step, sample_zt, usdm_loss
 from ..ops._common import _LOGIT_DTYPES
+from . import _patching
+from ._patching import Replaced as _Replaced  # noqa: F401  (the record of one replacement)
 
 __all__ = ["PARTS", "Patch", "patch", "CurriculumInput", "LogitsCache", "main"]
 
 PARTS = ("schedule", "curriculum", "loss", "distillation", "sampling")
 CURRICULUM_MODES = ("simple", "efficient_cached", "series", "sigmoid", "sigmoid-edge-corrected", "poly3", "poly5", "poly7", "poly9")
-_MARK = "__duo_fast_patch__"
+_MARK = _patching.MARK
 _ZT_RULES = ("exact", "reference")
 _NEEDS = {  # part -> modules it patches
     "schedule": ("algo",),
@@ -406,54 +408,15 @@ def _sampling_replacements(trainer_base, *, raw_ok) -> dict:
 # ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Replaced:
-    owner: Any
-    name: str
-    original: Any
-    had_own: bool  # the name was in owner.__dict__ (else it was inherited: undo deletes it)
-
-    @property
-    def label(self) -> str:
-        owner = getattr(self.owner, "__qualname__", None) or getattr(self.owner, "__name__", "?")
-        module = self.owner.__name__ if isinstance(self.owner, ModuleType) else self.owner.__module__
-        return f"{module}.{self.name}" if isinstance(self.owner, ModuleType) else f"{module}.{owner}.{self.name}"
-
-
-class Patch:
+class Patch(_patching.Patch):
     """What :func:`patch` replaced. ``undo()`` restores every original object (by
-    identity); a context manager (``with patch(): ...`` undoes on exit)."""
+    identity) that is still duo_fast's replacement, and warns about the attributes
+    reassigned since (kept as they are); a context manager (``with patch(): ...``
+    undoes on exit)."""
 
-    def __init__(self, parts: tuple[str, ...], replaced: list[_Replaced]):
+    def __init__(self, parts: tuple[str, ...]):
+        super().__init__(", ".join(parts), tag="duo_fast.integrations.duo")
         self.parts = parts
-        self._replaced = replaced
-        self.active = True
-
-    @property
-    def replaced(self) -> list[str]:
-        """Qualified names of the replaced objects."""
-        return [r.label for r in self._replaced]
-
-    def undo(self) -> None:
-        if not self.active:
-            return
-        for r in reversed(self._replaced):
-            if r.had_own:
-                setattr(r.owner, r.name, r.original)
-            else:
-                delattr(r.owner, r.name)
-        self.active = False
-        log.info("duo_fast: restored %d originals", len(self._replaced))
-
-    def __enter__(self) -> "Patch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.undo()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "undone"
-        return f"<duo_fast Patch {state}: {', '.join(self.parts)} ({len(self._replaced)} objects)>"
 
 
 def _check_parts(parts) -> tuple[str, ...]:
@@ -527,25 +490,8 @@ def patch(
     if "sampling" in parts:
         targets.update(_sampling_replacements(mods["trainer_base"], raw_ok=raw_ok))
 
-    # Check everything before changing anything: never wrap a patched object.
-    already = [f"{getattr(o, '__qualname__', getattr(o, '__name__', o))}.{n}" for (o, n) in targets
-               if getattr(o.__dict__.get(n), _MARK, False)]
-    if already:
-        raise RuntimeError(
-            f"duo_fast: already patched: {', '.join(already)}; call undo() on the earlier Patch first"
-        )
-    replaced = []
-    for (owner, name), new in targets.items():
-        had_own = name in owner.__dict__
-        original = owner.__dict__[name] if had_own else None
-        setattr(new, _MARK, True)
-        new.__wrapped_original__ = original
-        if had_own and callable(original):
-            new.__doc__ = (original.__doc__ or "") + "\n\n[patched by duo_fast.integrations.duo]"
-            new.__name__ = getattr(original, "__name__", name)
-        setattr(owner, name, new)
-        replaced.append(_Replaced(owner, name, original, had_own))
-    result = Patch(parts, replaced)
+    # Checks everything before changing anything: never wraps a patched object.
+    result = Patch(parts).replace_all(targets)
     log.info("duo_fast: patched the Duo codebase (%s): %s", ", ".join(parts), ", ".join(result.replaced))
     return result
 
