@@ -102,34 +102,16 @@ def _interval(lo, hi, lo_open=False, hi_open=False) -> str:
     return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
-def arg_int(lo: int | None = None, hi: int | None = None):
-    """An argparse ``type``: an integer in [lo, hi] (None: unbounded)."""
+def _arg_type(convert, kind: str, lo, hi, lo_open: bool = False, hi_open: bool = False):
+    """An argparse ``type``: ``convert(text)``, finite, in the interval (None: unbounded)."""
 
-    def parse(text: str) -> int:
-        import argparse
-
-        want = f"expected an integer{_interval(lo, hi)}"
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{want}, got {text!r}") from None
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{want}, got {text!r}")
-        return v
-
-    return parse
-
-
-def arg_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
-    """An argparse ``type``: a finite float in the interval (open ends where asked)."""
-
-    def parse(text: str) -> float:
+    def parse(text: str):
         import argparse
         import math
 
-        want = f"expected a finite number{_interval(lo, hi, lo_open, hi_open)}"
+        want = f"expected {kind}{_interval(lo, hi, lo_open, hi_open)}"
         try:
-            v = float(text)
+            v = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{want}, got {text!r}") from None
         ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (
@@ -139,6 +121,16 @@ def arg_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool
         return v
 
     return parse
+
+
+def arg_int(lo: int | None = None, hi: int | None = None):
+    """An argparse ``type``: an integer in [lo, hi] (None: unbounded)."""
+    return _arg_type(int, "an integer", lo, hi)
+
+
+def arg_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """An argparse ``type``: a finite float in the interval (open ends where asked)."""
+    return _arg_type(float, "a finite number", lo, hi, lo_open, hi_open)
 
 
 def writable_dir(path, flag: str) -> None:
