@@ -156,9 +156,9 @@ inline void check_usdm_loss_args(const at::Tensor& logits, const at::Tensor& z, 
     for (int64_t i = 0; i < a.numel(); ++i) {
       if (usdm::loss_in_float32(double(K), ap[i], dp[i])) continue;
       TORCH_CHECK(false, "duo_fast: dalpha must be finite and small enough that the loss is a float32: expected "
-                  "|dalpha| <= ", kFloat32Max / usdm::loss_bound_per_dalpha(double(K), ap[i]), " for alpha = ", ap[i],
-                  " and K = ", K, " (the loss bound |dalpha| B(K, alpha) / (K alpha) <= 3.4e38, "
-                  "csrc/include/duo_fast/usdm_loss.h), got dalpha = ", dp[i], " (token ", i, ")");
+                  "|dalpha| <= ", usdm::max_abs_dalpha(double(K), ap[i]), " for alpha = ", ap[i], " and K = ", K,
+                  " (the loss bound |dalpha| B(K, alpha) / (K alpha) <= 3.4e38 and the weight |dalpha| / (K alpha) "
+                  "<= 1e300, csrc/include/duo_fast/usdm_loss.h), got dalpha = ", dp[i], " (token ", i, ")");
     }
   }
 }

@@ -174,26 +174,29 @@ def test_dalpha_beyond_a_float32_loss_is_named(alpha, dalpha):
 
 @pytest.mark.parametrize("vocab", [11, 1000])
 @pytest.mark.parametrize("alpha", [1e-300, 1e-30, 1e-3, 0.5, 1 - 1e-6, 1 - 1e-12])
-def test_dalpha_at_the_edge_of_the_range_gives_finite_reference_values(vocab, alpha):
-    """The largest accepted |dalpha| (read from the error message) on peaked and
-    flat rows: a finite loss and gradient, as the float64 reference."""
+def test_dalpha_at_the_edge_of_the_range_gives_finite_values(vocab, alpha):
+    """The largest accepted |dalpha| (read from the error message) on flat and peaked
+    rows: a finite loss and gradient; where the float64 reference is accurate (alpha
+    not tiny: below ~1e-3 its terms cancel), the reference's values."""
     g = _g(7)
     lg = torch.randn(4, vocab, generator=g) * torch.tensor([[0.0], [1.0], [10.0], [40.0]])
     z, x0 = torch.tensor([1, 2, 3, 3]), torch.tensor([1, 5, 3, 0])
     a = torch.full((4,), alpha, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=DALPHA_MSG) as e:
-        duo_fast.usdm_loss(lg, z, x0, a, torch.full((4,), -1e307 if alpha > 1e-100 else -1e300, dtype=torch.float64))
+        duo_fast.usdm_loss(lg, z, x0, a, torch.full((4,), -1e307, dtype=torch.float64))
     limit = float(re.search(r"expected \|dalpha\| <= ([0-9.e+-]+)", str(e.value)).group(1))
     d = torch.full((4,), -limit * 0.999, dtype=torch.float64)
     lgr = lg.clone().requires_grad_()
     loss = duo_fast.usdm_loss(lgr, z, x0, a, d)
     (grad,) = torch.autograd.grad(loss.sum(), lgr)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    if alpha < 1e-3:
+        return
     l64 = lg.double().requires_grad_()
     ref = reference.usdm_loss(l64, z, x0, a, d)
     (gref,) = torch.autograd.grad(ref.sum(), l64)
     assert torch.isfinite(ref).all()
-    torch.testing.assert_close(loss.double(), ref, rtol=2e-4, atol=1e-6 * limit)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-4, atol=1e-7 * limit)
     torch.testing.assert_close(grad.double(), gref, rtol=2e-4, atol=2e-4 * gref.abs().amax(-1, keepdim=True).max())
 
 
@@ -225,6 +228,7 @@ def test_emulated_cuda_kernels_count_the_range_violations(emulated):
                                            ctypes.c_uint64(0)) == 0
     c = _take(emulated)
     assert c[CHECK["inv_tau"]] == 1 and c.sum() == 1, c
+    assert bool(((w[2] == 0) | (w[2] == 1)).all()) and w[2].sum() <= 1  # at 3.4e38: the argmax limit, as on CPU
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,8 +44,9 @@ def test_accepted_values_pass(monkeypatch, name, value):
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    """A fresh interpreter with no DUO_FAST_* variable but ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DUO_FAST_") or k == "DUO_FAST_FUZZ_PROFILE"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**base, **env})
 
 
 def test_a_malformed_value_fails_the_import():

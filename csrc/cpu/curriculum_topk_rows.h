@@ -401,11 +401,8 @@ template <bool kAvx2>
   const double n_tail = double(in_topk ? vocab_size - k : vocab_size - k - 1);
   if (in_topk) kept[k - 1] = e_x;
 
-  // tail mass (scalar, as topk::token).
-  const double S = s * inv_tau, ct = c * inv_tau;
-  const double log_tail = n_tail > 0.0 ? log(n_tail) + topk::log_tail_mean(S, ct) : -INFINITY;
-
-  // 5. weights: e_i = exp(kept_i / tau - m) once, w_i = e_i / sum.
+  // 5. weights: e_i = exp((kept_i - max) / tau - m) once, w_i = e_i / sum; the tail
+  // mass and m relative to the largest kept entry, as topk::token (norm_terms).
   double mx = kept[0], ksum = 0.0;
 #pragma omp simd reduction(max : mx) reduction(+ : ksum)
   for (int64_t i = 0; i < k; ++i) {
@@ -413,15 +410,15 @@ template <bool kAvx2>
     ksum += kept[i];
   }
   if (!(std::fabs(ksum) < INFINITY)) return false;
-  double m = std::fmax(log_tail, mx * inv_tau);
-  if (!in_topk) m = std::fmax(m, e_x * inv_tau);
+  const topk::NormTerms nt = topk::norm_terms(s, inv_tau, c, mx, e_x, in_topk, n_tail);
+  const double m = nt.m;
   double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < k; ++i) {
-    e[i] = exp_neg(kept[i] * inv_tau - m);
+    e[i] = exp_neg((kept[i] - mx) * inv_tau - m);
     sum += e[i];
   }
-  sum += std::exp(log_tail - m) + (in_topk ? 0.0 : std::exp(e_x * inv_tau - m));
+  sum += std::exp(nt.l_tail - m) + std::exp(nt.l_x - m);
   const double inv = 1.0 / sum;
   // topk::token's "all weights zero -> one-hot on the largest kept entry": the
   // largest weight near float's underflow could go either way, so topk::token
@@ -429,7 +426,7 @@ template <bool kAvx2>
   // +inf, the tail is n e^{S^2/2}): the one-hot is then weights[0] = 1; for k >= 2
   // the tail is below n e^{c/tau} and the largest weight >= 1/K (never zero), so
   // that case is left to topk::token too.
-  const double w_max = exp_neg(mx * inv_tau - m) * inv;
+  const double w_max = exp_neg(-m) * inv;
   if (w_max > 0x1.0p-148) {
 #pragma omp simd
     for (int64_t i = 0; i < k; ++i) weights[i] = float(e[i] * inv);

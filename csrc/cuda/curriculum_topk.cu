@@ -120,11 +120,8 @@ DUO_DEVICE int64_t warp_token(uint64_t seed, uint64_t offset, uint64_t t, int64_
   if (in_topk && lane == 0) kept[k - 1] = e_x;
   __syncwarp();
 
-  // 3. tail mass.
-  const double S = sc.s * inv_tau, ct = c * inv_tau;
-  const double log_tail = n_tail > 0.0 ? log(n_tail) + topk::log_tail_mean(S, ct) : -INFINITY;
-
-  // 4. argmax (first index among ties), normalizer and weights.
+  // 3. argmax (first index among ties), and 4. the tail mass, normalizer and weights
+  // relative to the largest kept entry (topk::norm_terms).
   double best = -INFINITY;
   int64_t arg = k;
   for (int64_t i = lane; i < k; i += 32) argmax_merge(best, arg, kept[i], i);
@@ -134,16 +131,14 @@ DUO_DEVICE int64_t warp_token(uint64_t seed, uint64_t offset, uint64_t t, int64_
     const int64_t oi = __shfl_xor_sync(reduce::kFullMask, arg, o);
     argmax_merge(best, arg, ov, oi);
   }
-  double m = fmax(log_tail, best * inv_tau);
-  if (!in_topk) m = fmax(m, e_x * inv_tau);
+  const topk::NormTerms nt = topk::norm_terms(sc.s, inv_tau, c, best, e_x, in_topk, n_tail);
   double part = 0.0;
-  for (int64_t i = lane; i < k; i += 32) part += exp(kept[i] * inv_tau - m);
-  const double sum = reduce::warp_reduce(part, reduce::Sum()) + exp(log_tail - m) +
-                     (in_topk ? 0.0 : exp(e_x * inv_tau - m));
-  const double log_z = m + log(sum);
+  for (int64_t i = lane; i < k; i += 32) part += exp((kept[i] - best) * inv_tau - nt.m);
+  const double sum = reduce::warp_reduce(part, reduce::Sum()) + exp(nt.l_tail - nt.m) + exp(nt.l_x - nt.m);
+  const double log_z = nt.m + log(sum);
   bool any = false;
   for (int64_t i = lane; i < k; i += 32) {
-    weights[i] = float(exp(kept[i] * inv_tau - log_z));
+    weights[i] = float(exp((kept[i] - best) * inv_tau - log_z));
     any = any || weights[i] > 0.0f;
   }
   if (!__any_sync(reduce::kFullMask, any))

@@ -120,13 +120,28 @@ DUO_HD void draw_ranks(uint64_t seed, uint64_t offset, uint64_t stream, int64_t 
   }
 }
 
-// log E[exp(e / tau) | e < c] for e ~ N(0, s~^2), with S = s~ / tau and ct = c / tau:
-//   S^2/2 + log Phi(u - S) - log Phi(u),  u = ct / S = c / s~
-// (the tail mass of the entries below c; special.h forms the first two terms without
-// their cancellation: at 1/tau ~ 1e38 it had made the tail outweigh the kept entries).
-DUO_HD double log_tail_mean(double S, double ct) {
-  const double u = ct / S;
-  return half_square_plus_log_ndtr(S, u) - log_ndtr(u);
+// The normalizer's terms as exponents relative to the largest kept entry `top`:
+// (v - top) / tau, formed from the difference v - top (its rounding is relative to
+// the small result). The absolute exponents v / tau are ~1e38 at 1/tau ~ 1e38: each
+// rounds by ~1e22, and the difference of two of them (FMA-contracted or not) is
+// garbage there (it gave weights 1/3, 1/3, 1/3 instead of the argmax).
+//   l_tail = log(n_tail) + log E[exp(e / tau) | e < c] - top / tau,  e ~ N(0, s~^2)
+//          = log(n_tail) + (c - top) / tau + truncated_mgf_excess(S, u) - log Phi(u),
+//            S = s~ / tau, u = c / s~   (c = +inf, k = 1: the untruncated S^2/2 - top / tau)
+//   l_x    = (e_x - top) / tau for the x-entry when it is not among the kept
+//   m      = max(0, l_tail, l_x)   (0: the top entry itself)
+struct NormTerms {
+  double l_tail, l_x, m;
+};
+
+DUO_HD NormTerms norm_terms(double s, double inv_tau, double c, double top, double e_x, bool in_topk, double n_tail) {
+  const double S = s * inv_tau, u = c / s;
+  double l_tail = -INFINITY;
+  if (n_tail > 0.0)
+    l_tail = log(n_tail) + (c == INFINITY ? 0.5 * S * S - top * inv_tau
+                                          : (c - top) * inv_tau + truncated_mgf_excess(S, u) - log_ndtr(u));
+  const double l_x = in_topk ? -INFINITY : (e_x - top) * inv_tau;
+  return {l_tail, l_x, fmax(0.0, fmax(l_tail, l_x))};
 }
 
 struct TokenOut {
@@ -165,21 +180,17 @@ DUO_HD TokenOut token(uint64_t seed, uint64_t offset, uint64_t stream, int64_t x
   const double n_tail = double(in_topk ? vocab_size - k : vocab_size - k - 1);
   if (in_topk) kept[k - 1] = e_x;
 
-  // 3. tail mass.
-  const double S = sc.s * inv_tau, ct = c * inv_tau;
-  const double log_tail = n_tail > 0.0 ? log(n_tail) + log_tail_mean(S, ct) : -INFINITY;
-
-  // 4. normalizer and weights.
+  // 3. tail mass and 4. normalizer and weights, relative to the largest kept entry.
   int64_t arg = 0;
   for (int64_t i = 1; i < k; ++i) arg = kept[i] > kept[arg] ? i : arg;
-  double m = fmax(log_tail, kept[arg] * inv_tau);
-  if (!in_topk) m = fmax(m, e_x * inv_tau);
-  double sum = exp(log_tail - m) + (in_topk ? 0.0 : exp(e_x * inv_tau - m));
-  for (int64_t i = 0; i < k; ++i) sum += exp(kept[i] * inv_tau - m);
-  const double log_z = m + log(sum);
+  const double top = kept[arg];
+  const NormTerms nt = norm_terms(sc.s, inv_tau, c, top, e_x, in_topk, n_tail);
+  double sum = exp(nt.l_tail - nt.m) + exp(nt.l_x - nt.m);
+  for (int64_t i = 0; i < k; ++i) sum += exp((kept[i] - top) * inv_tau - nt.m);
+  const double log_z = nt.m + log(sum);
   bool any = false;
   for (int64_t i = 0; i < k; ++i) {
-    weights[i] = float(exp(kept[i] * inv_tau - log_z));
+    weights[i] = float(exp((kept[i] - top) * inv_tau - log_z));
     any = any || weights[i] > 0.0f;
   }
   if (!any) {

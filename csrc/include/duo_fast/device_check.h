@@ -41,7 +41,7 @@ inline const char* arg_message(int a) {
     case kZ: return "z holds token ids outside [0, vocab_size)";
     case kIds: return "ids hold token ids outside [0, vocab_size)";
     case kAlpha: return "alpha must be in (0, 1)";
-    case kDalpha: return "dalpha must be <= 0, with the loss bound |dalpha| B(K, alpha) / (K alpha) a finite float32";
+    case kDalpha: return "dalpha must be <= 0 and small enough that the loss is a float32 (usdm::loss_in_float32)";
     case kAlphaT: return "alpha_t must be in [0, 1)";
     case kAlphaS: return "alpha_s must be in (0, 1] and >= alpha_t";
     case kGamma: return "gamma must be finite";

@@ -38,15 +38,16 @@ DUO_HD double log_ndtr(double x) {
   return log_normal_pdf(x) - log(-x) + log(ndtr_tail_series(x));
 }
 
-// S^2/2 + log Phi(u - S) (a Gaussian moment generating function truncated at u),
-// without cancellation: for x = u - S < -30 the two large terms cancel
-// analytically, S^2/2 - (u - S)^2/2 = u S - u^2/2, leaving
-// u S - u^2/2 - log sqrt(2 pi) - log(-x) + log(ndtr_tail_series(x)). (Summed in
-// double they lose all digits once S^2 ~ 1e16 and give garbage beyond.)
-DUO_HD double half_square_plus_log_ndtr(double S, double u) {
+// S^2/2 + log Phi(u - S) - u S, the log of a Gaussian moment generating function
+// truncated at u (E[e^{S g}; g < u], g ~ N(0, 1)) over its leading factor e^{u S}.
+// For x = u - S < -30 the large terms cancel analytically (S^2/2 - (u - S)^2/2 =
+// u S - u^2/2): -u^2/2 - log sqrt(2 pi) - log(-x) + log(ndtr_tail_series(x)), no
+// large term left (summed in double they lose every digit once S^2 ~ 1e16, and
+// give garbage beyond). Above, |S| <= |u| + 30: every term is moderate.
+DUO_HD double truncated_mgf_excess(double S, double u) {
   const double x = u - S;
-  if (x >= -30.0) return 0.5 * S * S + log_ndtr(x);
-  return u * S - 0.5 * u * u - kLogSqrt2Pi - log(-x) + log(ndtr_tail_series(x));
+  if (x >= -30.0) return 0.5 * S * S + log_ndtr(x) - u * S;
+  return -0.5 * u * u - kLogSqrt2Pi - log(-x) + log(ndtr_tail_series(x));
 }
 
 // Acklam's approximation alone (relative error < 1.15e-9), for p in (0, 1).

@@ -77,10 +77,20 @@ DUO_HD double loss_bound_per_dalpha(double K, double alpha) {
   return (2.0 * K + 1.0 + 2.0 * r) * (l / (K * alpha)) + (r < 1.0 ? K / ((1.0 - alpha) * (1.0 - alpha)) : 1.0 / (alpha * (1.0 - alpha)));
 }
 
+// The kernels form coeff = dalpha / (K alpha) in double and multiply it by factors
+// up to ~K: kept at most this it stays finite (at alpha ~ 1e-300 a dalpha that the
+// bound allows overflowed it and gave NaN).
+constexpr double kMaxLossWeight = 1e300;
+
 // A valid alpha (in (0, 1)) and dalpha <= 0 whose loss bound is a finite float32
-// (NaN fails).
+// and whose loss weight is finite in double (NaN fails).
 DUO_HD bool loss_in_float32(double K, double alpha, double dalpha) {
-  return -dalpha * loss_bound_per_dalpha(K, alpha) <= kFloat32Max;
+  return -dalpha * loss_bound_per_dalpha(K, alpha) <= kFloat32Max && -dalpha <= kMaxLossWeight * (K * alpha);
+}
+
+// The largest |dalpha| that loss_in_float32 accepts at (K, alpha).
+DUO_HD double max_abs_dalpha(double K, double alpha) {
+  return fmin(kFloat32Max / loss_bound_per_dalpha(K, alpha), kMaxLossWeight * (K * alpha));
 }
 
 // The float32 entry switch shared by the CPU (cpu/usdm_loss_rows.h, which
