@@ -146,27 +146,35 @@ def _run_every_op(t, K, rand, backward=True):
 
     ones = torch.ones_like(loss)
     g = torch.ones_like(t["logits"])
-    _fused_grad_backward(SimpleNamespace(saved_tensors=(g,), compute_grad=True), ones, 6)
-    # a broadcast grad_output (after .sum()): the CPU shortcut reads its value, CUDA must not
-    _FusedGradInplace.backward(SimpleNamespace(grad=g.clone(), name="usdm_loss", n_rest=4),
-                               torch.ones((), device=loss.device).expand(loss.shape))
-    lctx = SimpleNamespace(saved_tensors=(h, w, None, t["z"].reshape(-1), t["x0"].reshape(-1),
-                                          t["alpha"][:, None].expand(2, 3).reshape(-1),
-                                          t["dalpha"][:, None].expand(2, 3).reshape(-1)),
-                           row_op=_usdm_rows, chunk_size=4, needs_input_grad=(False, True, True, False))
-    LinearRows.backward(lctx, ones.reshape(-1))
-    kctx = SimpleNamespace(saved_tensors=(h3, w3, None, (t["hidden"] + 1).reshape(-1, t["hidden"].shape[-1]),
-                                          t["weight"], None),
-                           row_op=functools.partial(_kl_rows, direction=0), chunk_size=4,
-                           needs_input_grad=(False, True, True, False))
-    LinearRows.backward(kctx, ones.reshape(-1))
-    ectx = SimpleNamespace(saved_tensors=(ids, wts), needs_input_grad=(False,) * 4 + (True,), vocab_size=K,
-                           embedding_dtype=torch.float32)
-    _topk_embed_backward(ectx, torch.ones_like(hk), None, None, None)
-    lvl = torch.zeros(t["x0"].shape, dtype=torch.float64, device=t["x0"].device)
-    cctx = SimpleNamespace(saved_tensors=(t["x0"], lvl, lvl + 2, lvl), needs_input_grad=(False,) * 3 + (True,),
-                           vocab_size=K, embedding_dtype=torch.float32, seed=1, offset=0)
-    _curriculum_embed_backward(cctx, torch.ones_like(he), None, None)
+    # called as autograd calls them: without grad mode (no create_graph)
+    with torch.no_grad():
+        _fused_grad_backward(SimpleNamespace(saved_tensors=(g,), compute_grad=True,
+                                             needs_input_grad=(True,) + (False,) * 5),
+                             ones, "usdm_loss", "logits", {3: "alpha", 4: "dalpha"}, 6)
+        # a broadcast grad_output (after .sum()): the CPU shortcut reads its value, CUDA must not
+        _FusedGradInplace.backward(SimpleNamespace(grad=g.clone(), name="usdm_loss", wrt="logits", levels={}, n_rest=4),
+                                   torch.ones((), device=loss.device).expand(loss.shape))
+        lctx = SimpleNamespace(saved_tensors=(h, w, None, t["z"].reshape(-1), t["x0"].reshape(-1),
+                                              t["alpha"][:, None].expand(2, 3).reshape(-1),
+                                              t["dalpha"][:, None].expand(2, 3).reshape(-1)),
+                               row_op=_usdm_rows, chunk_size=4, what="linear_usdm_loss",
+                               names=("hidden", "weight", "bias", "z", "x0", "alpha", "dalpha"),
+                               needs_input_grad=(False, True, True) + (False,) * 8)
+        LinearRows.backward(lctx, ones.reshape(-1))
+        kctx = SimpleNamespace(saved_tensors=(h3, w3, None, (t["hidden"] + 1).reshape(-1, t["hidden"].shape[-1]),
+                                              t["weight"], None),
+                               row_op=functools.partial(_kl_rows, direction=0), chunk_size=4, what="linear_distill_kl",
+                               names=("student_hidden", "weight", "bias", "teacher_hidden", "teacher_weight",
+                                      "teacher_bias"),
+                               needs_input_grad=(False, True, True) + (False,) * 7)
+        LinearRows.backward(kctx, ones.reshape(-1))
+        ectx = SimpleNamespace(saved_tensors=(ids, wts), needs_input_grad=(False,) * 4 + (True,), vocab_size=K,
+                               embedding_dtype=torch.float32)
+        _topk_embed_backward(ectx, torch.ones_like(hk), None, None, None)
+        lvl = torch.zeros(t["x0"].shape, dtype=torch.float64, device=t["x0"].device)
+        cctx = SimpleNamespace(saved_tensors=(t["x0"], lvl, lvl + 2, lvl), needs_input_grad=(False,) * 3 + (True,),
+                               vocab_size=K, embedding_dtype=torch.float32, seed=1, offset=0)
+        _curriculum_embed_backward(cctx, torch.ones_like(he), None, None)
 
 
 @pytest.mark.parametrize("randomness", ["seed", "philox_state", "get_state"])

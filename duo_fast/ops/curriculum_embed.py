@@ -7,7 +7,8 @@ import torch
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import token_ids
 from .._random import philox_seed
-from ._common import _check_x0_embedding, _curriculum_levels, check_no_func_transform, check_not_differentiated, register_first_order_only
+from ._common import (_check_x0_embedding, _curriculum_levels, check_no_func_transform, check_not_differentiated,
+                      register_first_order_only)
 
 
 def curriculum_embed(

@@ -25,8 +25,8 @@ def check_device_errors(device: torch.device | str | int | None = None) -> None:
     if device.type != "cuda":
         return
     if not torch.cuda.is_available():
-        raise RuntimeError(f"duo_fast: check_device_errors: expected an available CUDA device, got device={str(device)!r} "
-                           "on a machine where torch.cuda.is_available() is False")
+        raise RuntimeError(f"duo_fast: check_device_errors: expected an available CUDA device, got "
+                           f"device={str(device)!r} on a machine where torch.cuda.is_available() is False")
     torch.ops.duo_fast.check_device_errors.default(torch.empty(0, device=device))
 
 

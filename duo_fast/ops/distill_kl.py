@@ -59,8 +59,8 @@ def distill_kl(
     check_same_device(("student_logits", student_logits), ("teacher_logits", teacher_logits))
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     if inplace_grad and compute_grad and not torch.compiler.is_compiling():
-        return _FusedGradInplace.apply("distill_kl", "student_logits", {}, torch.ops.duo_fast.distill_kl.default, student_logits,
-                                       teacher_logits.detach(), _DIRECTIONS[direction])
+        return _FusedGradInplace.apply("distill_kl", "student_logits", {}, torch.ops.duo_fast.distill_kl.default,
+                                       student_logits, teacher_logits.detach(), _DIRECTIONS[direction])
     kl, _ = torch.ops.duo_fast.distill_kl.default(
         student_logits, teacher_logits.detach(), _DIRECTIONS[direction], compute_grad
     )

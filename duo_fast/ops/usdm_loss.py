@@ -72,7 +72,8 @@ def usdm_loss(
     # a buffer handed over between forward and backward cannot be traced, so there the
     # op is the plain custom op (same values).
     if inplace_grad and compute_grad and not torch.compiler.is_compiling():
-        return _FusedGradInplace.apply("usdm_loss", "logits", _LEVELS, torch.ops.duo_fast.usdm_loss.default, logits, z, x0, a, d)
+        return _FusedGradInplace.apply("usdm_loss", "logits", _LEVELS, torch.ops.duo_fast.usdm_loss.default,
+                                       logits, z, x0, a, d)
     loss, _ = torch.ops.duo_fast.usdm_loss.default(logits, z, x0, a, d, compute_grad)
     return loss
 

@@ -74,7 +74,8 @@ DUO_HD Token token_constants(int64_t vocab_size, double alpha, double dalpha, bo
 // log1p(r) / (K alpha) -> 1 and min(1, r) / alpha -> K as alpha -> 0.
 DUO_HD double loss_bound_per_dalpha(double K, double alpha) {
   const double r = K * alpha / (1.0 - alpha), l = log1p(r);
-  return (2.0 * K + 1.0 + 2.0 * r) * (l / (K * alpha)) + (r < 1.0 ? K / ((1.0 - alpha) * (1.0 - alpha)) : 1.0 / (alpha * (1.0 - alpha)));
+  const double first = r < 1.0 ? K / ((1.0 - alpha) * (1.0 - alpha)) : 1.0 / (alpha * (1.0 - alpha));
+  return (2.0 * K + 1.0 + 2.0 * r) * (l / (K * alpha)) + first;
 }
 
 // The kernels form coeff = dalpha / (K alpha) in double and multiply it by factors
