@@ -121,7 +121,6 @@ def empty_cache() -> int:
     freed here. Like ``torch.cuda.empty_cache()``, this never frees memory that
     a live tensor uses. CUDA gradients use torch's own caching allocator.
     """
-    _env.check("DUO_FAST_GRAD_CACHE_MB")
     return int(_C.grad_cache_empty())
 
 
