@@ -313,7 +313,7 @@ def test_levels_per_row_and_per_token_agree():
         (dict(alpha_t=torch.tensor([float("nan")])), r"alpha_t must be in"),
         (dict(alpha_t=torch.tensor([0.1, 0.2, 0.3])), r"alpha_t has shape"),
         (dict(kappa=1.5), r"kappa must be in \[0.0, 1.0\]"),
-        (dict(temperature=0.0), r"temperature must be in \(0.0, inf\)"),
+        (dict(temperature=0.0), r"temperature must be in \[2.939e-39, 8.507e\+37\]"),
         (dict(top_p=0.0), r"top_p must be in \(0.0, 1.0\]"),
         (dict(top_p=1.5), r"top_p must be in"),
         (dict(seed=1, generator=torch.Generator()), r"either seed or generator"),
