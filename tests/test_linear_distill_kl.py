@@ -201,7 +201,7 @@ def test_bad_inputs_name_the_argument():
         duo_fast.linear_distill_kl(*args[:4], p["t_weight"][:36], None)
     with pytest.raises(ValueError, match="teacher_hidden has shape"):
         call(3, p["t_hidden"][:, :4])
-    with pytest.raises(TypeError, match="teacher_hidden must be a floating tensor"):
+    with pytest.raises(TypeError, match="teacher_hidden has dtype int64, expected one of float32, bfloat16, float16, float64"):
         call(3, p["t_hidden"].long())
     with pytest.raises(TypeError, match="student_hidden must be a torch.Tensor"):
         call(0, [1.0])
@@ -215,20 +215,23 @@ def test_bad_inputs_name_the_argument():
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_double_backward_raises(reduction):
-    """The kernels' gradient has no graph: a second-order gradient must raise, not come back as 0."""
+    """The kernels' gradient has no graph: a second-order gradient must raise, naming
+    the op, not come back as 0 (issue 24: "sum" / "mean" refuse create_graph=True,
+    "none" gives first-order gradients that raise when differentiated again)."""
     p = _problem(seed=6)
     params = _params(p, "cpu")
-    kl = duo_fast.linear_distill_kl(*params, *_teacher(p, "cpu"), "bwd", chunk_size=4, reduction=reduction)
-    (g,) = torch.autograd.grad(kl.sum(), params[0], create_graph=True)
-    assert not g.requires_grad  # once_differentiable: no graph through the gradient
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        g.sum().backward()
-    # a grad_output that requires grad: the error is delayed to the second backward
-    kl = duo_fast.linear_distill_kl(*params, *_teacher(p, "cpu"), "bwd", chunk_size=4, reduction=reduction)
-    c = torch.tensor(2.0, requires_grad=True)
-    (g,) = torch.autograd.grad(kl.sum() * c, params[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.sum().backward()
+    c = torch.tensor(2.0, requires_grad=True)  # a grad_output that requires grad: the same errors
+    for scale in (1.0, c):
+        kl = duo_fast.linear_distill_kl(*params, *_teacher(p, "cpu"), "bwd", chunk_size=4, reduction=reduction)
+        if reduction == "sum":
+            with pytest.raises(RuntimeError, match=r"linear_distill_kl\(..., reduction='sum' or 'mean'\) computes its "
+                                                   "gradients in the forward: expected a backward without create_graph"):
+                torch.autograd.grad(kl.sum() * scale, params[0], create_graph=True)
+            continue
+        (g,) = torch.autograd.grad(kl.sum() * scale, params[0], create_graph=True)
+        with pytest.raises(RuntimeError, match="linear_distill_kl has no second-order gradient: .* w.r.t. "
+                                               "student_hidden, weight and bias"):
+            g.sum().backward()
 
 
 def test_nan_hidden_gives_nan_rows():
