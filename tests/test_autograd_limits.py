@@ -194,6 +194,8 @@ FUNC_OPS = {
     "usdm_loss(inplace_grad)": lambda x: duo_fast.usdm_loss(x, Z, X0, A, D, inplace_grad=True).sum(),
     "distill_kl": lambda x: duo_fast.distill_kl(x, _logits(2, 3, K, seed=1)).sum(),
     "linear_usdm_loss": lambda x: duo_fast.linear_usdm_loss(x[..., :4], torch.ones(K, 4), None, Z, X0, A, D).sum(),
+    "linear_distill_kl": lambda x: duo_fast.linear_distill_kl(x[..., :4], torch.ones(K, 4), None, x[..., :4].detach(),
+                                                              torch.ones(K, 4), None).sum(),
     "posterior": lambda x: duo_fast.posterior(x, Z, torch.zeros(2), torch.full((2,), 0.5))[..., 0].sum(),
     "gamma_to_alpha": lambda x: duo_fast.gamma_to_alpha(x[0, 0], K)[0].sum(),
     "curriculum_embed": lambda x: duo_fast.curriculum_embed(X0, 0.0, 1.0, x[0], seed=1)[0].sum(),
