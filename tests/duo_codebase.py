@@ -93,3 +93,19 @@ def lightning_fit(model, vocab_size: int, steps: int):
         warnings.simplefilter("ignore")
         trainer.fit(model, tiny_dataloader(vocab_size))
     return trainer, losses
+
+
+def write_text_data(folder: Path, tokenizer, lines: int = 300, seed: int = 0) -> Path:
+    """A local text dataset as `datasets.load_dataset(folder)` reads it
+    (``train.txt``, ``validation.txt``: one document per line) of the words of
+    ``tokenizer`` (a :func:`make_tokenizer` word-level tokenizer)."""
+    import random
+
+    rng = random.Random(seed)
+    words = [w for w in tokenizer.get_vocab() if not w.startswith("[")]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", lines), ("validation", max(8, lines // 10))):
+        with open(folder / f"{split}.txt", "w") as f:
+            for _ in range(n):
+                f.write(" ".join(rng.choice(words) for _ in range(rng.randrange(5, 40))) + "\n")
+    return folder

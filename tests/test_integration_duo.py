@@ -9,10 +9,11 @@ Statistical tests use fixed seeds; z-scores are held under 5 (two-sided,
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -26,7 +27,8 @@ import duo_fast.integrations.duo as D
 from duo_fast import reference
 from duo_fast.integrations.duo_reference import TINY_MODEL
 
-from duo_codebase import lightning_fit, load_reference, make_config, make_tokenizer, randomize, save_tiny_gpt2
+from duo_codebase import (lightning_fit, load_reference, make_config, make_tokenizer, randomize, save_tiny_gpt2,
+                          write_text_data)
 
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -566,37 +568,45 @@ def test_patched_steps_allocate_no_dense_tensors(ref, tok_dir, tok, tmp_path):
 # ----------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_launcher_runs_unmodified_main_py(ref, tok_dir, tok, tmp_path):
-    """Train a tiny DUO patched (Lightning), save its checkpoint, then run the
-    Duo code's own main.py (mode=sample_eval) through
-    `python -m duo_fast.integrations.duo`: hydra, checkpoint loading,
-    generate_samples patched, Gen PPL under a tiny local eval model."""
-    with D.patch():
-        model = build(ref, tok_dir, tok)
-        trainer, _ = lightning_fit(model, K_SMALL, steps=1)
-    # main.py passes the device to Metrics.record_generative_perplexity as its `retokenize`
-    # argument, so the eval model goes to 'cuda' unless its path names llama2: a CPU run needs that.
-    eval_dir = tmp_path / "llama2-tiny"
-    shutil.copytree(tok_dir, eval_dir)
-    ckpt = tmp_path / "tiny.ckpt"
-    trainer.save_checkpoint(ckpt)
-    out = tmp_path / "samples.json"
-    cmd = [sys.executable, "-m", "duo_fast.integrations.duo", str(ref.path / "main.py"),
-           "mode=sample_eval", "algo=duo", *TINY_MODEL,
-           "data=synthetic", "trainer.accelerator=cpu", "trainer.devices=1", "loader.global_batch_size=2",
-           "loader.eval_batch_size=2", "sampling.steps=4", "sampling.num_sample_batches=1", "training.ema=0",
-           f"eval.checkpoint_path={ckpt}", f"eval.gen_ppl_eval_model_name_or_path={eval_dir}",
-           f"eval.generated_samples_path={out}", f"hydra.run.dir={tmp_path / 'run'}",
-           f"algo.curriculum.integral_cache_path={tmp_path / 'absent.pkl'}"]
+def _launch(ref, tmp_path, *args, name):
+    """`python -m duo_fast.integrations.duo --cpu <Duo main.py> args...` in tmp_path (the
+    user's view: a new process, the Duo code's own main.py, hydra, Lightning)."""
+    cmd = [sys.executable, "-m", "duo_fast.integrations.duo", "--cpu", str(ref.path / "main.py"), *TINY_MODEL,
+           "training.ema=0", "loader.num_workers=1", "sampling.steps=4", f"hydra.run.dir={tmp_path / name}"] + list(args)
     # Duo checkpoints pickle their omegaconf config: torch >= 2.6 loads them only with weights_only off
-    # (our own, trusted file).
-    env = dict(os.environ, DUO_REFERENCE_DIR=str(ref.path), TOKENIZERS_PARALLELISM="false",
-               TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    # (our own, trusted files).
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    out = r.stdout + r.stderr
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "duo_fast: patched the Duo codebase" in r.stderr + r.stdout
-    import json
+    return out
 
-    result = json.loads(out.read_text())
+
+def test_launcher_trains_ddp_then_samples_on_cpu(ref, tok, tok_dir, tmp_path):
+    """What a user meets, in two runs of the unmodified main.py through the
+    launcher's CPU try-out, offline, on a local text dataset and a local
+    tokenizer folder: (1) train algo=duo (simple curriculum) with DDP on 2 CPU
+    processes (gloo), 3 steps and a validation with generate_samples; every
+    rank patched. (2) mode=sample_eval on that checkpoint, its gen-PPL eval
+    model (a tiny GPT-2 in the tokenizer's folder, whose name does not contain
+    'llama2') on the CPU."""
+    data = write_text_data(tmp_path / "data", tok)
+    common = ["data=synthetic", f"data.tokenizer_name_or_path={tok_dir}", "algo=duo"]
+    out = _launch(ref, tmp_path, *common, f"data.train={data}", f"data.valid={data}", "data.streaming=False",
+                  "trainer.devices=2", "loader.global_batch_size=4", "trainer.max_steps=3", "trainer.val_check_interval=2",
+                  "trainer.limit_val_batches=1", name="train")
+    assert out.count("duo_fast: patched the Duo codebase") == 2, out[-3000:]  # rank 0 and the rank Lightning started
+    added = next(line for line in out.splitlines() if line.startswith("duo_fast: added overrides:"))
+    assert "trainer.accelerator=cpu" in added and "data.cache_dir=" in added and "trainer.devices" not in added
+    assert ("wandb=null" in added) == (importlib.util.find_spec("wandb") is None)
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+    assert all(bool(v.isfinite().all()) for v in state["state_dict"].values() if v.is_floating_point())
+
+    samples = tmp_path / "samples.json"
+    _launch(ref, tmp_path, *common, "mode=sample_eval", "loader.global_batch_size=2", "loader.eval_batch_size=2",
+            "sampling.num_sample_batches=1", f"eval.checkpoint_path={ckpt}", f"eval.generated_samples_path={samples}",
+            name="sample")
+    result = json.loads(samples.read_text())
     assert len(result["generated_seqs"]) == 2 and math.isfinite(result["generative_ppl"])

@@ -42,13 +42,14 @@ changed.
 from __future__ import annotations
 
 import argparse
+import builtins
 import importlib
 import importlib.util
 import json
 import logging
 import os
-import runpy
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -228,8 +229,24 @@ def run_script(script: str | Path, argv: list[str], *, parts=None, topk_zt_rule:
     os.environ[ENV_VAR] = json.dumps({"script": str(script), "parts": list(parts), "topk_zt_rule": topk_zt_rule,
                                       "chunk_size": chunk_size, "cpu": cpu})
     sys.argv = [str(RELAUNCH), *argv, *added]
-    runpy.run_path(str(script), run_name="__main__")
+    _run_as_main(script)
     return result
+
+
+def _run_as_main(script: Path) -> None:
+    """runpy.run_path(script, run_name="__main__") but for sys.argv[0], which
+    run_path sets to the script for the run (so Lightning's DDP would start the
+    other ranks on main.py, unpatched)."""
+    code = compile(script.read_bytes(), str(script), "exec")
+    module = types.ModuleType("__main__")
+    module.__dict__.update(__file__=str(script), __builtins__=builtins, __spec__=None, __loader__=None,
+                           __package__=None, __cached__=None)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        sys.modules["__main__"] = saved
 
 
 def _setup_logging() -> None:
