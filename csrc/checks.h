@@ -151,6 +151,11 @@ inline void check_logits_rows_on_host(const at::Tensor& logits) {
   TORCH_CHECK(n == 0, "duo_fast: logits: ", n, " row(s)", kBadLogitsRows);
 }
 
+// sample_step: the stream of the first row (rows of a larger call, chunk by chunk).
+inline void check_row_offset(int64_t row_offset) {
+  TORCH_CHECK(row_offset >= 0, "duo_fast: row_offset must be >= 0, got ", row_offset);
+}
+
 // sample_step / posterior: logits [..., K] float32/bfloat16/float16; z int64 ids
 // of the leading shape; alpha_t, alpha_s float64 of the leading shape with
 // 0 <= alpha_t <= alpha_s <= 1 and alpha_t < 1; kappa in [0, 1]; temperature

@@ -90,6 +90,7 @@ from .ops import (
     sample_zt,
     usdm_loss,
 )
+from .ops_linear import linear_distill_kl, linear_sample_step
 from .sampling import generate
 
 __version__ = _C.build_info()["version"]
@@ -136,6 +137,8 @@ __all__ = [
     "empty_cache",
     "gamma_to_alpha",
     "generate",
+    "linear_distill_kl",
+    "linear_sample_step",
     "linear_usdm_loss",
     "posterior",
     "reference",

@@ -565,6 +565,34 @@ def posterior(logits, z, alpha_t, alpha_s, *, kappa=1.0, temperature=1.0,
   return q
 
 
+def guided_posterior(cond_logits, uncond_logits, z, alpha_t, alpha_s,
+                     guid_weight, *, kappa=1.0, temperature=1.0, top_p=1.0):
+  """Classifier-free guided q(z_s) [B, L, K] float64 (SPEC 4;
+  trainer_base._get_guided_posterior_from_xt, and _psi_update around it).
+
+  guided(a) = softmax(w log q_c + (1 - w) log q_u) with q_c, q_u the
+  posteriors (kappa = 1, level a) of the conditional and unconditional
+  logits, w = guid_weight, and -1e6 (the Duo code's neg_infinity) where
+  either posterior is 0; q = guided(alpha_s), and for kappa < 1
+  q = kappa guided(alpha_s) + (1 - kappa)(alpha_s guided(1) + (1 - alpha_s)/K).
+  """
+  def guided(a_s):
+    lc = posterior(cond_logits, z, alpha_t, a_s, temperature=temperature,
+                   top_p=top_p).log()
+    lu = posterior(uncond_logits, z, alpha_t, a_s, temperature=temperature,
+                   top_p=top_p).log()
+    g = guid_weight * lc + (1 - guid_weight) * lu
+    return torch.softmax(g.masked_fill(lc.isinf() | lu.isinf(), -1e6), -1)
+
+  as_ = _per_token(alpha_s, z)
+  q = guided(as_)
+  if kappa != 1.0:
+    K = cond_logits.shape[-1]
+    pc = as_[..., None] * guided(torch.ones_like(as_)) + (1 - as_[..., None]) / K
+    q = kappa * q + (1 - kappa) * pc
+  return q
+
+
 def sample_categorical(probs, generator=None):
   """Exponential race in float64: argmax_j p_j / E_j, E_j = -log(1 - U_j) ~ Exp(1)
   (trainer_base.sample_categorical without its 1e-10 offsets; U has 53 bits)."""

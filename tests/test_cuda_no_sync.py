@@ -130,7 +130,7 @@ def _run_every_op(t, K, rand, backward=True):
         return
     from types import SimpleNamespace
 
-    from duo_fast import ops
+    from duo_fast import _linear_chunks, ops
 
     ones = torch.ones_like(loss)
     g = torch.ones_like(t["logits"])
@@ -138,10 +138,11 @@ def _run_every_op(t, K, rand, backward=True):
     # a broadcast grad_output (after .sum()): the CPU shortcut reads its value, CUDA must not
     ops._FusedGradInplace.backward(SimpleNamespace(grad=g.clone(), name="usdm_loss", n_rest=4),
                                    torch.ones((), device=loss.device).expand(loss.shape))
-    lctx = SimpleNamespace(saved_tensors=(h, w, None, t["z"], t["x0"], t["alpha"][:, None].expand(2, 3),
-                                          t["dalpha"][:, None].expand(2, 3)),
-                           chunk_size=4, has_bias=False, needs_input_grad=(True, True, False))
-    ops._LinearUsdmLoss.backward(lctx, ones)
+    lctx = SimpleNamespace(saved_tensors=(h, w, None, t["z"].reshape(-1), t["x0"].reshape(-1),
+                                          t["alpha"][:, None].expand(2, 3).reshape(-1),
+                                          t["dalpha"][:, None].expand(2, 3).reshape(-1)),
+                           row_op=ops._usdm_rows, chunk_size=4, needs_input_grad=(False, True, True, False))
+    _linear_chunks.LinearRows.backward(lctx, ones.reshape(-1))
     ectx = SimpleNamespace(saved_tensors=(ids, wts), needs_input_grad=(False,) * 4 + (True,), vocab_size=K,
                            embedding_dtype=torch.float32)
     ops._topk_embed_backward(ectx, torch.ones_like(hk), None, None, None)

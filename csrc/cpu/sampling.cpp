@@ -157,8 +157,9 @@ struct BadRows {
 
 at::Tensor sample_step_cpu(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
                            const at::Tensor& alpha_s, double kappa, double temperature, double top_p, int64_t seed,
-                           int64_t offset) {
+                           int64_t offset, int64_t row_offset) {
   check_sample_step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p);
+  check_row_offset(row_offset);
   const at::Tensor l = logits.contiguous(), zc = z.contiguous(), at_ = alpha_t.contiguous(), as_ = alpha_s.contiguous();
   const int64_t K = l.size(-1), rows = zc.numel();
   at::Tensor out = at::empty_like(zc);
@@ -172,8 +173,8 @@ at::Tensor sample_step_cpu(const at::Tensor& logits, const at::Tensor& z, const 
       Scratch sc(K, top_p);
       for (int64_t r = begin; r < end; ++r) {
         op[r] = sample_row(xp + r * K, K, zp[r], atp[r], asp[r], kappa, inv_t, top_p, uint64_t(seed),
-                           uint64_t(offset), uint64_t(r), sc.w.data(), sc.candidates.data());
-        if (op[r] < 0) bad.add(r);
+                           uint64_t(offset), uint64_t(row_offset + r), sc.w.data(), sc.candidates.data());
+        if (op[r] < 0) bad.add(row_offset + r);
       }
     });
   });

@@ -199,8 +199,9 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, cons
 
 at::Tensor sample_step_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
                             const at::Tensor& alpha_s, double kappa, double temperature, double top_p, int64_t seed,
-                            int64_t offset) {
+                            int64_t offset, int64_t row_offset) {
   check_sample_step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p);
+  check_row_offset(row_offset);
   const c10::cuda::CUDAGuard guard(logits.device());
   uint32_t* checks = begin_checks(logits.device(), "sample_step");
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -209,7 +210,7 @@ at::Tensor sample_step_cuda(const at::Tensor& logits, const at::Tensor& z, const
   check_launch(cuda::sample_step(l.const_data_ptr(), logits_dtype_code(l), zc.const_data_ptr<int64_t>(),
                                  at_.const_data_ptr<double>(), as_.const_data_ptr<double>(),
                                  out.mutable_data_ptr<int64_t>(), zc.numel(), l.size(-1), kappa, temperature, top_p,
-                                 uint64_t(seed), uint64_t(offset), checks, stream),
+                                 uint64_t(seed), uint64_t(offset), uint64_t(row_offset), checks, stream),
                "sample_step");
   end_checks(logits.device(), stream);
   return out;

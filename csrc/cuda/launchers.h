@@ -41,10 +41,11 @@ int usdm_loss(const void* logits, int dtype, const int64_t* z, const int64_t* x0
 // `dtype` (0 float32, 1 bfloat16, 2 float16): z_s per row into out, or the dense
 // posterior into q [rows, K]. Scalars must already be validated; a row with an
 // invalid z or level gives id 0 / a NaN row of q; a logits row with NaN, +inf
-// or no finite entry (check::kLogits) keeps z / gives a NaN row of q.
+// or no finite entry (check::kLogits) keeps z / gives a NaN row of q. Row r
+// draws from Philox stream row_offset + r (rows of a larger call).
 int sample_step(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
                 int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
-                uint64_t offset, uint32_t* checks, void* stream);
+                uint64_t offset, uint64_t row_offset, uint32_t* checks, void* stream);
 int posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s, float* q,
               int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint32_t* checks,
               void* stream);

@@ -232,7 +232,7 @@ __global__ void sample_step_kernel(const T* __restrict__ logits, const int64_t* 
                                    const double* __restrict__ alpha_t, const double* __restrict__ alpha_s,
                                    int64_t* __restrict__ out, int64_t rows, int64_t K, double kappa,
                                    float inv_temperature, double top_p, uint64_t seed, uint64_t offset,
-                                   uint32_t* checks) {
+                                   uint64_t row_offset, uint32_t* checks) {
   __shared__ Shared sh;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     if (!row_valid(z[r], alpha_t[r], alpha_s[r], K, checks)) {  // unspecified valid id
@@ -248,7 +248,7 @@ __global__ void sample_step_kernel(const T* __restrict__ logits, const int64_t* 
       }
       continue;
     }
-    const sampling::StepDraw draw = sampling::step_draw(seed, offset, uint64_t(r));
+    const sampling::StepDraw draw = sampling::step_draw(seed, offset, row_offset + uint64_t(r));
     if (threadIdx.x == 0) {
       const sampling::Mixture mix = row_mixture(row, x, K, z[r], alpha_t[r], alpha_s[r], kappa, inv_temperature);
       const sampling::Part part = sampling::choose_part(mix, draw.u_part);
@@ -298,11 +298,11 @@ unsigned row_blocks(int64_t rows) { return rows < 65535 ? unsigned(rows) : 65535
 template <class T>
 int launch_sample_step(const T* logits, const int64_t* z, const double* alpha_t, const double* alpha_s, int64_t* out,
                        int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
-                       uint64_t offset, uint32_t* checks, void* stream) {
+                       uint64_t offset, uint64_t row_offset, uint32_t* checks, void* stream) {
   if (rows == 0) return 0;
   return int(launch_kernel(sample_step_kernel<T>, dim3(row_blocks(rows)), dim3(kThreads), 0,
                            static_cast<cudaStream_t>(stream), logits, z, alpha_t, alpha_s, out, rows, K, kappa,
-                           float(1.0 / temperature), top_p, seed, offset, checks));
+                           float(1.0 / temperature), top_p, seed, offset, row_offset, checks));
 }
 
 template <class T>
@@ -320,17 +320,17 @@ int launch_posterior(const T* logits, const int64_t* z, const double* alpha_t, c
 // dtype codes as in launchers.h: 0 float32, 1 bfloat16, 2 float16.
 int sample_step(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
                 int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint64_t seed,
-                uint64_t offset, uint32_t* checks, void* stream) {
+                uint64_t offset, uint64_t row_offset, uint32_t* checks, void* stream) {
   switch (dtype) {
     case 0:
       return launch_sample_step(static_cast<const float*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
-                                temperature, top_p, seed, offset, checks, stream);
+                                temperature, top_p, seed, offset, row_offset, checks, stream);
     case 1:
       return launch_sample_step(static_cast<const bf16_bits*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
-                                temperature, top_p, seed, offset, checks, stream);
+                                temperature, top_p, seed, offset, row_offset, checks, stream);
     case 2:
       return launch_sample_step(static_cast<const f16_bits*>(logits), z, alpha_t, alpha_s, out, rows, K, kappa,
-                                temperature, top_p, seed, offset, checks, stream);
+                                temperature, top_p, seed, offset, row_offset, checks, stream);
   }
   return int(cudaErrorInvalidValue);
 }

@@ -24,7 +24,7 @@ import torch
 
 import duo_fast
 from duo_fast import reference as R
-from duo_fast.ops import _default_chunk_size
+from duo_fast._linear_chunks import default_chunk_size
 
 from . import duo_code
 from .cases_usdm_loss import with_model
@@ -74,7 +74,7 @@ def _ref(st):
 
 
 def _duo_peak_bound_mib(N: int, K: int = K, D: int = D) -> float:
-    chunk = _default_chunk_size(K, D)
+    chunk = default_chunk_size(K, D)
     per_chunk = 3 * chunk * K * 4  # logits, their gradient, and the GEMM's output of a chunk
     params = 2 * (K * D + K) * 4  # parameter gradients and a chunk's grad_weight product
     activations = 4 * N * D * 4  # grad_hidden and the per-chunk slices
@@ -98,7 +98,7 @@ def cases(mode: str, device: str) -> list[Case]:
         out.append(Case(
             op=OP, name=f"fwd_bwd-N{N}-K{k}", size=f"fwd+bwd N={N} K={k} d={d} fp32",
             setup=_setup(N, k, d),
-            duo=Impl(_duo, before_each=_drop_grads, note=f"duo_fast.linear_usdm_loss(..., reduction='sum') (chunk {_default_chunk_size(k, d)} tokens)"),
+            duo=Impl(_duo, before_each=_drop_grads, note=f"duo_fast.linear_usdm_loss(..., reduction='sum') (chunk {default_chunk_size(k, d)} tokens)"),
             ref=ref,
             target=Target(f"peak O(chunk*K + K*d), independent of N: <= {bound:.0f} MiB", max_mem_mib=bound),
             notes=notes,

@@ -125,12 +125,19 @@ int df_widen_f16(const uint16_t* in, float* out, int64_t n) {
   return 0;
 }
 
-// dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h).
+// dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h). _rows: rows of a
+// larger call, from Philox streams row_offset.. (the plain one: row_offset 0).
+int df_emu_sample_step_rows(const void* logits, int dtype, const int64_t* z, const double* alpha_t,
+                            const double* alpha_s, int64_t* out, int64_t rows, int64_t K, double kappa,
+                            double temperature, double top_p, uint64_t seed, uint64_t offset, uint64_t row_offset) {
+  return cuda::sample_step(logits, dtype, z, alpha_t, alpha_s, out, rows, K, kappa, temperature, top_p, seed, offset,
+                           row_offset, g_checks, nullptr);
+}
 int df_emu_sample_step(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
                        int64_t* out, int64_t rows, int64_t K, double kappa, double temperature, double top_p,
                        uint64_t seed, uint64_t offset) {
-  return cuda::sample_step(logits, dtype, z, alpha_t, alpha_s, out, rows, K, kappa, temperature, top_p, seed, offset,
-                           g_checks, nullptr);
+  return df_emu_sample_step_rows(logits, dtype, z, alpha_t, alpha_s, out, rows, K, kappa, temperature, top_p, seed,
+                                 offset, 0);
 }
 
 int df_emu_posterior(const void* logits, int dtype, const int64_t* z, const double* alpha_t, const double* alpha_s,
@@ -389,7 +396,7 @@ int main(int argc, char** argv) {
       int err = cuda::posterior(logits.data(), 0, z.data(), at.data(), as.data(), q.data(), rows, K, 1.0, 0.8, top_p,
                                 counters, nullptr);
       err |= cuda::sample_step(logits.data(), 0, z.data(), at.data(), as.data(), out.data(), rows, K, 1.0, 0.8, top_p,
-                               3, 0, counters, nullptr);
+                               3, 0, 0, counters, nullptr);
       bool bad_ok = counters[check::kLogits] == 2 && out[bad] == z[bad];
       for (int64_t j = 0; j < K; ++j) bad_ok = bad_ok && std::isnan(q[bad * K + j]);
       for (int a = 0; a < check::kNumArgs; ++a) bad_ok = bad_ok && (a == check::kLogits || counters[a] == 0);
@@ -560,7 +567,7 @@ int main(int argc, char** argv) {
     for (int64_t r = 0; r < rows; ++r) ok &= std::isnan(loss[r]) && std::isnan(grad[r * K + 7]);
     // sample_step / posterior: row 1 bad z, row 2 alpha_s < alpha_t -> id 0 / NaN rows; row 0 valid
     ok &= cuda::sample_step(logits.data(), 0, z.data(), at.data(), as.data(), out.data(), rows, K, 1.0, 1.0, 0.5, 1, 0,
-                            c, nullptr) == 0;
+                            0, c, nullptr) == 0;
     ok &= cuda::posterior(logits.data(), 0, z.data(), at.data(), as.data(), q.data(), rows, K, 1.0, 1.0, 0.5, c,
                           nullptr) == 0;
     ok &= out[0] >= 0 && out[0] < K && out[1] == 0 && out[2] == 0;

@@ -16,9 +16,10 @@
 // probability 1e-9 owns an interval of u of that width) but uses two uniforms
 // per token instead of K, which makes the CPU kernel about as cheap as the
 // log-sum-exp itself. Random numbers: one Philox block per token (stream =
-// token, position = offset): words 0,1 -> u_part (which mixture part), words
-// 2,3 -> u_cat (the inverse-CDF uniform, or the uniform part's id; only one of
-// the two is used, so they may share bits).
+// row_offset + token, position = offset; row_offset > 0 when a call draws rows
+// of a larger one, chunk by chunk): words 0,1 -> u_part (which mixture part),
+// words 2,3 -> u_cat (the inverse-CDF uniform, or the uniform part's id; only
+// one of the two is used, so they may share bits).
 //
 // Nucleus (top_p < 1, utils.top_k_top_p_filtering): sort descending with ties
 // by lower id first and keep rank r iff the mass of ranks < r is <= top_p.
