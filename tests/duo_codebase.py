@@ -75,9 +75,10 @@ def tiny_dataloader(vocab_size: int, length: int = 32, batch_size: int = 4, n: i
     return torch.utils.data.DataLoader(_Data(), batch_size=batch_size, num_workers=1)
 
 
-def lightning_fit(model, vocab_size: int, steps: int):
+def lightning_fit(model, vocab_size: int, steps: int, **trainer_kwargs):
     """``steps`` training steps of the Duo code's LightningModule with a real
-    lightning.Trainer on CPU; returns the per-step losses it logged."""
+    lightning.Trainer on CPU (``trainer_kwargs``: e.g. precision,
+    accumulate_grad_batches); returns the trainer and the per-batch losses it logged."""
     import lightning as L
 
     losses = []
@@ -88,7 +89,7 @@ def lightning_fit(model, vocab_size: int, steps: int):
 
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[_Record()])
+                        num_sanity_val_steps=0, callbacks=[_Record()], **trainer_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, tiny_dataloader(vocab_size))

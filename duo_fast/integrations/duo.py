@@ -64,6 +64,7 @@ logits, which the next call accepts back; uniform-state models never reuse it
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import sys
@@ -76,8 +77,9 @@ import torch.nn.functional as F
 
 from ..ops import (_LOGIT_DTYPES, curriculum_embed, curriculum_topk, distill_kl, gamma_to_alpha, linear_usdm_loss, sample_step,
                    sample_zt, usdm_loss)
+from ..ops_linear import linear_distill_kl, linear_sample_step
 
-__all__ = ["PARTS", "Patch", "patch", "CurriculumInput", "LogitsCache", "main"]
+__all__ = ["PARTS", "Patch", "patch", "CurriculumInput", "LogitsCache", "HiddenCache", "main"]
 
 PARTS = ("schedule", "curriculum", "loss", "distillation", "sampling")
 CURRICULUM_MODES = ("simple", "efficient_cached", "series", "sigmoid", "sigmoid-edge-corrected", "poly3", "poly5", "poly7", "poly9")
@@ -284,6 +286,34 @@ class _UsdmTerms:
         op computes the gradients in its forward: one logits GEMM per chunk, not two."""
         w = valid.to(torch.float64) / num_tokens
         return self._loss(self.dalpha.to(torch.float64) * w, "sum").to(self.dtype)
+
+
+class _KlTerms:
+    """Distillation.nll's KL from the student's and the teacher's hidden states (no
+    logits; the teacher without a graph), through :func:`duo_fast.linear_distill_kl`."""
+
+    def __init__(self, student: _Head, teacher: _Head, direction: str, dtype, chunk_size):
+        self.student, self.teacher, self.direction, self.dtype, self.chunk_size = student, teacher, direction, dtype, chunk_size
+
+    def _kl(self, reduction: str) -> torch.Tensor:
+        s, t = self.student, self.teacher
+        with torch.autocast(s.hidden.device.type, enabled=False):
+            return linear_distill_kl(s.hidden, s.weight, s.bias, t.hidden, t.weight, t.bias, self.direction,
+                                     chunk_size=self.chunk_size, reduction=reduction)
+
+    def per_token(self) -> torch.Tensor:
+        return self._kl("none").to(self.dtype)
+
+    def token_mean(self, valid, num_tokens) -> torch.Tensor:
+        """sum_i valid_i KL_i / num_tokens. The KL has no per-token factor to carry the
+        weights: where every token has the same nonzero weight (the Duo configs'
+        wrapped data: no padding) it is the mean, which the reduced op computes with
+        the gradients in its forward; otherwise the per-token KL, weighted. (Telling
+        the two apart reads one bool from the device.)"""
+        v = valid.reshape(-1)
+        if bool(((v == v[0]) & (v[0] != 0)).all()):
+            return self._kl("mean").to(self.dtype)
+        return (self.per_token() * valid).sum() / num_tokens
 
 
 def _per_token(terms_fn: Callable) -> Callable:
@@ -504,8 +534,7 @@ def _distillation_replacements(algo, dit, *, raw_ok, chunk_size) -> dict:
     Distillation = algo.Distillation
     nll_original = Distillation.nll
 
-    def nll(self, x0, *args, **kwargs):
-        labels, output_tokens, step, train_mode = _nll_args(args, kwargs)
+    def terms(self, x0, labels, output_tokens, step, train_mode):
         if self.loss_type not in ("kl-fwd", "kl-bwd"):
             return nll_original(self, x0, output_tokens, step, train_mode)
         t = self._sample_t(x0.shape[0], step)
@@ -517,18 +546,40 @@ def _distillation_replacements(algo, dit, *, raw_ok, chunk_size) -> dict:
         alpha_s = self._gamma_to_alphat_integral(gamma_s).unsqueeze(-1)
         # The coupled pair argmax(a~_t e_x + s~_t eps), argmax(a~_s e_x + s~_s eps), exactly (SPEC 2b).
         xt, xs = sample_zt(x0, gamma_t, self.vocab_size, gamma_s=gamma_s)
-        student = _raw_logits(self, xt, self._sigma_from_alphat(alpha_t), raw_ok=raw_ok)
-        teacher = self._teacher_logits(xs, sigma=self._sigma_from_alphat(alpha_s))
+        sigma_t, sigma_s = self._sigma_from_alphat(alpha_t), self._sigma_from_alphat(alpha_s)
+        direction = "fwd" if self.loss_type == "kl-fwd" else "bwd"
+        dtype = torch.float64 if self.config.training.loss_precision == "float64" else torch.float32
+        student = _output_head(self, self.backbone, xt, sigma_t, dit=dit, raw_ok=raw_ok)
+        if student is not None:
+            with torch.no_grad():  # the teacher's bookkeeping as _teacher_logits: made on first use, then its updates
+                if self.teacher is None:
+                    self.teacher = copy.deepcopy(self.backbone)
+                self._maybe_update_teacher_weights()
+                teacher = _output_head(self, self.teacher, xs, sigma_s, dit=dit, raw_ok=raw_ok)
+            if teacher is not None:
+                return _KlTerms(student, teacher, direction, dtype, chunk_size)
+            student_logits = student.logits()
+            teacher_logits = self._teacher_logits(xs, sigma=sigma_s)
+        else:
+            student_logits = _raw_logits(self, xt, sigma_t, raw_ok=raw_ok)
+            teacher_logits = self._teacher_logits(xs, sigma=sigma_s)
         # float32 / bfloat16 / float16 logits (autocast) are read natively: no float32 copies
-        student = student if student.dtype in _LOGIT_DTYPES else student.float()
-        teacher = teacher if teacher.dtype in _LOGIT_DTYPES else teacher.float()
-        inplace = torch.is_grad_enabled() and student.requires_grad  # one backward per step: the lowest memory
-        kl = distill_kl(student, teacher, "fwd" if self.loss_type == "kl-fwd" else "bwd", inplace_grad=inplace)
-        if self.config.training.loss_precision == "float64":
-            kl = kl.to(torch.float64)
-        return kl
+        student_logits = student_logits if student_logits.dtype in _LOGIT_DTYPES else student_logits.float()
+        teacher_logits = teacher_logits if teacher_logits.dtype in _LOGIT_DTYPES else teacher_logits.float()
+        inplace = torch.is_grad_enabled() and student_logits.requires_grad  # one backward per step: the lowest memory
+        return distill_kl(student_logits, teacher_logits, direction, inplace_grad=inplace).to(dtype)
 
-    return {(Distillation, "nll"): nll}
+    return {(Distillation, "nll"): _per_token(terms)}
+
+
+class HiddenCache:
+    """The patched samplers' stand-in for the reference's ``p_x0`` cache where the
+    output layer is fused: the step's hidden states (conditional, and
+    unconditional under guidance) with the output layer's parameters, accepted
+    back as ``p_x0``."""
+
+    def __init__(self, cond: _Head, uncond: _Head | None):
+        self.cond, self.uncond = cond, uncond
 
 
 def _sampling_replacements(trainer_base, dit, *, raw_ok, chunk_size) -> dict:
@@ -536,42 +587,59 @@ def _sampling_replacements(trainer_base, dit, *, raw_ok, chunk_size) -> dict:
     ancestral_original, psi_original = UniformState._ancestral_update, UniformState._psi_update
 
     def _step_setup(self, t, labels, dt, noise_removal_step):
-        """alpha_t, alpha_s and the labels as _get_ancestral_posterior uses them;
-        None for labels-with-guidance (kept on the original path)."""
+        """alpha_t, alpha_s, the labels as _get_ancestral_posterior uses them, and the
+        guidance weight (None without guidance: not class-conditional, or a weight of
+        None / 0 (the unconditional model) or 1 (the conditional one))."""
         gamma = self.config.sampling.guid_weight
-        if self.class_conditional and gamma not in (None, 0.0, 1.0):
-            return None
+        guided = self.class_conditional and gamma not in (None, 0.0, 1.0)
         if labels is not None and (not self.class_conditional or gamma in (None, 0.0)):
             labels = torch.full_like(labels, self.num_classes)
         _, alpha_t = self.noise(t)
         alpha_s = torch.ones_like(alpha_t) if noise_removal_step else self.noise(t - dt)[1]
-        return alpha_t, alpha_s, labels
+        return alpha_t, alpha_s, labels, float(gamma) if guided else None
 
-    def _logits_for_step(self, x, alpha_t, labels, p_x0):
+    def _heads(self, x, alpha_t, labels, guid, p_x0) -> HiddenCache | None:
+        """The step's output-layer inputs (fused path), or None (logits path)."""
+        if isinstance(p_x0, HiddenCache):
+            return p_x0
+        if p_x0 is not None:
+            return None
+        sigma = self._sigma_from_alphat(alpha_t)
+        cond = _output_head(self, self.backbone, x, sigma, labels, dit=dit, raw_ok=raw_ok)
+        if cond is None or guid is None:
+            return None if cond is None else HiddenCache(cond, None)
+        # NOTE as the Duo code: label num_classes is the class-unconditional model.
+        uncond = _output_head(self, self.backbone, x, sigma, torch.full_like(labels, self.num_classes), dit=dit, raw_ok=raw_ok)
+        return HiddenCache(cond, uncond)
+
+    def _step(self, x, t, labels, dt, kappa, p_x0, noise_removal_step, original):
+        alpha_t, alpha_s, labels, guid = _step_setup(self, t, labels, dt, noise_removal_step)
+        assert alpha_t.ndim == 2
+        heads = _heads(self, x, alpha_t, labels, guid, p_x0)
+        if heads is not None:
+            h = heads.cond
+            guidance = None if guid is None else (heads.uncond.hidden, guid)
+            # kappa q_posterior + (1 - kappa) (alpha_s q_posterior(alpha_s = 1) + (1 - alpha_s) / K): SPEC 4.
+            z = linear_sample_step(h.hidden, h.weight, h.bias, x, alpha_t, alpha_s, kappa=kappa,
+                                   top_p=float(self.p_nucleus), guidance=guidance, chunk_size=chunk_size)
+            return heads, z
+        if guid is not None:  # guidance on the logits path: the original's dense posteriors
+            return original()
         if isinstance(p_x0, LogitsCache):
-            return p_x0.logits
-        if p_x0 is not None:  # a probability tensor from elsewhere
-            return p_x0.log()
-        return _raw_logits(self, x, self._sigma_from_alphat(alpha_t), labels=labels, raw_ok=raw_ok)
+            logits = p_x0.logits
+        elif p_x0 is not None:  # a probability tensor from elsewhere
+            logits = p_x0.log()
+        else:
+            logits = _raw_logits(self, x, self._sigma_from_alphat(alpha_t), labels=labels, raw_ok=raw_ok)
+        return LogitsCache(logits), sample_step(logits, x, alpha_t, alpha_s, kappa=kappa, top_p=float(self.p_nucleus))
 
     def _ancestral_update(self, x, t, labels, dt, p_x0=None, noise_removal_step=False):
-        setup = _step_setup(self, t, labels, dt, noise_removal_step)
-        if setup is None:
-            return ancestral_original(self, x, t, labels, dt, p_x0, noise_removal_step)
-        alpha_t, alpha_s, labels = setup
-        assert alpha_t.ndim == 2
-        logits = _logits_for_step(self, x, alpha_t, labels, p_x0)
-        return LogitsCache(logits), sample_step(logits, x, alpha_t, alpha_s, top_p=float(self.p_nucleus))
+        return _step(self, x, t, labels, dt, 1.0, p_x0, noise_removal_step,
+                     lambda: ancestral_original(self, x, t, labels, dt, p_x0, noise_removal_step))
 
     def _psi_update(self, x, t, labels, dt, kappa, p_x0=None, noise_removal_step=False):
-        setup = _step_setup(self, t, labels, dt, noise_removal_step)
-        if setup is None:
-            return psi_original(self, x, t, labels, dt, kappa, p_x0, noise_removal_step)
-        alpha_t, alpha_s, labels = setup
-        logits = _logits_for_step(self, x, alpha_t, labels, p_x0)
-        # kappa q_posterior + (1 - kappa) (alpha_s q_posterior(alpha_s = 1) + (1 - alpha_s) / K): SPEC 4.
-        z = sample_step(logits, x, alpha_t, alpha_s, kappa=float(kappa), top_p=float(self.p_nucleus))
-        return LogitsCache(logits), z
+        return _step(self, x, t, labels, dt, float(kappa), p_x0, noise_removal_step,
+                     lambda: psi_original(self, x, t, labels, dt, kappa, p_x0, noise_removal_step))
 
     return {(UniformState, "_ancestral_update"): _ancestral_update, (UniformState, "_psi_update"): _psi_update}
 
