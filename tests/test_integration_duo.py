@@ -136,6 +136,9 @@ def test_patch_argument_errors(ref, monkeypatch):
         D.patch(parts=[])
     with pytest.raises(ValueError, match="topk_zt_rule"):
         D.patch(topk_zt_rule="biased")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+            D.patch(chunk_size=bad)
     monkeypatch.delitem(sys.modules, "trainer_base")
     with pytest.raises(RuntimeError, match=r"trainer_base= \(sys.modules\['trainer_base'\]\)"):
         D.patch(parts=["sampling"])
@@ -411,7 +414,7 @@ def _step_grads(model, fn, seed=5):
 
 
 @pytest.mark.parametrize("case", list(FUSED_CASES))
-def test_fused_output_layer_matches_the_logits_path(ref, tok_dir, tok, case, monkeypatch):
+def test_fused_output_layer_matches_the_logits_path(ref, tok_dir, tok, case):
     """Loss / KL and the gradients w.r.t. the output layer's weight and bias, its
     input hidden states and every parameter below: the fused patched path
     (chunks of 7 tokens) vs the patched path on the materialized logits, on the
@@ -427,7 +430,7 @@ def test_fused_output_layer_matches_the_logits_path(ref, tok_dir, tok, case, mon
              "_loss": lambda: model._loss(x0, None, valid, 0, True).loss}
     with D.patch(chunk_size=7):
         fused = {k: _step_grads(model, f) for k, f in steps.items()}
-        monkeypatch.setattr(D, "_output_head", lambda *a, **k: None)  # every step on the logits path
+    with D.patch(fuse_output_layer=False):  # every step on the logits
         dense = {k: _step_grads(model, f) for k, f in steps.items()}
     for k in steps:
         (v, gh, g), (v0, gh0, g0) = fused[k], dense[k]
@@ -627,7 +630,7 @@ def _label_conditional(ref, model, num_classes: int, guid_weight: float) -> None
 
 
 @pytest.mark.parametrize("kind", ["ancestral", "noise_removal", "psi", "nucleus", "guided", "guided-psi"])
-def test_sampling_update_law_matches_original(ref, tok_dir, tok, kind, monkeypatch):
+def test_sampling_update_law_matches_original(ref, tok_dir, tok, kind):
     """One reverse step for a fixed model and z_t, per position (chi-square of
     the token counts): the patched step from hidden states
     (``linear_sample_step``, no logits) vs the original's dense posterior and
@@ -662,8 +665,8 @@ def test_sampling_update_law_matches_original(ref, tok_dir, tok, kind, monkeypat
             cache, _ = ref.trainer_base.UniformState._ancestral_update(model, z, t, labels, dt)
             assert isinstance(cache, D.HiddenCache) and cache.cond.hidden.shape == (R, L, 64)
             assert (cache.uncond is not None) == kind.startswith("guided")
-            if not kind.startswith("guided"):
-                monkeypatch.setattr(D, "_output_head", lambda *a, **k: None)
+        if not kind.startswith("guided"):
+            with D.patch(parts=["sampling"], fuse_output_layer=False):
                 draws["logits"] = torch.cat([step(getattr(ref.trainer_base.UniformState, name)) for _ in range(3)])
     new = draws.pop("fused")
     assert new.shape == draws["original"].shape and new.dtype == draws["original"].dtype == torch.int64

@@ -171,6 +171,23 @@ class _Head:
             return F.linear(self.hidden, self.weight, self.bias)
 
 
+# On the CPU ~12 MiB of float32 logits per chunk (62 tokens at K = 50257): the CPU's
+# GEMMs are as fast from ~64 rows on, and a host process's memory is the high-water
+# mark of its heap, where a chunk's logits and gradient stay once touched. On CUDA
+# the ops' default (~64 MiB: the tensor cores want more rows; the caching allocator
+# reuses the blocks).
+_CPU_CHUNK_BYTES = 12 << 20
+
+
+def _chunk_size(chunk_size: int | None, head: _Head, per_row: int = 1) -> int | None:
+    """patch(chunk_size=...) where given, else the default for the head's device;
+    ``per_row``: the op's memory per token in [K] float32 rows, relative to one
+    (guided sampling: two models' logits and posteriors, ~8)."""
+    if chunk_size is not None or head.hidden.device.type != "cpu":
+        return chunk_size
+    return max(16, _CPU_CHUNK_BYTES // (4 * head.weight.shape[0] * per_row))
+
+
 def _run_backbone(model, backbone, x, sigma, labels=None, weights=None):
     """TrainerBase.forward's backbone call (its sigma processing and autocast),
     without _process_model_output."""
@@ -275,7 +292,7 @@ class _UsdmTerms:
         # the dtypes autocast chose are in the head: the chunks' GEMMs run in them, in backward too
         with torch.autocast(h.hidden.device.type, enabled=False):
             return linear_usdm_loss(h.hidden, h.weight, h.bias, self.z, self.x0, self.alpha, dalpha,
-                                    chunk_size=self.chunk_size, reduction=reduction)
+                                    chunk_size=_chunk_size(self.chunk_size, h), reduction=reduction)
 
     def per_token(self) -> torch.Tensor:
         return self._loss(self.dalpha, "none").to(self.dtype)
@@ -299,7 +316,7 @@ class _KlTerms:
         s, t = self.student, self.teacher
         with torch.autocast(s.hidden.device.type, enabled=False):
             return linear_distill_kl(s.hidden, s.weight, s.bias, t.hidden, t.weight, t.bias, self.direction,
-                                     chunk_size=self.chunk_size, reduction=reduction)
+                                     chunk_size=_chunk_size(self.chunk_size, s), reduction=reduction)
 
     def per_token(self) -> torch.Tensor:
         return self._kl("none").to(self.dtype)
@@ -386,7 +403,7 @@ def _super_terms(cls, self, x0, labels, output_tokens, step, train_mode):
     return parent(x0, labels, output_tokens, step, train_mode)
 
 
-def _curriculum_replacements(algo, utils, dit, *, zt_rule: str, fused_loss: bool, raw_ok, chunk_size) -> dict:
+def _curriculum_replacements(algo, utils, dit, *, zt_rule: str, fused_loss: bool, head_dit, raw_ok, chunk_size) -> dict:
     DUO, EmbeddingLayer = algo.DUO, dit.EmbeddingLayer
     embedding_forward = EmbeddingLayer.forward
 
@@ -415,7 +432,7 @@ def _curriculum_replacements(algo, utils, dit, *, zt_rule: str, fused_loss: bool
         curriculum = CurriculumInput(x0, gamma_t, self._compute_gumbel_tau_inverse(),
                                      None if cfg.mode == "simple" else int(cfg.top_k), zt_rule)
         if fused_loss:
-            head = _output_head(self, self.backbone, curriculum, sigma, dit=dit, raw_ok=raw_ok)
+            head = _output_head(self, self.backbone, curriculum, sigma, dit=head_dit, raw_ok=raw_ok)
             if head is not None:
                 return _UsdmTerms(head, embedded(curriculum), x0, alpha_t, dalpha_t, chunk_size)
         logits = _raw_logits(self, curriculum, sigma, raw_ok=raw_ok)
@@ -621,7 +638,8 @@ def _sampling_replacements(trainer_base, dit, *, raw_ok, chunk_size) -> dict:
             guidance = None if guid is None else (heads.uncond.hidden, guid)
             # kappa q_posterior + (1 - kappa) (alpha_s q_posterior(alpha_s = 1) + (1 - alpha_s) / K): SPEC 4.
             z = linear_sample_step(h.hidden, h.weight, h.bias, x, alpha_t, alpha_s, kappa=kappa,
-                                   top_p=float(self.p_nucleus), guidance=guidance, chunk_size=chunk_size)
+                                   top_p=float(self.p_nucleus), guidance=guidance,
+                                   chunk_size=_chunk_size(chunk_size, h, per_row=1 if guidance is None else 8))
             return heads, z
         if guid is not None:  # guidance on the logits path: the original's dense posteriors
             return original()
@@ -760,6 +778,7 @@ def patch(
     parts: Iterable[str] | str | None = None,
     topk_zt_rule: str = "exact",
     chunk_size: int | None = None,
+    fuse_output_layer: bool = True,
 ) -> Patch:
     """Replace the Duo codebase's schedule, curriculum, loss, distillation and
     sampling with duo_fast's ops (see the module docstring for each part).
@@ -769,8 +788,11 @@ def patch(
     ``["models.dit"]``); only those the chosen ``parts`` need are looked up.
     ``parts``: a subset of :data:`PARTS` (None: all). ``topk_zt_rule``:
     ``"exact"`` or ``"reference"`` for the top-k curriculum's ``z_t``.
-    ``chunk_size``: tokens per chunk of the fused output layer (None: the ops'
-    default, about 64 MiB of float32 logits per chunk).
+    ``chunk_size``: tokens per chunk of the fused output layer (None: about 12
+    MiB of float32 logits per chunk on the CPU, the ops' default of about 64 MiB
+    on CUDA). ``fuse_output_layer``:
+    False keeps the losses and the sampling step on the model's ``[B, L, K]``
+    logits (the fused ops then take the logits).
     Raises if any target is already patched (never wraps twice). Logs one line
     listing what was replaced. Returns a :class:`Patch` (``undo()``, context
     manager)."""
@@ -784,14 +806,16 @@ def patch(
     algo_mod = mods.get("algo") or algo or sys.modules.get("algo")
     # Backbone outputs may skip _process_model_output where it is DUO_BASE's log_softmax.
     raw_ok = (algo_mod.DUO_BASE._process_model_output,) if algo_mod is not None and hasattr(algo_mod, "DUO_BASE") else ()
-    fused = {"dit": mods.get("dit"), "raw_ok": raw_ok, "chunk_size": chunk_size}
+    # dit=None: no output layer is recognized, every step takes the logits path
+    fused = {"dit": mods.get("dit") if fuse_output_layer else None, "raw_ok": raw_ok, "chunk_size": chunk_size}
 
     targets: dict = {}
     if "schedule" in parts:
         targets.update(_schedule_replacements(mods["algo"]))
     if "curriculum" in parts:
         targets.update(_curriculum_replacements(mods["algo"], mods["utils"], mods["dit"], zt_rule=topk_zt_rule,
-                                                fused_loss="loss" in parts, raw_ok=raw_ok, chunk_size=chunk_size))
+                                                fused_loss="loss" in parts, head_dit=fused["dit"], raw_ok=raw_ok,
+                                                chunk_size=chunk_size))
     if "loss" in parts:
         targets.update(_loss_replacements(mods["algo"], **fused))
     if "distillation" in parts:
