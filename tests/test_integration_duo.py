@@ -800,6 +800,64 @@ def test_patched_steps_allocate_no_dense_tensors(ref, tok_dir, tok, tmp_path):
 # ----------------------------------------------------------------------------------
 
 
+def test_launcher_added_overrides(ref, tmp_path):
+    """What the launcher adds to a user's overrides, and never over theirs:
+    wandb=null without the wandb package, the CPU try-out's settings, the gen-PPL
+    eval model = a local data tokenizer, distillation.yaml's missing curriculum
+    block (key by key)."""
+    from duo_fast.integrations.duo_launch import DISTILLATION_CURRICULUM, added_overrides
+
+    configs = ref.path / "configs"
+    assert added_overrides([], configs=configs, cpu=False, wandb_installed=True) == []
+    assert added_overrides([], configs=configs, cpu=False, wandb_installed=False) == ["wandb=null"]
+    assert added_overrides(["wandb.project=mine"], configs=configs, cpu=False, wandb_installed=False) == []
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    out = added_overrides([f"data.tokenizer_name_or_path={tok}", "trainer.devices=2"], configs=configs, cpu=True,
+                          wandb_installed=True)
+    assert out == ["trainer.accelerator=cpu", f"data.cache_dir={Path.cwd() / 'duo_fast_data'}",
+                   f"eval.gen_ppl_eval_model_name_or_path={tok}"]
+    out = added_overrides(["data.tokenizer_name_or_path=gpt2", "+data.cache_dir=/d"], configs=configs, cpu=True,
+                          wandb_installed=True)
+    assert out == ["trainer.accelerator=cpu", "trainer.devices=1"]  # a hub name is no local folder
+    assert added_overrides(["algo=duo"], configs=configs, cpu=False, wandb_installed=True) == []
+    out = added_overrides(["algo=distillation", "+algo.curriculum.gamma_min=-3"], configs=configs, cpu=False,
+                          wandb_installed=True)
+    assert out == [f"+algo.curriculum.{k}={v}" for k, v in DISTILLATION_CURRICULUM if k != "gamma_min"]
+
+
+def test_distillation_config_with_the_launchers_curriculum_block(ref, tok_dir, tok, tmp_path):
+    """The pinned configs/algo/distillation.yaml composed by hydra as main.py does:
+    Distillation cannot be built (no algo.curriculum); with the block the
+    launcher adds, it is built with distillation.yaml's own gamma range and
+    temperatures and trains (patched, no integral pickle)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf.errors import ConfigAttributeError
+
+    from duo_fast.integrations.duo_launch import added_overrides
+    from duo_fast.integrations.duo_reference import register_resolvers
+
+    register_resolvers()
+    base = ["algo=distillation", *TINY_MODEL, "data=synthetic", "trainer.accelerator=cpu", "trainer.devices=1",
+            "loader.global_batch_size=4", "training.ema=0", f"eval.gen_ppl_eval_model_name_or_path={tok_dir}",
+            f"algo.integral_cache_path={tmp_path / 'absent.pkl'}"]
+    with initialize_config_dir(config_dir=str(ref.path / "configs"), version_base=None):
+        bare = compose(config_name="config", overrides=base)
+        cfg = compose(config_name="config", overrides=base + added_overrides(base, configs=ref.path / "configs",
+                                                                             cpu=False, wandb_installed=True))
+    with D.patch():
+        with pytest.raises(ConfigAttributeError, match="curriculum"):
+            ref.algo.Distillation(bare, tok)
+        model = ref.algo.Distillation(cfg, tok)
+        assert (model.gamma_min, model.gamma_max) == (cfg.algo.gamma_min, cfg.algo.gamma_max) == (-4, -1)
+        randomize(model, seed=2, std=0.1)
+        _fixed_t(model, torch.linspace(0.1, 0.8, 4))
+        x0 = torch.randint(0, K_SMALL, (4, 32), generator=torch.Generator().manual_seed(5))
+        loss = model._loss(x0, None, torch.ones_like(x0), 0, True).loss
+        loss.backward()
+    assert math.isfinite(float(loss))
+
+
 def _launch(ref, tmp_path, *args, name):
     """`python -m duo_fast.integrations.duo --cpu <Duo main.py> args...` in tmp_path (the
     user's view: a new process, the Duo code's own main.py, hydra, Lightning)."""

@@ -37,29 +37,60 @@ dtypes. Five parts, each optional:
   curriculum input (anything else goes to the original).
 * ``loss``: ``DUO_BASE.nll_per_token`` goes through :func:`duo_fast.usdm_loss`
   (values equal the reference's formula; float64 inputs keep the original).
-  ``DUO_BASE.nll`` (the plain ELBO, also after the curriculum) feeds the
-  backbone's raw logits to ``usdm_loss(..., inplace_grad=True)``: no
-  ``log_softmax`` and no loss temporaries of size ``[B, L, K]``.
+  ``DUO_BASE.nll`` (the plain ELBO, also after the curriculum) and, with
+  ``curriculum``, ``DUO.nll``'s curriculum branch compute the loss from the
+  backbone's last hidden states and the output layer's parameters through
+  :func:`duo_fast.linear_usdm_loss`: no ``[B, L, K]`` logits, no logits
+  gradient, no loss temporaries (below, "the output layer fused").
 * ``distillation``: ``Distillation.nll`` draws its coupled pair with
-  :func:`duo_fast.sample_zt` (``gamma_s=``; no dense noise, no one-hot) and the
-  KL with :func:`duo_fast.distill_kl` for ``kl-fwd`` / ``kl-bwd`` (other loss
-  types keep the original). The teacher's bookkeeping is the original's.
+  :func:`duo_fast.sample_zt` (``gamma_s=``; no dense noise, no one-hot) and,
+  for ``kl-fwd`` / ``kl-bwd``, the KL from the student's and the teacher's
+  hidden states through :func:`duo_fast.linear_distill_kl` (the teacher under
+  ``no_grad``; other loss types keep the original). The teacher's bookkeeping
+  (made on first use, ``_maybe_update_teacher_weights``) is the original's.
 * ``sampling``: ``UniformState._ancestral_update`` and ``_psi_update`` are one
-  denoiser call plus one :func:`duo_fast.sample_step` (``kappa`` the Psi mix,
-  ``p_nucleus`` its ``top_p``, the noise-removal step ``alpha_s = 1``); no
-  posterior of size ``[B, L, K]``. Classifier-free guidance with a weight
-  other than 0 or 1 keeps the original. ``generate_samples`` is unchanged.
+  denoiser call plus one :func:`duo_fast.linear_sample_step` on its hidden
+  states (``kappa`` the Psi mix, ``p_nucleus`` its ``top_p``, the
+  noise-removal step ``alpha_s = 1``); no logits, no posterior of size
+  ``[B, L, K]``. Classifier-free guidance (``sampling.guid_weight`` not 0 or
+  1): two denoiser calls (the labels, then the unconditional label
+  ``num_classes``, as the Duo code) and the guided law of
+  ``_get_guided_posterior_from_xt`` per chunk. ``generate_samples`` is
+  unchanged.
 
-Two places where the patched code differs from the pinned snapshot besides
-the math: that snapshot's ``DUO.nll`` and ``Distillation.nll`` declare
-``(x0, output_tokens, current_accumulation_step, train_mode)`` while its own
+The output layer fused: with any of ``curriculum``, ``loss``,
+``distillation``, the training step's ``_loss`` (what ``training_step`` and
+``validation_step`` call) takes the token mean straight from the fused op
+(the reduced ops compute the gradients in their forward: one logits GEMM per
+chunk, as the unfused step). The model's ``models.dit.DDiTFinalLayer`` runs as
+it is (final norm, adaLN modulation) with its ``linear`` bypassed for the call,
+so the backbone returns the linear's input, cast where autocast would have
+cast it; its weight and bias (cast likewise) go to the fused op, and every
+gradient reaches them and the layers below as before (also under
+``torch.compile`` of the backbone: one graph per state of the layer). The
+logits path stays where that cannot be done exactly: another backbone (no
+``DDiTFinalLayer`` ending in an ``nn.Linear``, e.g. the UNet or ``hf_dit``),
+a subclass whose ``_process_model_output`` is not ``DUO_BASE``'s
+``log_softmax``, guidance with such a backbone (the original; the snapshot's
+own guided path raises a TypeError, see below), ``sampling.noise_removal=
+greedy`` (``generate_samples``' own argmax of ``forward``), and
+``patch(fuse_output_layer=False)``.
+
+Places where the patched code differs from the pinned snapshot besides the
+math: that snapshot's ``DUO.nll`` and ``Distillation.nll`` declare ``(x0,
+output_tokens, current_accumulation_step, train_mode)`` while its own
 ``trainer_base._loss`` calls ``nll(x0, labels, output_tokens,
 current_accumulation_step, train_mode)`` (a TypeError: neither class can train
-or validate). The patched ``nll`` accepts both calls. And the first element
-that the patched ``_ancestral_update`` / ``_psi_update`` return (the
-reference's dense ``p_x0`` cache) is a :class:`LogitsCache` holding the model's
-logits, which the next call accepts back; uniform-state models never reuse it
-(``time_conditioning`` is required), so ``generate_samples`` is unaffected.
+or validate). Whatever parts are chosen, the patched ``nll`` accepts both calls
+(where no chosen part replaces them, the originals are wrapped to). Its
+``_get_ancestral_posterior`` calls ``_get_guided_posterior_from_xt(self, xt,
+...)`` with ``self`` twice, so guidance never ran; the fused sampling step
+forms that law as the method does. And the first element that the patched
+``_ancestral_update`` / ``_psi_update`` return (the reference's dense ``p_x0``
+cache) is a :class:`HiddenCache` (the step's hidden states; a
+:class:`LogitsCache` of the logits on the logits path), which the next call
+accepts back; uniform-state models never reuse it (``time_conditioning`` is
+required), so ``generate_samples`` is unaffected.
 """
 
 from __future__ import annotations
