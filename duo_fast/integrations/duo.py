@@ -202,12 +202,15 @@ class _Head:
             return F.linear(self.hidden, self.weight, self.bias)
 
 
-# On the CPU ~12 MiB of float32 logits per chunk (62 tokens at K = 50257): the CPU's
-# GEMMs are as fast from ~64 rows on, and a host process's memory is the high-water
-# mark of its heap, where a chunk's logits and gradient stay once touched. On CUDA
-# the ops' default (~64 MiB: the tensor cores want more rows; the caching allocator
-# reuses the blocks).
-_CPU_CHUNK_BYTES = 12 << 20
+# Tokens per chunk of the fused output layer on the CPU: the fewest whose float32
+# logits take 32 MiB (167 at K = 50257). A host process's memory is the high-water
+# mark of its heap plus its mmapped blocks, and glibc's malloc serves blocks of
+# 32 MiB and more by mmap and gives them back when they are freed, while smaller
+# ones stay in the heap: a chunk's logits and gradient just over 32 MiB leave no
+# trace once the chunk is done (the gradients that come later in the step do not
+# pile on them), and the GEMMs are about as fast as on all rows. On CUDA the ops'
+# default (~64 MiB; the caching allocator reuses blocks).
+_CPU_CHUNK_BYTES = 32 << 20
 
 
 def _chunk_size(chunk_size: int | None, head: _Head, per_row: int = 1) -> int | None:
@@ -216,7 +219,7 @@ def _chunk_size(chunk_size: int | None, head: _Head, per_row: int = 1) -> int | 
     (guided sampling: two models' logits and posteriors, ~8)."""
     if chunk_size is not None or head.hidden.device.type != "cpu":
         return chunk_size
-    return max(16, _CPU_CHUNK_BYTES // (4 * head.weight.shape[0] * per_row))
+    return -(-_CPU_CHUNK_BYTES // (4 * head.weight.shape[0] * per_row))
 
 
 def _run_backbone(model, backbone, x, sigma, labels=None, weights=None):
@@ -819,9 +822,9 @@ def patch(
     ``["models.dit"]``); only those the chosen ``parts`` need are looked up.
     ``parts``: a subset of :data:`PARTS` (None: all). ``topk_zt_rule``:
     ``"exact"`` or ``"reference"`` for the top-k curriculum's ``z_t``.
-    ``chunk_size``: tokens per chunk of the fused output layer (None: about 12
-    MiB of float32 logits per chunk on the CPU, the ops' default of about 64 MiB
-    on CUDA). ``fuse_output_layer``:
+    ``chunk_size``: tokens per chunk of the fused output layer (None: on the CPU
+    the fewest whose float32 logits take 32 MiB, 167 at K = 50257; on CUDA the
+    ops' default, about 64 MiB). ``fuse_output_layer``:
     False keeps the losses and the sampling step on the model's ``[B, L, K]``
     logits (the fused ops then take the logits).
     Raises if any target is already patched (never wraps twice). Logs one line
