@@ -193,7 +193,7 @@ inline void check_sample_step_args(const at::Tensor& logits, const at::Tensor& z
   const double gap = (alpha_s - alpha_t).min().item<double>();
   TORCH_CHECK(gap >= 0.0, "duo_fast: alpha_s must be >= alpha_t (s is the earlier, less noisy time), got alpha_s - "
               "alpha_t = ", gap);
-  // The CPU kernels check the logits rows as they read them (sampling.cpp); CUDA
+  // The CPU kernels check the logits rows as they read them (sample_step.cpp); CUDA
   // kernels on the device (check::kLogits); here only under DUO_FAST_CUDA_SYNC_CHECKS.
   if (logits.is_cuda()) check_logits_rows_on_host(logits);
 }

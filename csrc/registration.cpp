@@ -26,24 +26,26 @@
 // `SymInt seed`: the Philox key may be an unbacked SymInt inside torch.compile (a
 // key drawn from a generator in the graph); the kernels take it as int64_t.
 TORCH_LIBRARY(duo_fast, m) {
-  // SPEC section 1: (alpha, dalpha/dgamma) = T(gamma) for vocabulary size K.
+  // docs/math.md §1: (alpha, dalpha/dgamma) = T(gamma) for vocabulary size K.
   m.def("gamma_to_alpha(Tensor gamma, int vocab_size) -> (Tensor, Tensor)");
-  // SPEC 2a/2b: exact O(1) z_t (and the coupled z_s when gamma_s is given; else
+  // docs/math.md §2a/§2b: exact O(1) z_t (and the coupled z_s when gamma_s is given; else
   // the second output is empty). gamma_t/gamma_s: float64, x0's shape. Philox
-  // key `seed`, positions offset, offset+1 of stream token (latent.h).
+  // key `seed`, positions offset, offset+1 of stream token (sample_zt.h).
   m.def("sample_zt(Tensor x0, Tensor gamma_t, Tensor? gamma_s, int vocab_size, SymInt seed, int offset)"
         " -> (Tensor, Tensor)");
-  // SPEC 3: per-token KL of student vs teacher logits [..., K] (direction 0:
-  // KL(pS||pT), 1: KL(pT||pS)); with compute_grad also dKL/dstudent_logits
-  // (else the second output is empty). Backward scales it by grad_output.
-  // SPEC 3: per-token uniform-state NELBO from float32 logits [..., K]; z, x0
-  // int64 and alpha, dalpha float64 of the leading shape. With compute_grad also
-  // d loss / d logits (else the second output is empty); backward scales it.
+  // docs/math.md §3: per-token uniform-state NELBO from logits [..., K] (float32,
+  // bfloat16 or float16, read natively); z, x0 int64 and alpha, dalpha float64 of the
+  // leading shape. With compute_grad also d loss / d logits in the logits' dtype (else
+  // the second output is empty); backward scales it by grad_output.
   m.def("usdm_loss(Tensor logits, Tensor z, Tensor x0, Tensor alpha, Tensor dalpha, bool compute_grad)"
         " -> (Tensor, Tensor)");
+  // docs/math.md §3: per-token KL of student vs teacher logits [..., K] (float32,
+  // bfloat16 or float16, each its own dtype; direction 0: KL(pS||pT), 1: KL(pT||pS));
+  // with compute_grad also dKL/dstudent_logits in the student's dtype (else the second
+  // output is empty). Backward scales it by grad_output.
   m.def("distill_kl(Tensor student_logits, Tensor teacher_logits, int direction, bool compute_grad)"
         " -> (Tensor, Tensor)");
-  // SPEC 2c/2d: exact curriculum input h = softmax((a~ onehot(x0) + s~ eps) * inv_tau) E
+  // docs/math.md §2c/§2d: exact curriculum input h = softmax((a~ onehot(x0) + s~ eps) * inv_tau) E
   // with eps regenerated from Philox (stream token, position offset + j/4); returns
   // (h [..., d] in embedding's dtype, z_t = argmax, row log-sum-exp float64 for backward).
   m.def("curriculum_embed(Tensor x0, Tensor gamma, Tensor inv_tau, Tensor embedding, SymInt seed, int offset)"
@@ -51,25 +53,25 @@ TORCH_LIBRARY(duo_fast, m) {
   // d embedding [K, d] float32 = P^T grad_h, P regenerated from the saved log-sum-exp.
   m.def("curriculum_embed_backward(Tensor grad_h, Tensor x0, Tensor gamma, Tensor inv_tau, Tensor lse,"
         " int vocab_size, SymInt seed, int offset) -> Tensor");
-  // SPEC 2e: Duo++ top-k curriculum input per token: ids [..., k] int64, weights
+  // docs/math.md §2e: Duo++ top-k curriculum input per token: ids [..., k] int64, weights
   // [..., k] float32, z_t; gamma, inv_tau float64 of x0's shape; zt_rule 0 exact,
   // 1 the reference's rule. Philox key `seed`, positions offset.. of stream token.
   m.def("curriculum_topk(Tensor x0, Tensor gamma, Tensor inv_tau, int k, int vocab_size, int zt_rule, SymInt seed,"
         " int offset) -> (Tensor, Tensor, Tensor)");
-  // SPEC 2e fused with the embedding bag: (h [..., d] in embedding's dtype, z_t,
+  // docs/math.md §2e fused with the embedding bag: (h [..., d] in embedding's dtype, z_t,
   // ids, weights) -- ids/weights are kept for the backward.
   m.def("curriculum_topk_embed(Tensor x0, Tensor gamma, Tensor inv_tau, int k, Tensor embedding, int zt_rule,"
         " SymInt seed, int offset) -> (Tensor, Tensor, Tensor, Tensor)");
   // d embedding [K, d] float32 of the bag h = sum_i w_i E[id_i]: scatter of w_i grad_h.
   m.def("topk_bag_backward(Tensor grad_h, Tensor ids, Tensor weights, int vocab_size, bool deterministic) -> Tensor");
-  // SPEC 4: one reverse step z -> z_s from logits [..., K] (float32, bfloat16,
+  // docs/math.md §4: one reverse step z -> z_s from logits [..., K] (float32, bfloat16,
   // float16); alpha_t, alpha_s float64 of z's shape; kappa < 1 mixes in the
   // Psi-sampler's predictor-corrector part; top_p < 1 filters p to the nucleus.
-  // Philox key `seed`, position `offset` of stream row_offset + token (sampling.h): rows
+  // Philox key `seed`, position `offset` of stream row_offset + token (sample_step.h): rows
   // [row_offset, row_offset + rows) of a larger call draw what that call draws for them.
   m.def("sample_step(Tensor logits, Tensor z, Tensor alpha_t, Tensor alpha_s, float kappa, float temperature,"
         " float top_p, SymInt seed, int offset, int row_offset=0) -> Tensor");
-  // SPEC 4: the dense q(z_s) [..., K] float32 that sample_step draws from.
+  // docs/math.md §4: the dense q(z_s) [..., K] float32 that sample_step draws from.
   m.def("posterior(Tensor logits, Tensor z, Tensor alpha_t, Tensor alpha_s, float kappa, float temperature,"
         " float top_p) -> Tensor");
   // Raises the invalid values that the CUDA kernels found on the device of

@@ -76,7 +76,7 @@ except ImportError as e:  # pragma: no cover - only without a build
         f"Original error: {e}"
     ) from e
 
-from . import reference, sampling
+from . import generation, reference
 from .ops import (
     check_device_errors,
     curriculum_embed,
@@ -84,14 +84,15 @@ from .ops import (
     curriculum_topk_embed,
     distill_kl,
     gamma_to_alpha,
+    linear_distill_kl,
+    linear_sample_step,
     linear_usdm_loss,
     posterior,
     sample_step,
     sample_zt,
     usdm_loss,
 )
-from .ops_linear import linear_distill_kl, linear_sample_step
-from .sampling import generate
+from .generation import generate
 
 __version__ = _C.build_info()["version"]
 
@@ -111,9 +112,8 @@ def empty_cache() -> int:
     a small cache: when a gradient is freed (``optimizer.zero_grad()``, or
     ``param.grad = None``) its buffer is kept, and the next backward of the same
     shape reuses it instead of asking the kernel for fresh pages (which it must
-    fault in and zero: at GPT-2's vocabulary, 147 MiB, that is ~10 ms per step on
-    a small CPU). At most 2 buffers and ``DUO_FAST_GRAD_CACHE_MB`` MiB (default
-    4096; 0 turns the cache off) are kept; they stay resident until reused or
+    fault in and zero: at GPT-2's vocabulary, 147 MiB per step). At most 2 buffers
+    and ``DUO_FAST_GRAD_CACHE_MB`` MiB (default 4096; 0 turns the cache off) are kept; they stay resident until reused or
     freed here. Like ``torch.cuda.empty_cache()``, this never frees memory that
     a live tensor uses. CUDA gradients use torch's own caching allocator.
     """
@@ -137,6 +137,7 @@ __all__ = [
     "empty_cache",
     "gamma_to_alpha",
     "generate",
+    "generation",
     "linear_distill_kl",
     "linear_sample_step",
     "linear_usdm_loss",
@@ -144,6 +145,5 @@ __all__ = [
     "reference",
     "sample_step",
     "sample_zt",
-    "sampling",
     "usdm_loss",
 ]

@@ -1,4 +1,4 @@
-"""Seeds for the counter-based (Philox) kernels (SPEC section 5).
+"""Seeds for the counter-based (Philox) kernels (docs/math.md §5).
 
 Every random op takes either an explicit integer ``seed`` (outputs are then a
 pure function of the seed and the inputs: identical on CPU with any thread

@@ -12,8 +12,8 @@ import sys
 COMMANDS = {
     "demo": ("duo_fast.demo", "train a small Duo model, distill it (DCD), sample it in 1-64 steps, measure exactly"),
     "duo": ("duo_fast.integrations.duo", "run the Duo codebase's unmodified main.py with duo_fast patched in"),
-    "bench": ("duo_fast.bench.report", "benchmark duo_fast against the Duo code (eager and torch.compile): "
-                                       "markdown table, CSV, plots"),
+    "bench": ("duo_fast.bench.cli", "benchmark duo_fast against the Duo code (eager and torch.compile): "
+                                    "markdown table, CSV, plots"),
 }
 
 

@@ -41,7 +41,7 @@ import torch
 
 from .datasets import MarkovChain
 from .models import DiT
-from .sampling import generate
+from .generation import generate
 from .training import DCDConfig, DuoConfig, dcd_loss, duo_loss, gamma_range, refresh_teacher, unwrap
 
 SAMPLERS = {  # name -> generate() keyword arguments

@@ -156,6 +156,23 @@ def linear_usdm_loss():
 
 
 @check
+def linear_distill_kl():
+    K, d = 29, 12
+    g = _gen(24)
+    student = [torch.randn(2, 5, d, generator=g), torch.randn(K, d, generator=g) / d**0.5, torch.randn(K, generator=g)]
+    teacher = [torch.randn(2, 5, d, generator=g), torch.randn(K, d, generator=g) / d**0.5, None]
+    params = [t.clone().requires_grad_() for t in student]
+    kl = duo_fast.linear_distill_kl(*params, *teacher, "fwd", chunk_size=3)
+    ref_params = [t.double().requires_grad_() for t in student]
+    ref = reference.linear_distill_kl(*ref_params, *teacher, "fwd")
+    _close(kl, ref.detach(), 1e-5, 1e-6, "linear_distill_kl")
+    kl.sum().backward()
+    ref.sum().backward()
+    for name, p, rp in zip(("hidden", "weight", "bias"), params, ref_params):
+        _close(p.grad, rp.grad, 0, 1e-4 * float(rp.grad.abs().max()), f"linear_distill_kl gradient ({name})")
+
+
+@check
 def distill_kl():
     g = _gen(15)
     student, teacher = torch.randn(3, 4, 29, generator=g) * 2, torch.randn(3, 4, 29, generator=g) * 2
@@ -196,6 +213,21 @@ def sample_step():
     # Noise removal (alpha_s = 1) from the top-1 nucleus: the argmax, deterministically.
     greedy = duo_fast.sample_step(logits, z, a_t, torch.ones_like(a_s), top_p=1e-6, seed=19)
     assert torch.equal(greedy, logits.argmax(-1))
+
+
+@check
+def linear_sample_step():
+    K, d = 23, 8
+    g = _gen(25)
+    hidden, weight, bias = torch.randn(2, 50, d, generator=g), torch.randn(K, d, generator=g), torch.randn(K, generator=g)
+    z = torch.randint(0, K, (2, 50), generator=g)
+    a_t, a_s = torch.tensor([0.3, 0.6], dtype=torch.float64), torch.tensor([0.5, 0.8], dtype=torch.float64)
+    zs = duo_fast.linear_sample_step(hidden, weight, bias, z, a_t, a_s, top_p=0.9, seed=26, chunk_size=7)
+    # chunks of rows draw from the streams of the full call: the tokens of sample_step on the logits
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    assert torch.equal(zs, duo_fast.sample_step(logits, z, a_t, a_s, top_p=0.9, seed=26))
+    guided = duo_fast.linear_sample_step(hidden, weight, bias, z, a_t, a_s, seed=27, guidance=(hidden.flip(0), 2.0))
+    assert guided.shape == z.shape and 0 <= int(guided.min()) and int(guided.max()) < K
 
 
 @check

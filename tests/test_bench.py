@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import duo_fast
-from duo_fast.bench import common, duo_code, report
+from duo_fast.bench import cli, common, duo_code, report
 
 ROOT = Path(__file__).resolve().parents[1]
 K, B, L = 300, 2, 12
@@ -211,7 +211,8 @@ def test_every_mode_lists_cases_with_a_reference():
         assert not errors, errors
         ops = {c.op for c in cases}
         assert {"usdm_loss", "sample_step", "sample_zt", "curriculum_embed", "curriculum_topk",
-                "curriculum_topk_embed", "distill_kl", "gamma_to_alpha", "linear_usdm_loss"} <= ops
+                "curriculum_topk_embed", "distill_kl", "gamma_to_alpha", "linear_usdm_loss", "linear_distill_kl",
+                "linear_sample_step"} <= ops
         for c in cases:
             if c.ref is not None and c.op != "duo_dropin":
                 assert c.ref.source is not None, c.id
@@ -254,12 +255,26 @@ def test_cli_tiny_writes_table_csv_json_and_plots(tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_benchmarks_report_wrapper_lists_cases():
-    p = subprocess.run([sys.executable, "-m", "benchmarks.report", "--tiny", "--list", "--ops", "sample_step"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split("\t")[0] == "sample_step/ancestral-N64-K1000"
+def test_merge_takes_each_op_from_the_last_run_that_has_it(tmp_path):
+    """duo-fast bench --merge: an op's rows come from the last run that measured it,
+    in the first run's order of ops (the README's table from several runs)."""
+    def run(folder, mode, rows):
+        folder.mkdir()
+        env = dict(cli.environment(cli.parse_args(["--full"])), load_avg_end="0", total_s=1.0)
+        results = [{"id": f"{op}/{name}", "op": op, "size": name, "duo": {"median_ms": ms, "peak_mib": 1.0}}
+                   for op, name, ms in rows]
+        (folder / "results.json").write_text(json.dumps({"environment": env, "results": results}))
+        return folder
+
+    a = run(tmp_path / "a", "full", [("usdm_loss", "x", 1.0), ("sample_step", "y", 2.0), ("distill_kl", "z", 3.0)])
+    b = run(tmp_path / "b", "full", [("sample_step", "y2", 20.0), ("sample_step", "y3", 30.0)])
+    out = tmp_path / "merged"
+    assert cli.main(["--merge", str(a), str(b / "results.json"), "--out", str(out), "--no-plots"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["op"], r["size"]) for r in data["results"]] == [("usdm_loss", "x"), ("sample_step", "y2"),
+                                                               ("sample_step", "y3"), ("distill_kl", "z")]
+    assert data["environment"]["mode"] == "full (merged runs)"
+    assert "| sample_step | y3 |" in (out / "report.md").read_text().replace("  ", " ")
 
 
 def test_rounds_alternate_the_sides_and_pool_the_calls(monkeypatch):
@@ -294,4 +309,4 @@ def test_rounds_alternate_the_sides_and_pool_the_calls(monkeypatch):
     with pytest.raises(ValueError, match="rounds"):
         common.run_case(case, "tiny", "cpu", 2, rounds=0)
     with pytest.raises(SystemExit):
-        report.parse_args(["--rounds", "0"])
+        cli.parse_args(["--rounds", "0"])

@@ -230,7 +230,7 @@ def test_cuda_configure_flags_and_link_line(tmp_path):
     if not shutil.which("ninja"):
         return
     build = tmp_path / "build"
-    compile_cmd = subprocess.run(["ninja", "-C", str(build), "-t", "commands", "CMakeFiles/_C.dir/csrc/cuda/latent.cu.o"],
+    compile_cmd = subprocess.run(["ninja", "-C", str(build), "-t", "commands", "CMakeFiles/_C.dir/csrc/cuda/sample_zt.cu.o"],
                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     gencode = re.findall(r"--generate-code=arch=compute_(\d+),code=\[(\w+)\]", compile_cmd)
     assert sorted(gencode) == [("80", "sm_80"), ("90", "compute_90"), ("90", "sm_90")], compile_cmd

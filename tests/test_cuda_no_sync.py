@@ -16,6 +16,7 @@ torch.manual_seed, and the lazily raised device-check error.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import pytest
@@ -117,7 +118,13 @@ def _run_every_op(t, K, rand, backward=True):
     loss2 = duo_fast.usdm_loss(lg2, t["z"], t["x0"], t["alpha"], t["dalpha"], inplace_grad=True)
     h, w = t["hidden"].clone().requires_grad_(), t["weight"].clone().requires_grad_()
     lin = duo_fast.linear_usdm_loss(h, w, None, t["z"], t["x0"], t["alpha"], t["dalpha"], chunk_size=4)
+    h3, w3 = t["hidden"].clone().requires_grad_(), t["weight"].clone().requires_grad_()
+    lkl = duo_fast.linear_distill_kl(h3, w3, None, t["hidden"] + 1, t["weight"], None, chunk_size=4)
     duo_fast.sample_step(t["logits"], t["z"], t["a_t"], t["a_s"], top_p=0.9, **rand())
+    duo_fast.linear_sample_step(t["hidden"], t["weight"], None, t["z"], t["a_t"], t["a_s"], top_p=0.9, chunk_size=4,
+                                **rand())
+    duo_fast.linear_sample_step(t["hidden"], t["weight"], None, t["z"], t["a_t"], t["a_s"], kappa=0.5, chunk_size=4,
+                                guidance=(t["hidden"] + 1, 2.0), **rand())
     duo_fast.posterior(t["logits"], t["z"], t["a_t"], t["a_s"], kappa=0.5)
     ids, wts, _ = duo_fast.curriculum_topk(t["x0"], 0.5, 2.0, 3, K, **rand())  # float levels: torch.full on the device
     e = t["emb"].clone().requires_grad_()
@@ -125,31 +132,41 @@ def _run_every_op(t, K, rand, backward=True):
     e2 = t["emb"].clone().requires_grad_()
     he, _ = duo_fast.curriculum_embed(t["x0"], t["gamma"], 2.0, e2, **rand())
     if backward:
-        for out in (kl, loss, loss2, lin, hk, he):
+        for out in (kl, loss, loss2, lin, lkl, hk, he):
             (out * 2).sum().backward()
         return
     from types import SimpleNamespace
 
-    from duo_fast import _linear_chunks, ops
+    from duo_fast.ops._inplace_grad import _FusedGradInplace, _fused_grad_backward
+    from duo_fast.ops._linear_chunks import LinearRows
+    from duo_fast.ops.curriculum_embed import _curriculum_embed_backward
+    from duo_fast.ops.curriculum_topk import _topk_embed_backward
+    from duo_fast.ops.linear_distill_kl import _kl_rows
+    from duo_fast.ops.linear_usdm_loss import _usdm_rows
 
     ones = torch.ones_like(loss)
     g = torch.ones_like(t["logits"])
-    ops._fused_grad_backward(SimpleNamespace(saved_tensors=(g,), compute_grad=True), ones, 6)
+    _fused_grad_backward(SimpleNamespace(saved_tensors=(g,), compute_grad=True), ones, 6)
     # a broadcast grad_output (after .sum()): the CPU shortcut reads its value, CUDA must not
-    ops._FusedGradInplace.backward(SimpleNamespace(grad=g.clone(), name="usdm_loss", n_rest=4),
-                                   torch.ones((), device=loss.device).expand(loss.shape))
+    _FusedGradInplace.backward(SimpleNamespace(grad=g.clone(), name="usdm_loss", n_rest=4),
+                               torch.ones((), device=loss.device).expand(loss.shape))
     lctx = SimpleNamespace(saved_tensors=(h, w, None, t["z"].reshape(-1), t["x0"].reshape(-1),
                                           t["alpha"][:, None].expand(2, 3).reshape(-1),
                                           t["dalpha"][:, None].expand(2, 3).reshape(-1)),
-                           row_op=ops._usdm_rows, chunk_size=4, needs_input_grad=(False, True, True, False))
-    _linear_chunks.LinearRows.backward(lctx, ones.reshape(-1))
+                           row_op=_usdm_rows, chunk_size=4, needs_input_grad=(False, True, True, False))
+    LinearRows.backward(lctx, ones.reshape(-1))
+    kctx = SimpleNamespace(saved_tensors=(h3, w3, None, (t["hidden"] + 1).reshape(-1, t["hidden"].shape[-1]),
+                                          t["weight"], None),
+                           row_op=functools.partial(_kl_rows, direction=0), chunk_size=4,
+                           needs_input_grad=(False, True, True, False))
+    LinearRows.backward(kctx, ones.reshape(-1))
     ectx = SimpleNamespace(saved_tensors=(ids, wts), needs_input_grad=(False,) * 4 + (True,), vocab_size=K,
                            embedding_dtype=torch.float32)
-    ops._topk_embed_backward(ectx, torch.ones_like(hk), None, None, None)
+    _topk_embed_backward(ectx, torch.ones_like(hk), None, None, None)
     lvl = torch.zeros(t["x0"].shape, dtype=torch.float64, device=t["x0"].device)
     cctx = SimpleNamespace(saved_tensors=(t["x0"], lvl, lvl + 2, lvl), needs_input_grad=(False,) * 3 + (True,),
                            vocab_size=K, embedding_dtype=torch.float32, seed=1, offset=0)
-    ops._curriculum_embed_backward(cctx, torch.ones_like(he), None, None)
+    _curriculum_embed_backward(cctx, torch.ones_like(he), None, None)
 
 
 @pytest.mark.parametrize("randomness", ["seed", "philox_state", "get_state"])
@@ -180,9 +197,9 @@ def test_cuda_wrappers_never_read_the_device(cuda_reads, monkeypatch, randomness
         _run_every_op(t, K, rand, backward=False)
     assert cuda_reads == [], cuda_reads
     if randomness == "philox_state":
-        assert gens[0].offset == 4 * 5  # one Philox counter per random op (5 of them)
+        assert gens[0].offset == 4 * 7  # one Philox counter per random op (7 of them)
     if randomness == "get_state":
-        assert gens[0].state.view(torch.int64)[1].item() == 4 * 5
+        assert gens[0].state.view(torch.int64)[1].item() == 4 * 7
 
 
 def test_cuda_keys_reproducible_and_distinct():

@@ -1,4 +1,4 @@
-"""curriculum_embed (SPEC 2c, 2d): with the noise made visible (test hook
+"""curriculum_embed (docs/math.md §2c, §2d): with the noise made visible (test hook
 df_curriculum_noise, the kernel's own eps), h and z against the dense float64
 formula of duo_fast.reference on the same scores, the embedding gradient against
 autograd of that formula; the law of z against pt(gamma) and the mean of h
@@ -54,7 +54,7 @@ def test_matches_dense_formula_on_the_same_scores(emulated, K, d, inv_tau):
 
 
 def _tensor_cores(device):
-    # the op's CUDA path on sm_80+ multiplies in bf16 (csrc/cuda/curriculum_mma.cu)
+    # the op's CUDA path on sm_80+ multiplies in bf16 (csrc/cuda/curriculum_embed_mma.cu)
     return (device == "cuda" and torch.cuda.get_device_capability()[0] >= 8
             and os.environ.get("DUO_FAST_EMBED_PORTABLE") != "1")
 
@@ -208,7 +208,7 @@ def test_emulated_z_defined_when_every_score_is_nan(harness, emulated, seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device; test_emulated_cuda_kernels_match_cpu runs these kernels' source on the CPU")
 def test_cuda_device_matches_cpu(monkeypatch):
     # the portable float kernels (on sm_80+ the op runs the tensor-core kernels unless
-    # asked not to; those are compared within the bf16 bound in test_curriculum_mma.py)
+    # asked not to; those are compared within the bf16 bound in test_curriculum_embed_mma.py)
     monkeypatch.setenv("DUO_FAST_EMBED_PORTABLE", "1")
     K, d = 50257, 768
     x0, gamma = _inputs(256, K, 0)

@@ -1,4 +1,4 @@
-"""curriculum_topk / curriculum_topk_embed (SPEC 2e): outputs against the
+"""curriculum_topk / curriculum_topk_embed (docs/math.md §2e): outputs against the
 float64 reference fed with the kernel's own random inputs (exported test hook
 df_topk_draws), the law of z_t against pt(gamma) (z-scores < 5), ids uniform at
 every rank (chi-square p > 1e-4) and distinct, the reference rule's bias, the
@@ -353,7 +353,7 @@ def test_emulated_cuda_kernels_match_cpu(harness, emulated, mode, seed):
                 assert rc == 0
                 c_ids, c_w, c_z = torch.ops.duo_fast.curriculum_topk(x0, gamma, it, k, K, rule, 21, 0)
                 assert torch.equal(ids, c_ids) and torch.equal(z, c_z)
-                # weights: the CPU's vectorized path (topk_cpu.h) rounds differently by ~1 float ulp
+                # weights: the CPU's vectorized path (curriculum_topk_rows.h) rounds differently by ~1 float ulp
                 torch.testing.assert_close(w, c_w, rtol=1e-6, atol=1e-30)
             d = 12
             E = torch.randn(K, d, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""duo_fast.distill_kl (SPEC 3) against the float64 reference: values and
+"""duo_fast.distill_kl (docs/math.md §3) against the float64 reference: values and
 gradients (both directions, odd K, K=2, peaked and flat logits), gradcheck-style
 checks, opcheck, the emulated CUDA kernel, and bad inputs."""
 

@@ -1,4 +1,4 @@
-"""benchmarks/gpu/dropin_memory.py (the per-GPU memory of a Duo training step at
+"""duo_fast/bench/dropin_memory.py (the per-GPU memory of a Duo training step at
 the configs' scale, issue 22) against the Duo code itself: its parameter count
 against models.dit.DIT built from the Duo config, its activation bytes per
 token and block against the tensors autograd saves for the Duo code's own
@@ -7,20 +7,14 @@ tensors alive while DUO_BASE.nll_per_token runs forward and backward."""
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.gpu import dropin_memory as M  # noqa: E402
-
-from duo_codebase import load_reference, make_config, make_tokenizer  # noqa: E402
+from duo_codebase import load_reference, make_config, make_tokenizer
+from duo_fast.bench import dropin_memory as M
 
 
 @pytest.fixture(scope="module")

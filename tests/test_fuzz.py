@@ -233,7 +233,7 @@ def test_gamma_to_alpha(case, n_threads):
     assert alpha.dtype == gamma.dtype and alpha.shape == gamma.shape
     g = gamma.double()
     # The reference's quadrature covers |gamma| <= 700 (it overflows beyond); there the
-    # SPEC's accuracy: alpha within 1e-9 absolute (the reference's alpha = (K pt - 1)/(K - 1)
+    # the reference's accuracy: alpha within 1e-9 absolute (the reference's alpha = (K pt - 1)/(K - 1)
     # cancels for tiny alpha), dalpha within 1e-6 relative. Beyond: the limits.
     inside = g.abs() <= 700
     ra, rd = reference.gamma_to_alpha(g[inside], K)
@@ -278,7 +278,7 @@ def latent_draws(emulated, seed, n, K):
 
 
 def check_latent(z, x0, gamma, K, draws):
-    """SPEC 2a: z = x if nu + eps_x > M else j*, M = -Phi^-1(-expm1(log U / (K - 1))),
+    """docs/math.md §2a: z = x if nu + eps_x > M else j*, M = -Phi^-1(-expm1(log U / (K - 1))),
     j* = r + (r >= x); exact except where nu + eps_x and M tie to rounding."""
     eps, u, r = draws
     x = x0.reshape(-1).long()
@@ -660,7 +660,7 @@ def check_posterior(q, lg, z, a_t, a_s, kappa, temperature, top_p, atol):
 
 
 def mixture(p_z, a_t, a_s, kappa, K):
-    """SPEC 4 as a mixture: masses of the point mass at z, of p and of the uniform law."""
+    """docs/math.md §4 as a mixture: masses of the point mass at z, of p and of the uniform law."""
     d = K * a_t * p_z + 1 - a_t
     r = a_t / a_s
     post = ((K * a_t * p_z + r - a_t) / d, (a_s - a_t) / d, (1 - r) * (1 - a_s) / d)

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from duo_fast.bench import cost_model, report
 
-from benchmarks.gpu import cost_model, report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT_FILES = {"gpu_report.md", "gpu_results.json", "gpu_log.txt", "gpu_tests_junit.xml", "gpu_sanitizer.txt",
              "gpu_build.log"}
 OPS = {"usdm_loss", "distill_kl", "sample_step", "sample_zt", "curriculum_embed", "curriculum_topk_embed",
-       "curriculum_topk", "linear_usdm_loss", "gamma_to_alpha"}
+       "curriculum_topk", "linear_usdm_loss", "linear_distill_kl", "linear_sample_step", "gamma_to_alpha"}
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +89,12 @@ def test_report_reads_sanitizer_outcomes(tmp_path):
     (tmp_path / "sanitizer_racecheck.log").write_text(
         "========= Invalid __global__ read of size 4 bytes\n=========     at usdm_loss_kernel\nSANITIZE_CALLS_OK 31\n"
         "========= ERROR SUMMARY: 2 errors\n")
-    s = report.sanitizer(tmp_path)
+    s = report.gpu_sanitizer(tmp_path)
     assert s["memcheck"]["status"] == "refused by the runtime"
     assert s["racecheck"]["status"] == "ERRORS" and s["racecheck"]["errors"] == 2
     assert s["racecheck"]["first_errors"] == ["========= Invalid __global__ read of size 4 bytes"]
     (tmp_path / "sanitizer_racecheck.log").write_text("SANITIZE_CALLS_OK 31\n========= ERROR SUMMARY: 0 errors\n")
-    assert report.sanitizer(tmp_path)["racecheck"]["status"] == "clean"
+    assert report.gpu_sanitizer(tmp_path)["racecheck"]["status"] == "clean"
 
 
 def test_report_reads_junit_failures(tmp_path):
@@ -105,7 +104,7 @@ def test_report_reads_junit_failures(tmp_path):
         '<testcase classname="tests.test_x" name="test_b"/>'
         '<testcase classname="tests.test_x" name="test_c"><skipped message="no CUDA device"/></testcase>'
         '</testsuite></testsuites>')
-    t = report.tests(tmp_path)
+    t = report.gpu_tests(tmp_path)
     assert (t["passed"], t["failures"], t["skipped"]) == (1, 1, 1)
     assert t["failed_tests"] == [{"test": "tests.test_x::test_a[cuda]", "kind": "failure", "message": "assert 1 == 2"}]
 

@@ -287,7 +287,7 @@ def test_topk_replacement_signature_and_laws(ref):
     assert abs(two_proportion_z(counts["reference"], n, counts["orig"], n)) < 5
     pt = float(reference.pt_from_gamma(torch.tensor([-2.5], dtype=torch.float64), K)[0])
     assert abs(counts["exact"] / n - pt) / math.sqrt(pt * (1 - pt) / n) < 5
-    assert counts["orig"] / n > pt + 0.05  # the reference rule over-samples x0 (SPEC 2e, DIFFERS)
+    assert counts["orig"] / n > pt + 0.05  # the reference rule over-samples x0 (docs/math.md §2e, DIFFERS)
 
 
 def _fixed_t(model, t):

@@ -1,4 +1,4 @@
-"""duo_fast.linear_distill_kl (SPEC 3, the distillation KL fused with the output
+"""duo_fast.linear_distill_kl (docs/math.md §3, the distillation KL fused with the output
 layer): per-token KL and its gradients w.r.t. the student's hidden, weight and
 bias against the float64 reference (reference.distill_kl on the materialized
 logits + autograd), both directions, reductions, chunk sizes, bfloat16, the
@@ -37,12 +37,10 @@ def _teacher(p, device, dtype=torch.float32):
 
 
 def _reference(params, teacher, direction):
-    """float64 KL of the materialized logits, differentiable w.r.t. float64 copies of params."""
+    """float64 KL of the materialized logits (reference.linear_distill_kl), differentiable
+    w.r.t. float64 copies of params."""
     ref_params = [None if t is None else t.detach().cpu().double().requires_grad_() for t in params]
-    h, w, b = ref_params
-    th, tw, tb = [None if t is None else t.cpu().double() for t in teacher]
-    student = torch.nn.functional.linear(h, w, b)
-    kl = reference.distill_kl(student, torch.nn.functional.linear(th, tw, tb), direction)
+    kl = reference.linear_distill_kl(*ref_params, *[None if t is None else t.cpu() for t in teacher], direction)
     return kl, ref_params
 
 
@@ -173,7 +171,7 @@ def test_no_tensor_of_all_tokens_by_vocabulary(reduction):
     K, N, d = 50257, 700, 8
     p = _problem(B=1, L=N, d=d, d_t=d, K=K, seed=5)
     params, teacher = _params(p, "cpu"), _teacher(p, "cpu")
-    chunk = duo_fast._linear_chunks.default_chunk_size(K, d)
+    chunk = duo_fast.ops._linear_chunks.default_chunk_size(K, d)
     assert chunk < N
     with KWideTensors(K) as seen:
         duo_fast.linear_distill_kl(*params, *teacher, "bwd", reduction=reduction).sum().backward()
@@ -213,3 +211,40 @@ def test_bad_inputs_name_the_argument():
         call(chunk_size=0)
     with pytest.raises(ValueError, match="reduction must be"):
         call(reduction="avg")
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_double_backward_raises(reduction):
+    """The kernels' gradient has no graph: a second-order gradient must raise, not come back as 0."""
+    p = _problem(seed=6)
+    params = _params(p, "cpu")
+    kl = duo_fast.linear_distill_kl(*params, *_teacher(p, "cpu"), "bwd", chunk_size=4, reduction=reduction)
+    (g,) = torch.autograd.grad(kl.sum(), params[0], create_graph=True)
+    assert not g.requires_grad  # once_differentiable: no graph through the gradient
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        g.sum().backward()
+    # a grad_output that requires grad: the error is delayed to the second backward
+    kl = duo_fast.linear_distill_kl(*params, *_teacher(p, "cpu"), "bwd", chunk_size=4, reduction=reduction)
+    c = torch.tensor(2.0, requires_grad=True)
+    (g,) = torch.autograd.grad(kl.sum() * c, params[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
+def test_nan_hidden_gives_nan_rows():
+    """Bad values propagate (docs/bad_values.md): a NaN in one token's hidden state gives
+    that token a NaN KL and the NaN reaches the parameter gradients; the other tokens'
+    KLs are those of the reference."""
+    p = _problem(seed=7)
+    params, teacher = _params(p, "cpu"), _teacher(p, "cpu")
+    with torch.no_grad():
+        params[0][1, 2, 3] = float("nan")
+    kl = duo_fast.linear_distill_kl(*params, *teacher, "bwd", chunk_size=4)
+    bad = torch.zeros(kl.shape, dtype=torch.bool)
+    bad[1, 2] = True
+    assert bool(kl[bad].isnan().all()) and not bool(kl[~bad].isnan().any())
+    ref, _ = _reference(params, teacher, "bwd")
+    torch.testing.assert_close(kl[~bad].detach().double(), ref[~bad].detach(), rtol=1e-5, atol=1e-6)
+    kl.sum().backward()
+    assert bool(params[0].grad[1, 2].isnan().all()) and not bool(params[0].grad[0].isnan().any())
+    assert bool(params[1].grad.isnan().any())

@@ -1,4 +1,4 @@
-"""duo_fast.linear_sample_step (SPEC 4, the reverse step fused with the output
+"""duo_fast.linear_sample_step (docs/math.md §4, the reverse step fused with the output
 layer): with the same seed (or generator state) the same tokens as sample_step
 on the materialized logits, for every chunk size; the law of the draws by
 chi-square at fixed seeds against the float64 reference posterior (ancestral,
@@ -108,20 +108,6 @@ def _law_problem(K, rows, n, d=6, seed=0, noise_removal=False):
                 H=h.repeat(rep, 1)[None], U=u.repeat(rep, 1)[None], Z=z.repeat(rep)[None])
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_draws_follow_reference_posterior(case, device):
-    K, rows, n = 11, 3, 60_000
-    t = _law_problem(K, rows, n, seed=2, noise_removal=case["noise_removal"])
-    kw = dict(kappa=case["kappa"], temperature=case["temperature"], top_p=case["top_p"])
-    tokens = duo_fast.linear_sample_step(t["H"].to(device), t["weight"].to(device), t["bias"].to(device),
-                                         t["Z"].to(device), t["a_t"].to(device), t["a_s"].to(device), seed=2024,
-                                         chunk_size=4096, **kw)[0].cpu()
-    logits = t["h"].double() @ t["weight"].double().t() + t["bias"].double()
-    probs = reference.posterior(logits, t["z"], t["a_t"].expand(rows), t["a_s"].expand(rows), **kw)
-    for r in range(rows):
-        _assert_law(tokens[r::rows], probs[r])
-
-
 GUIDED = [
     dict(guid_weight=2.0, kappa=1.0, temperature=1.0, top_p=1.0, noise_removal=False),
     dict(guid_weight=0.5, kappa=1.0, temperature=1.0, top_p=1.0, noise_removal=True),
@@ -131,17 +117,25 @@ GUIDED = [
 ]
 
 
-@pytest.mark.parametrize("case", GUIDED, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_guided_draws_follow_reference(case, device):
+@pytest.mark.parametrize("case", CASES + GUIDED, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_draws_follow_reference_posterior(case, device):
+    """Each of 3 distinct rows repeated 20000 times (other Philox streams) against the
+    float64 posterior of its logits, or the guided posterior with guidance."""
     K, rows, n = 11, 3, 60_000
-    t = _law_problem(K, rows, n, seed=3, noise_removal=case["noise_removal"])
+    guided = "guid_weight" in case
+    t = _law_problem(K, rows, n, seed=3 if guided else 2, noise_removal=case["noise_removal"])
     kw = dict(kappa=case["kappa"], temperature=case["temperature"], top_p=case["top_p"])
-    tokens = duo_fast.linear_sample_step(t["H"].to(device), t["weight"].to(device), t["bias"].to(device),
-                                         t["Z"].to(device), t["a_t"].to(device), t["a_s"].to(device), seed=99,
-                                         guidance=(t["U"].to(device), case["guid_weight"]), **kw)[0].cpu()
+    on = lambda k: t[k].to(device)  # noqa: E731
+    guidance = (on("U"), case["guid_weight"]) if guided else None
+    tokens = duo_fast.linear_sample_step(on("H"), on("weight"), on("bias"), on("Z"), on("a_t"), on("a_s"), seed=2024,
+                                         chunk_size=4096, guidance=guidance, **kw)[0].cpu()
     W, b = t["weight"].double(), t["bias"].double()
-    probs = reference.guided_posterior(t["h"].double() @ W.t() + b, t["u"].double() @ W.t() + b, t["z"],
-                                       t["a_t"].expand(rows), t["a_s"].expand(rows), case["guid_weight"], **kw)
+    a_t, a_s = t["a_t"].expand(rows), t["a_s"].expand(rows)
+    if guided:
+        probs = reference.guided_posterior(t["h"].double() @ W.t() + b, t["u"].double() @ W.t() + b, t["z"], a_t, a_s,
+                                           case["guid_weight"], **kw)
+    else:
+        probs = reference.posterior(t["h"].double() @ W.t() + b, t["z"], a_t, a_s, **kw)
     for r in range(rows):
         _assert_law(tokens[r::rows], probs[r])
 
@@ -197,7 +191,7 @@ def test_no_tensor_of_all_tokens_by_vocabulary(guided):
     at most the default chunk's rows (333 at K = 50257; 41 with guidance)."""
     K, N, d = 50257, 100 if guided else 700, 8
     p = _problem(B=1, L=N, d=d, K=K, seed=7)
-    chunk = duo_fast._linear_chunks.default_chunk_size(K, d) // (8 if guided else 1)
+    chunk = duo_fast.ops._linear_chunks.default_chunk_size(K, d) // (8 if guided else 1)
     kw = dict(guidance=(p["uncond"], 2.0), kappa=0.5) if guided else dict(top_p=0.9)
     with KWideTensors(K) as seen:
         out = duo_fast.linear_sample_step(p["hidden"], p["weight"], p["bias"], p["z"], p["a_t"], p["a_s"], seed=1, **kw)

@@ -1,4 +1,4 @@
-"""duo_fast.linear_usdm_loss (SPEC 3, fused linear + loss): values and gradients
+"""duo_fast.linear_usdm_loss (docs/math.md §3, fused linear + loss): values and gradients
 w.r.t. hidden, weight and bias against the float64 reference applied to the full
 logits, chunk-size independence, memory independent of N, and bad inputs."""
 
@@ -56,7 +56,7 @@ def test_reduced_loss_and_gradients_match_reference(reduction, chunk_size, bias,
                                      alpha.to(device), dalpha.to(device), chunk_size=chunk_size, reduction=reduction)
     assert loss.shape == () and loss.dtype == torch.float32
     ref_params = [p.detach().cpu().double().requires_grad_() for p in params]
-    ref = reference.usdm_loss(ref_params[0] @ ref_params[1].t() + (ref_params[2] if bias else 0), z, x0, alpha, dalpha)
+    ref = reference.linear_usdm_loss(ref_params[0], ref_params[1], ref_params[2] if bias else None, z, x0, alpha, dalpha)
     ref = ref.sum() if reduction == "sum" else ref.mean()
     torch.testing.assert_close(loss.detach().cpu().double(), ref.detach(), rtol=1e-4 if cuda else 1e-5, atol=1e-5)
     (loss * 2.5).backward()
@@ -78,7 +78,7 @@ def test_reduced_only_some_inputs_require_grad_and_bad_reduction():
     w = weight.clone().requires_grad_()
     duo_fast.linear_usdm_loss(hidden, w, b, z, x0, alpha, dalpha, chunk_size=4, reduction="mean").backward()
     wr = weight.double().requires_grad_()
-    reference.usdm_loss(hidden.double() @ wr.t() + b.double(), z, x0, alpha, dalpha).mean().backward()
+    reference.linear_usdm_loss(hidden.double(), wr, b, z, x0, alpha, dalpha).mean().backward()
     torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         duo_fast.linear_usdm_loss(hidden, w, b, z, x0, alpha, dalpha, reduction="avg")

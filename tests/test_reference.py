@@ -701,3 +701,22 @@ def test_generate_noise_removal_modes():
   calls.clear()
   R.generate(denoiser, B, L, K, steps=2, time_input="sigma", generator=gen(43))
   assert calls[0] == pytest.approx(-math.log(1e-3))   # sigma = -log alpha(1)
+
+
+def test_usdm_loss_oracle_against_80_digits():
+  """The oracle's cancellation-free form against an 80-digit evaluation of the Duo
+  formula on rows where float64 formulas cancel (tiny vocabularies, alpha near 0
+  and 1, near-perfect models): within 1e-10 relative, while the Duo formula in
+  float64 (usdm_loss_from_log_probs) has no correct digit on some of them."""
+  import mp_oracle
+  worst, worst_duo = 0.0, 0.0
+  for logits, z, x, alpha, dalpha in mp_oracle.hard_rows():
+    exact = float(mp_oracle.usdm_loss(logits.double().tolist(), z, x, alpha, dalpha))
+    args = (torch.tensor([z]), torch.tensor([x]), torch.tensor([alpha], dtype=torch.float64),
+            torch.tensor([dalpha], dtype=torch.float64))
+    got = R.usdm_loss(logits[None].double(), *args).item()
+    duo = R.usdm_loss_from_log_probs(torch.log_softmax(logits.double(), -1)[None], *args).item()
+    worst = max(worst, abs(got - exact) / abs(exact))
+    worst_duo = max(worst_duo, abs(duo - exact) / abs(exact))
+  assert worst < 1e-10
+  assert worst_duo > 1.0

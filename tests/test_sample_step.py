@@ -1,4 +1,4 @@
-"""sample_step and posterior (SPEC 4): the dense posterior against the float64
+"""sample_step and posterior (docs/math.md §4): the dense posterior against the float64
 reference (``reference.posterior``: ``_posterior_from_x0``, the Psi mix,
 temperature, nucleus filtering), the law of the draws against it by
 chi-square at fixed seeds (p-value > 1e-4), zero-probability ids never drawn,

@@ -1,4 +1,4 @@
-"""duo_fast.sample_zt (SPEC 2a, 2b): the law of z_t against the exact pt(gamma)
+"""duo_fast.sample_zt (docs/math.md §2a, §2b): the law of z_t against the exact pt(gamma)
 of the reference (quadrature), the coupled pair's joint law, uniformity of the
 other token, reproducibility across thread counts, the emulated CUDA kernel
 token-for-token, op conventions and errors. Statistical tests use fixed seeds;

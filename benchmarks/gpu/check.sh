@@ -13,8 +13,8 @@
 #              check of duo_fast._build_info.json (dry run: setup.py --version + import)
 #   tests      pytest -m cuda: the real-GPU twins of the emulated tests (junit)
 #   sanitizer  compute-sanitizer memcheck, then racecheck, over one small call of every
-#              kernel (benchmarks/gpu/sanitize_calls.py); runs beside the tests
-#   bench      benchmarks/gpu/bench.py: every op vs the Duo code (eager, torch.compile)
+#              kernel (duo_fast/bench/gpu_sanitize.py); runs beside the tests
+#   bench      duo_fast/bench/gpu_bench.py: every op vs the Duo code (eager, torch.compile)
 #   report     $OUT/gpu_report.md, $OUT/gpu_results.json (after every step), a short
 #              table printed last
 # Files in $OUT (at most 8: the device tool brings back 8): gpu_log.txt, gpu_report.md,
@@ -64,7 +64,7 @@ record() {  # name status seconds box detail
   printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >> "$WORK/steps.tsv"
 }
 report() {
-  "$PY" -m benchmarks.gpu.report --work "$WORK" --out "$OUT" "$@" 2>>"$LOG" || echo "[check] report failed" | tee -a "$LOG"
+  "$PY" "$ROOT/duo_fast/bench/report.py" --work "$WORK" --out "$OUT" "$@" 2>>"$LOG" || echo "[check] report failed" | tee -a "$LOG"
 }
 boxed() {  # seconds cmd...: run in a time box; 124 = timed out
   local box=$1; shift
@@ -158,7 +158,7 @@ TESTS_PID=$!
   half=$(( BOX / 2 ))
   if [ "$DRY" = 1 ]; then
     { echo "DRY RUN: the calls on the CPU, without compute-sanitizer";
-      boxed $half "$PY" -m benchmarks.gpu.sanitize_calls --device cpu; echo "exit $?"; } > "$WORK/sanitizer_memcheck.log" 2>&1
+      boxed $half "$PY" -m duo_fast.bench.gpu_sanitize --device cpu; echo "exit $?"; } > "$WORK/sanitizer_memcheck.log" 2>&1
     cp "$WORK/sanitizer_memcheck.log" "$WORK/sanitizer_racecheck.log"
   elif ! command -v compute-sanitizer > /dev/null; then
     for tool in memcheck racecheck; do echo "compute-sanitizer not found" > "$WORK/sanitizer_$tool.log"; done
@@ -168,12 +168,12 @@ TESTS_PID=$!
     # memcheck: every kernel (torch's too), each tensor its own allocation so that an
     # out-of-bounds access is not hidden inside a pooled block
     { boxed $half env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --print-limit 30 \
-        "$PY" -m benchmarks.gpu.sanitize_calls --device cuda; rc=$?; [ $rc = 124 ] && echo "timed out"; echo "exit $rc"; } \
+        "$PY" -m duo_fast.bench.gpu_sanitize --device cuda; rc=$?; [ $rc = 124 ] && echo "timed out"; echo "exit $rc"; } \
       > "$WORK/sanitizer_memcheck.log" 2>&1
     # racecheck: shared-memory hazards of duo_fast's kernels (filtered: torch's are not ours)
     { echo "racecheck filter: ${FILTER:-none}";
       boxed $half compute-sanitizer --tool racecheck --racecheck-report hazard --print-limit 30 $FILTER \
-        "$PY" -m benchmarks.gpu.sanitize_calls --device cuda; rc=$?; [ $rc = 124 ] && echo "timed out"; echo "exit $rc"; } \
+        "$PY" -m duo_fast.bench.gpu_sanitize --device cuda; rc=$?; [ $rc = 124 ] && echo "timed out"; echo "exit $rc"; } \
       > "$WORK/sanitizer_racecheck.log" 2>&1
   fi
 ) &
@@ -199,7 +199,7 @@ t0=$(now)
 if [ "$DRY" = 1 ]; then BOX=150; else BOX=$(max 30 $(( $(left) - 15 ))); fi
 log "bench (time box ${BOX}s)"
 DEADLINE=$(( $(now) + BOX - 10 ))
-boxed $BOX "$PY" -m benchmarks.gpu.bench --out "$WORK/bench.jsonl" --deadline $DEADLINE \
+boxed $BOX "$PY" -m duo_fast.bench.gpu_bench --out "$WORK/bench.jsonl" --deadline $DEADLINE \
   $([ "$DRY" = 1 ] && echo --dry-run) 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 record bench "$(status_of $rc)" $(( $(now) - t0 )) $BOX "$(grep -c '"kind": "side"' "$WORK/bench.jsonl" 2>/dev/null || echo 0) sides measured or skipped"

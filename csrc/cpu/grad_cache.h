@@ -4,8 +4,8 @@
 // Why: a training step that drops its gradients (optimizer.zero_grad(), set_to_none
 // by default) frees the 147 MiB GPT-2 embedding gradient, and the next backward gets
 // fresh pages from the kernel: ~37k page faults of 4 KiB (or 74 huge pages the
-// kernel must zero), which cost more than the bag's backward itself on a small CPU
-// (measured 2 threads: 12 ms of a 27 ms backward). torch's CPU allocator keeps no
+// kernel must zero), which cost as much as the bag's backward itself on a small CPU
+// (docs/benchmarks.md). torch's CPU allocator keeps no
 // cache (glibc returns these mmap'ed blocks to the kernel on free), so duo_fast
 // keeps the last freed ones, like the CUDA caching allocator does on a GPU.
 //

@@ -1,4 +1,4 @@
-// CPU kernel of the fused uniform-state diffusion loss (SPEC section 3; row
+// CPU kernel of the fused uniform-state diffusion loss (docs/math.md §3; row
 // math and gradient derivation in usdm_loss.h): one row per task, three sweeps,
 // gradient written in the same call, in the logits' dtype (float32, bfloat16 or
 // float16, read natively). The row kernels (float32 entries with

@@ -18,10 +18,10 @@
 #include "checks.h"
 #include "fused_outputs.h"
 #include "duo_fast/device_check.h"
-#include "duo_fast/schedule.h"
-#include "curriculum_mma.h"
+#include "duo_fast/gamma_to_alpha.h"
+#include "curriculum_embed_mma.h"
 #include "launchers.h"
-#include "schedule_table_cache.h"
+#include "gamma_to_alpha_tables.h"
 
 namespace duo_fast {
 namespace {
@@ -98,7 +98,7 @@ void end_checks(const at::Device& device, void* stream) {
 const double* device_schedule_table(int64_t vocab_size, const at::Device& device) {
   static std::mutex mutex;
   static std::map<std::pair<int64_t, int>, std::pair<at::Tensor, at::Tensor>> tables;  // (pinned, device)
-  const double* host = schedule_table(vocab_size);
+  const double* host = gamma_to_alpha_table(vocab_size);
   std::lock_guard<std::mutex> lock(mutex);
   auto key = std::make_pair(vocab_size, int(device.index()));
   auto it = tables.find(key);
@@ -232,7 +232,7 @@ at::Tensor posterior_cuda(const at::Tensor& logits, const at::Tensor& z, const a
   return q;
 }
 
-// curriculum_embed on tensor cores (curriculum_mma.cu) when the device and the
+// curriculum_embed on tensor cores (curriculum_embed_mma.cu) when the device and the
 // kernel binary the runtime picks for it are sm_80+ (a build whose only code
 // for this device is older PTX would trap), unless DUO_FAST_EMBED_PORTABLE=1
 // asks for the portable float kernels (curriculum.cu; they also serve sm < 80).

@@ -13,31 +13,31 @@ namespace duo_fast {
 namespace cuda {
 
 // alpha, dalpha_dgamma = T(gamma) for n values; `table` is the device copy of
-// the per-K schedule table (schedule.h). T = float or double. NaN gammas
+// the per-K schedule table (gamma_to_alpha.h). T = float or double. NaN gammas
 // give NaN and are counted (check::kGammaNaN).
 int gamma_to_alpha_f32(const float* gamma, float* alpha, float* dalpha, int64_t n, const double* table,
                        uint32_t* checks, void* stream);
 int gamma_to_alpha_f64(const double* gamma, double* alpha, double* dalpha, int64_t n, const double* table,
                        uint32_t* checks, void* stream);
 
-// z_t (and z_s when gamma_s != nullptr) for n tokens (SPEC 2a, 2b; latent.h).
+// z_t (and z_s when gamma_s != nullptr) for n tokens (docs/math.md §2a, §2b; sample_zt.h).
 // An invalid x0 or a NaN gamma / gamma_s gives id 0 for that token (counted).
 int sample_zt(const int64_t* x0, const double* gamma_t, const double* gamma_s, int64_t* z_t, int64_t* z_s, int64_t n,
               int64_t vocab_size, uint64_t seed, uint64_t offset, uint32_t* checks, void* stream);
 
 // Per-row KL (direction 0: KL(pS||pT), 1: KL(pT||pS)) of [rows, K] logits of
 // dtype codes student_dtype / teacher_dtype (0 float32, 1 bfloat16, 2 float16);
-// grad (nullptr to skip), in the student's dtype, gets dKL/dstudent (distill.h).
+// grad (nullptr to skip), in the student's dtype, gets dKL/dstudent (distill_kl.h).
 int distill_kl(const void* student, int student_dtype, const void* teacher, int teacher_dtype, float* kl, void* grad,
                int64_t rows, int64_t K, int direction, void* stream);
 
 // Per-token loss of [rows, K] logits of dtype code `dtype` (0 float32, 1
-// bfloat16, 2 float16; SPEC 3; usdm_loss.h); grad (nullptr to skip), in the
+// bfloat16, 2 float16; docs/math.md §3; usdm_loss.h); grad (nullptr to skip), in the
 // logits' dtype, gets d loss / d logits. Invalid ids or levels: NaN row.
 int usdm_loss(const void* logits, int dtype, const int64_t* z, const int64_t* x0, const double* alpha,
               const double* dalpha, float* loss, void* grad, int64_t rows, int64_t K, uint32_t* checks, void* stream);
 
-// Reverse-process step (SPEC 4; sampling.h) over [rows, K] logits of dtype code
+// Reverse-process step (docs/math.md §4; sample_step.h) over [rows, K] logits of dtype code
 // `dtype` (0 float32, 1 bfloat16, 2 float16): z_s per row into out, or the dense
 // posterior into q [rows, K]. Scalars must already be validated; a row with an
 // invalid z or level gives id 0 / a NaN row of q; a logits row with NaN, +inf
@@ -50,7 +50,7 @@ int posterior(const void* logits, int dtype, const int64_t* z, const double* alp
               int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint32_t* checks,
               void* stream);
 
-// Exact curriculum input (SPEC 2c, 2d; curriculum.h) for n tokens over a float32
+// Exact curriculum input (docs/math.md §2c, §2d; curriculum_embed.h) for n tokens over a float32
 // [vocab_size, d] embedding: h [n, d] float32, z, row log-sum-exp (double);
 // backward writes every row of grad_embedding [vocab_size, d].
 int curriculum_embed(const int64_t* x0, const double* gamma, const double* inv_tau, const float* embedding,
@@ -60,7 +60,7 @@ int curriculum_embed_backward(const float* grad_h, const int64_t* x0, const doub
                               const double* lse, int64_t n, int64_t vocab_size, int64_t d, uint64_t seed,
                               uint64_t offset, float* grad_embedding, void* stream);
 
-// Duo++ top-k curriculum input (SPEC 2e; topk.h), a warp per token. The caller
+// Duo++ top-k curriculum input (docs/math.md §2e; curriculum_topk.h), a warp per token. The caller
 // allocates `slots` = topk_scratch_slots(n, k, sm_count) scratch slots (one per
 // warp; sm_count = the device's multiprocessor count, which sizes the grid):
 // map_scratch of slots * 2 * topk_map_capacity(k) int32 filled with -1 (left

@@ -1,4 +1,4 @@
-// CUDA kernel of the fused uniform-state diffusion loss (SPEC section 3; row
+// CUDA kernel of the fused uniform-state diffusion loss (docs/math.md §3; row
 // math and gradient derivation in usdm_loss.h): one block per row, grid-stride
 // over rows. Logits float32, bfloat16 or float16, read natively with 16-byte
 // loads (duo_fast/row_vec.h: a scalar head up to the first 16-byte boundary,

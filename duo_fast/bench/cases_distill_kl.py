@@ -1,9 +1,9 @@
-"""Benchmark cases of duo_fast.distill_kl (SPEC section 3, distillation KLs),
+"""Benchmark cases of duo_fast.distill_kl (docs/math.md §3, distillation KLs),
 forward + backward w.r.t. the student logits.
 
 No BASELINES.md target (informational rows: target "—").
 
-Sides (each in a fresh process, see benchmarks/README.md):
+Sides (each in a fresh process, see docs/benchmarks.md):
 
   * duo:      duo_fast.distill_kl(student, teacher, "bwd", inplace_grad=True).sum().backward()
               (student float32 requiring grad; .grad dropped before each call).

@@ -1,4 +1,4 @@
-"""Benchmark cases of duo_fast.gamma_to_alpha (SPEC section 1).
+"""Benchmark cases of duo_fast.gamma_to_alpha (docs/math.md §1).
 
 BASELINES.md target: "gamma_to_alpha on 512 values <= 1% of the usdm_loss time"
 (usdm_loss fwd+bwd, N=2048, K=50257, fp32 logits), negligible memory.
@@ -26,6 +26,7 @@ import torch
 
 import duo_fast
 from duo_fast import reference as R
+from duo_fast.reference.gamma_to_alpha import _pt_scalar
 
 from . import duo_code
 from .cases_usdm_loss import with_model
@@ -82,7 +83,7 @@ def _ref(st):
 
 
 def _ref_clear(st):
-    R._pt_scalar.cache_clear()  # the quadrature memoizes per (gamma, K)
+    _pt_scalar.cache_clear()  # the quadrature memoizes per (gamma, K)
 
 
 def _ref_impl(dtype, lo=GAMMA_MIN, hi=GAMMA_MAX, extra_note=""):

@@ -1,4 +1,4 @@
-"""Benchmark cases of duo_fast.linear_usdm_loss (SPEC 3: fused linear + loss),
+"""Benchmark cases of duo_fast.linear_usdm_loss (docs/math.md §3: fused linear + loss),
 forward + backward w.r.t. hidden, weight and bias, d = 768.
 
 Issue 5 asks it "against hidden @ W.T + b followed by the reference loss,
@@ -24,7 +24,7 @@ import torch
 
 import duo_fast
 from duo_fast import reference as R
-from duo_fast._linear_chunks import default_chunk_size
+from duo_fast.ops._linear_chunks import default_chunk_size
 
 from . import duo_code
 from .cases_usdm_loss import with_model
@@ -73,21 +73,29 @@ def _ref(st):
     duo_code.loss(st["model"], logits, st["z"], st["x0"], st["alpha"], st["dalpha"]).sum().backward()
 
 
-def _duo_peak_bound_mib(N: int, K: int = K, D: int = D) -> float:
+def _duo_peak_bound_mib(N: int, K: int = K, D: int = D, chunk_units: int = 3) -> float:
+    """Bound of a fused linear op's peak (cases_linear_distill_kl too): chunk_units
+    float32 [chunk, K] tensors live at once, plus the parameter gradients and O(N d)."""
     chunk = default_chunk_size(K, D)
-    per_chunk = 3 * chunk * K * 4  # logits, their gradient, and the GEMM's output of a chunk
+    per_chunk = chunk_units * chunk * K * 4  # here: logits, their gradient, and the GEMM's output of a chunk
     params = 2 * (K * D + K) * 4  # parameter gradients and a chunk's grad_weight product
     activations = 4 * N * D * 4  # grad_hidden and the per-chunk slices
     return (per_chunk + params + activations) / 2**20 * 1.1 + 8
 
 
-def cases(mode: str, device: str) -> list[Case]:
-    sizes = {"full": [512, 2048, 8192], "quick": [256, 1024], "tiny": [64]}[mode]
+def linear_sizes(mode: str, device: str, ref_peak_units: float):
+    """(N, K, d, the reference's estimated peak GiB, the limit it must stay under) of the
+    fused linear ops' cases (cases_linear_distill_kl too): d = 768 at GPT-2's K, tiny
+    sizes in --tiny."""
     k, d = (1000, 64) if mode == "tiny" else (K, D)
     limit = ref_limit_gib(device)
+    for N in {"full": [512, 2048, 8192], "quick": [256, 1024], "tiny": [64]}[mode]:
+        yield N, k, d, ref_peak_units * N * k * 4 / 2**30 + 0.3, limit
+
+
+def cases(mode: str, device: str) -> list[Case]:
     out = []
-    for N in sizes:
-        est = REF_PEAK_UNITS * N * k * 4 / 2**30 + 0.3
+    for N, k, d, est, limit in linear_sizes(mode, device, REF_PEAK_UNITS):
         notes = []
         ref = Impl(_ref, before_each=_drop_grads, setup=with_model(_setup(N, k, d)), source=duo_code.source,
                    note="hidden @ W.T + b, then the Duo code's loss (log_softmax + DUO_BASE.nll_per_token), autograd") \

@@ -1,11 +1,11 @@
-"""Benchmark cases of duo_fast.sample_step (SPEC section 4).
+"""Benchmark cases of duo_fast.sample_step (docs/math.md §4).
 
 BASELINES.md target: "sample_step, N=2048, K=50257: >= 10x reference float64,
 >= 3x compiled float32; peak extra memory O(N)". The BASELINES reference rows
 are "ancestral step: posterior + categorical draw" in float32 and float64 (the
 reference's default for sampling) and the float32 one under torch.compile.
 
-Sides (each in a fresh process, see benchmarks/README.md):
+Sides (each in a fresh process, see docs/benchmarks.md):
 
   * duo:      duo_fast.sample_step(logits, z, alpha_t, alpha_s, top_p=..., seed=...).
   * ref:      the Duo code's own `_ancestral_update` on a stand-in model whose

@@ -1,4 +1,4 @@
-"""Benchmark cases of duo_fast.sample_zt (SPEC sections 2a, 2b).
+"""Benchmark cases of duo_fast.sample_zt (docs/math.md §2a, §2b).
 
 BASELINES.md target: "sample_zt (single and coupled), same size [N=2048,
 K=50257]: >= 1000x the dense reference; peak extra memory O(N)".

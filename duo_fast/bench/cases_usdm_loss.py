@@ -1,11 +1,11 @@
-"""Benchmark cases of duo_fast.usdm_loss (SPEC section 3), forward + backward.
+"""Benchmark cases of duo_fast.usdm_loss (docs/math.md §3), forward + backward.
 
 BASELINES.md target: "usdm_loss fwd+bwd, N=2048, K=50257, fp32 logits: >= 8x
 reference, >= 2.5x compiled; peak extra memory <= 1.1x the logits' bytes (the
 gradient)". The BASELINES reference row is "log_softmax + ELBO loss, forward +
 backward" (the Duo code run as is).
 
-Sides (each in a fresh process, see benchmarks/README.md):
+Sides (each in a fresh process, see docs/benchmarks.md):
 
   * duo:      duo_fast.usdm_loss(logits, z, x0, alpha, dalpha, inplace_grad=True)
               .sum().backward() (logits float32 requiring grad; .grad dropped
@@ -37,7 +37,6 @@ reductions, gradient) and write the gradient once: 4 * N * K * (4 or 2) bytes.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 

@@ -1,9 +1,9 @@
 """Shared benchmark machinery: timing, peak-memory measurement, achieved bandwidth,
 the `Case` description every op's benchmark module returns, the case registry,
 and the fresh-subprocess runner used by `duo-fast bench` (`python -m duo_fast bench`,
-`python -m benchmarks.report` in a source checkout).
+in a source checkout too).
 
-Protocol (../shared/BASELINES.md): each side of a case (duo_fast, the reference,
+Protocol (docs/benchmarks.md): each side of a case (duo_fast, the reference,
 the torch.compile'd reference) is measured in its own fresh Python process:
 build the inputs, warm up (lazy initialisation, per-K tables, torch.compile
 compilation: none of it counted, the first call's time is reported on its own),
@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .report import SIDES
+
 MIB = float(1 << 20)
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The directory that holds the imported duo_fast package (a source checkout's root,
 # or site-packages): the measuring subprocesses import the same duo_fast from it.
 IMPORT_ROOT = PACKAGE_DIR.parents[1]
 RESULT_MARKER = "DUO_BENCH_RESULT "
-SIDES = ("duo", "ref", "compiled")
-SIDE_LABELS = {"duo": "duo_fast", "ref": "reference", "compiled": "compiled reference"}
 MODES = ("tiny", "quick", "full")
 COMPILE_WARMUP = 3  # warm-up calls of a torch.compile'd side (unless its Impl sets warmup)
 
@@ -417,7 +417,7 @@ def _get(r: dict, side: str, key: str):
 
 
 # --------------------------------------------------------------------------------------
-# Registry: benchmarks/cases_<op>.py modules
+# Registry: the cases_<op>.py modules of this package
 # --------------------------------------------------------------------------------------
 
 

@@ -1,45 +1,38 @@
-"""duo_fast against the Duo code: markdown table, CSV and plots of time, peak memory,
-ratios and achieved bandwidth.
+"""The one report writer of duo_fast's benchmarks (no torch, no duo_fast import, so it
+also runs where the build failed):
 
-    duo-fast bench                           # --quick (default): small sizes, minutes
-    duo-fast bench --full                    # the BASELINES.md sizes (an hour, GiBs of RAM)
-    duo-fast bench --tiny                    # seconds per op: a first try, CI (alias --smoke)
-    duo-fast bench --ops usdm_loss,sample_step --threads 1 --out results/
-    duo-fast bench --device cuda             # CUDA tensors, CUDA-event timing (needs a GPU)
-    duo-fast bench --list                    # case ids of the chosen mode
+* ``duo-fast bench`` runs (duo_fast.bench.cli): the markdown table, the CSV with the
+  machine, results.json, and time.png / memory.png (one bar each for duo_fast, the
+  eager reference and the compiled reference per case, log scale; matplotlib);
+  ``merge_runs`` joins several runs' results.json (``duo-fast bench --merge``);
+* the GPU check (benchmarks/gpu/check.sh): gathers what its steps left in its work
+  folder and writes $OUT/gpu_report.md and $OUT/gpu_results.json, and prints a short
+  table. check.sh runs this file as a script:
 
-(also `python -m duo_fast bench`, and `python -m benchmarks.report` in a source
-checkout). Every side of every case (duo_fast, the Duo code eager, torch.compile of
-it) is measured in its own fresh process (`python -m duo_fast.bench --one <case-id>
---side <side>`, internal), with torch.set_num_threads(--threads): warm-up, one call
-for the peak extra memory, then the median of 5 calls. With --rounds R every side
-runs R times (R fresh processes, the order of the sides reversed every other round)
-and its time is the median of all R x 5 calls: on a shared machine whose speed
-drifts, this keeps a slow spell from landing on one side only. The device's copy
-bandwidth is measured the same way in the same run: the GB/s column is compared with it.
+    python duo_fast/bench/report.py --work WORK --out OUT [--final]
 
-Writes into --out (default ./duo_fast_bench): report.md (the table), results.csv
-(one row per case, with the machine: CPU, threads, GPU, torch/CUDA/duo_fast
-versions, timestamp), results.json (everything), time.png and memory.png (one bar
-each for duo_fast, the eager reference and the compiled reference per case, log
-scale; needs matplotlib). The table is also printed.
+  Work folder (written by check.sh): env.json (machine, versions, commit), steps.tsv
+  (one line per step: name, status, seconds, time box, detail), build.log and
+  build_info.json, tests_junit.xml / tests.log, sanitizer_<tool>.log, bench.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
-import os
-import platform
-import sys
-import time
+import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from . import common
+if __package__:
+    from . import cost_model
+else:  # run as a script by the GPU check: works without a built duo_fast
+    import cost_model  # type: ignore[no-redef]
 
-DEFAULT_OUT = "duo_fast_bench"
+SIDES = ("duo", "ref", "compiled")  # duo_fast, the reference eager, torch.compile of the reference
+SIDE_LABELS = {"duo": "duo_fast", "ref": "reference", "compiled": "compiled reference"}
+
 
 
 def _fmt_ms(v):
@@ -90,54 +83,6 @@ def _side(r, side, key):
 def _value(r, side, key):
     v = _side(r, side, key)
     return None if v == "ERR" else v
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
-
-
-def environment(args) -> dict:
-    import torch
-
-    info = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "mode": args.mode,
-        "device": args.device,
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if common.is_cuda(args.device) and torch.cuda.is_available() else "",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda or "",
-        "load_avg_start": _load(),
-        "memory_method": "cuda_max_allocated" if common.is_cuda(args.device) else "rss_" + common.rss_method(),
-        "timing": "CUDA events" if common.is_cuda(args.device) else "perf_counter",
-    }
-    try:
-        import duo_fast
-
-        info["duo_fast"] = duo_fast.__version__
-        info["duo_fast_build"] = duo_fast.build_info()
-    except Exception as e:  # noqa: BLE001
-        info["duo_fast"] = f"import failed: {e}"
-        info["duo_fast_build"] = {}
-    return info
 
 
 def _ref_label(results) -> str:
@@ -191,12 +136,12 @@ def markdown(results: list[dict], env: dict) -> str:
 
     for r in results:
         marks = []
-        for side in common.SIDES:
+        for side in SIDES:
             s = r.get(side)
             if s and "error" in s:
-                marks.append(mark(f"{r['id']} [{common.SIDE_LABELS[side]}] failed: {s['error']}"))
+                marks.append(mark(f"{r['id']} [{SIDE_LABELS[side]}] failed: {s['error']}"))
             elif s and s.get("note"):
-                marks.append(mark(f"{common.SIDE_LABELS[side]}: {s['note']}"))
+                marks.append(mark(f"{SIDE_LABELS[side]}: {s['note']}"))
         for n in r.get("notes", []):
             marks.append(mark(n))
 
@@ -244,7 +189,7 @@ def csv_rows(results: list[dict], env: dict) -> list[dict]:
     machine["duo_fast_cuda_archs"] = build.get("cuda_archs") or ""
     rows = []
     for r in results:
-        errors = "; ".join(f"{s}: {r[s]['error']}" for s in common.SIDES if r.get(s) and "error" in r[s])
+        errors = "; ".join(f"{s}: {r[s]['error']}" for s in SIDES if r.get(s) and "error" in r[s])
         rows.append({
             "op": r["op"], "case": r["id"], "size": r["size"],
             "duo_ms": _value(r, "duo", "median_ms"), "ref_ms": _value(r, "ref", "median_ms"),
@@ -320,114 +265,324 @@ def write_plots(out: Path, results: list[dict], env: dict) -> list[Path]:
     return paths
 
 
-# ---- CLI ---------------------------------------------------------------------------------
+# ---- merging runs ------------------------------------------------------------------------
 
 
-def parse_args(argv=None, prog="duo-fast bench", default_out=DEFAULT_OUT):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", dest="mode", action="store_const", const="quick", help="small sizes (default)")
-    g.add_argument("--full", dest="mode", action="store_const", const="full", help="the BASELINES.md sizes")
-    g.add_argument("--tiny", "--smoke", dest="mode", action="store_const", const="tiny",
-                   help="tiny sizes: seconds per case (CI, a first try)")
-    g.add_argument("--mode", dest="mode", choices=common.MODES, help=argparse.SUPPRESS)
-    p.set_defaults(mode="quick")
-    p.add_argument("--ops", default="", help="comma-separated op names (default: all registered)")
-    p.add_argument("--match", default="", help="only the cases whose id contains this substring (e.g. N2048-K50257)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads / OMP threads per process (default 2)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="fresh processes per side, the sides alternating; time = median over all rounds "
-                        "(default 1; 3 on a shared machine whose speed drifts)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--out", default=default_out,
-                   help=f"folder for report.md, results.csv, results.json, time.png, memory.png "
-                        f"(default: {default_out or 'none: print the table only'})")
-    p.add_argument("--no-plots", action="store_true", help="do not draw time.png / memory.png")
-    p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
-    p.add_argument("--list", action="store_true", help="list the case ids and exit")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one case ...
-    p.add_argument("--side", default="duo", choices=common.SIDES, help=argparse.SUPPRESS)  # ... one side
-    args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {args.rounds}")
-    return args
+def merge_runs(paths: list[Path]) -> tuple[list[dict], dict]:
+    """The rows of several runs (each a results.json, or the folder holding one) as one
+    table: every op's rows come from the last run that has that op, in the first run's
+    order of ops; the environment is the last run's, its mode "<mode> (merged runs)"."""
+    runs = [json.loads((p / "results.json" if Path(p).is_dir() else Path(p)).read_text()) for p in paths]
+    if not runs:
+        raise ValueError("merge_runs: no runs given")
+    last_of = {}
+    for i, run in enumerate(runs):
+        for r in run["results"]:
+            last_of[r["op"]] = i
+    order = []
+    for run in runs:
+        for r in run["results"]:
+            if r["op"] not in order:
+                order.append(r["op"])
+    rows = [r for op in order for r in runs[last_of[op]]["results"] if r["op"] == op]
+    env = dict(runs[-1]["environment"])
+    env["mode"] = f"{env.get('mode', '?')} (merged runs)"
+    env["merged_from"] = [str(p) for p in paths]
+    return rows, env
 
 
-def main(argv=None, *, prog: str = "duo-fast bench", default_out: str | None = DEFAULT_OUT) -> int:
-    args = parse_args(argv, prog, default_out)
-    if args.one:
-        return common.one_main(args.one, args.side, args.mode, args.device, args.threads)
+# ---- the GPU check's report -------------------------------------------------------------
 
-    if common.is_cuda(args.device):
-        import torch
+STEP_ORDER = ("env", "build", "tests", "sanitizer", "bench")
+# what compute-sanitizer says when the runtime (gVisor) does not let it attach
+REFUSED_PATTERNS = ("Device not supported", "error 999", "Unable to find any supported",
+                    "Target application terminated before first instrumented API call",
+                    "CUDA_ERROR_NOT_SUPPORTED")
 
-        if not torch.cuda.is_available():
-            print("error: --device cuda given but no CUDA device is available", file=sys.stderr)
-            return 2
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()] or None
-    skipped: list[str] = []
-    cases, errors = common.discover_cases(args.mode, args.device, ops, skipped)
-    if args.match:
-        cases = [c for c in cases if args.match in c.id]
-    for e in errors:
-        print(f"warning: case module failed: {e}", file=sys.stderr)
-    for s in skipped:
-        print(f"note: case module skipped: {s}", file=sys.stderr)
-    if ops:
-        unknown = set(ops) - {c.op for c in cases}
-        if unknown:
-            print(f"warning: no cases for op(s) {sorted(unknown)}", file=sys.stderr)
-    if args.list:
-        for c in cases:
-            sides = ",".join(s for s in common.SIDES if c.impl(s) is not None)
-            print(f"{c.id}\t{c.size}\t[{sides}]")
-        return 0
 
-    env = environment(args)
-    t0 = time.perf_counter()
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"measuring the device's copy bandwidth ({args.device})")
-    copy = common.copy_bandwidth(args.mode, args.device, args.threads)
-    env["copy_gbps"] = copy.get("gbps")
-    if "error" in copy:
-        log(f"  copy bandwidth: ERROR {copy['error']}")
-        errors.append(f"copy bandwidth: {copy['error']}")
-    else:
-        log(f"  {copy['gbps']:.1f} GB/s")
-    results = []
-    for c in cases:
-        log(f"running {c.id} ({c.size})")
-        r = common.run_case(c, args.mode, args.device, args.threads, log=log, rounds=args.rounds)
-        r["pct_of_copy"] = 100 * r["gbps"] / env["copy_gbps"] if r.get("gbps") and env.get("copy_gbps") else None
-        results.append(r)
-    env["total_s"] = round(time.perf_counter() - t0, 1)
-    env["load_avg_end"] = _load()
-    table = markdown(results, env)
-    if skipped:
-        table += "\n\nSkipped: " + "; ".join(skipped)
-    print(table)
-    print(f"\n(total {env['total_s']} s)", flush=True)
-    payload = {"environment": env, "copy": copy, "results": results, "module_errors": errors, "skipped": skipped}
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(payload, f, indent=1)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(table + "\n")
-        write_csv(out / "results.csv", results, env)
-        with open(out / "results.json", "w") as f:
-            json.dump(payload, f, indent=1)
-        written = [out / "report.md", out / "results.csv", out / "results.json"]
-        if not args.no_plots:
-            try:
-                written += write_plots(out, results, env)
-            except ImportError:
-                print("note: matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
-        log("wrote " + ", ".join(str(p) for p in written))
-    failed = [r["id"] for r in results if any("error" in (r.get(s) or {}) for s in common.SIDES)]
-    return 1 if failed or errors else 0
+def _read(p: Path, default=""):
+    try:
+        return p.read_text(errors="replace")
+    except OSError:
+        return default
+
+
+def _json(p: Path, default=None):
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def gpu_steps(work: Path) -> dict:
+    out = {}
+    for line in _read(work / "steps.tsv").splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 4:
+            name, status, secs, box = parts[:4]
+            out[name] = {"status": status, "seconds": float(secs or 0), "time_box_s": float(box or 0),
+                         "detail": parts[4] if len(parts) > 4 else ""}
+    return out
+
+
+def gpu_tests(work: Path) -> dict:
+    res: dict = {"junit": None}
+    x = work / "tests_junit.xml"
+    if x.is_file():
+        try:
+            root = ET.parse(x).getroot()
+            suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+            tot = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+            tot["passed"] = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
+            fails, skips = [], {}
+            for case in root.iter("testcase"):
+                name = f"{case.get('classname', '')}::{case.get('name', '')}"
+                for tag in ("failure", "error"):
+                    el = case.find(tag)
+                    if el is not None:
+                        fails.append({"test": name, "kind": tag, "message": (el.get("message") or "")[:400]})
+                el = case.find("skipped")
+                if el is not None:
+                    reason = (el.get("message") or "")[:160]
+                    skips[reason] = skips.get(reason, 0) + 1
+            res.update(tot)
+            res["failed_tests"] = fails
+            res["skip_reasons"] = dict(sorted(skips.items(), key=lambda kv: -kv[1])[:10])
+            res["junit"] = x.name
+        except ET.ParseError as e:
+            res["parse_error"] = str(e)
+    log = _read(work / "tests.log")
+    m = re.search(r"(\d+)(?:/\d+)? tests? collected|collected (\d+) items?(?: / (\d+) deselected)?", log)
+    if m:
+        res["collected_line"] = m.group(0)
+    m = re.findall(r"^(\d+)(?:/\d+)? tests? collected.*$|^=+ .*(?:passed|failed|error|skipped|deselected|selected).* =+$",
+                   log, re.MULTILINE)
+    tail = [ln for ln in log.splitlines() if re.search(r"(passed|failed|deselected|selected|collected|error)", ln)]
+    res["summary_line"] = tail[-1].strip("= ") if tail else ""
+    return res
+
+
+def gpu_sanitizer(work: Path) -> dict:
+    out = {}
+    for tool in ("memcheck", "racecheck"):
+        p = work / f"sanitizer_{tool}.log"
+        if not p.is_file():
+            continue
+        log = _read(p)
+        m = re.search(r"ERROR SUMMARY: (\d+) error", log)
+        rm = re.search(r"RACECHECK SUMMARY: (\d+) hazard", log)
+        calls_ok = re.search(r"SANITIZE_CALLS_OK (\d+)", log)
+        failed = re.search(r"SANITIZE_CALLS_FAILED.*", log)
+        status = "not run"
+        if "DRY RUN" in log:
+            status = "dry run (calls on the CPU, no compute-sanitizer)"
+        elif any(s in log for s in REFUSED_PATTERNS):
+            status = "refused by the runtime"
+        elif m:
+            status = "clean" if int(m.group(1)) == 0 and not failed else "ERRORS"
+        elif "timed out" in log:
+            status = "timed out"
+        out[tool] = {"status": status, "errors": int(m.group(1)) if m else None,
+                     "hazards": int(rm.group(1)) if rm else None,
+                     "calls_ok": int(calls_ok.group(1)) if calls_ok else None,
+                     "calls_failed": failed.group(0) if failed else None,
+                     "first_errors": [ln for ln in log.splitlines() if ln.startswith("========= ") and
+                                      ("Invalid" in ln or "Race" in ln or "hazard" in ln.lower() or "Error" in ln)][:12],
+                     "log_tail": log[-1500:]}
+    return out
+
+
+def gpu_bench_rows(work: Path) -> dict:
+    env, rates, rows, sides, done = {}, {}, {}, {}, False
+    for line in _read(work / "bench.jsonl").splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        k = d.get("kind")
+        if k == "env":
+            env = d
+        elif k == "rates":
+            rates = d
+        elif k == "row":
+            rows[d["row"]] = d
+        elif k == "side":
+            sides.setdefault(d["row"], {})[d["side"]] = d
+        elif k == "done":
+            done = True
+    copy_tbps = (rates.get("copy_gbps") or cost_model.COPY_TBPS * 1e3) / 1e3
+    measured_rates = dict(cost_model.RATES)
+    if rates.get("bf16_tflops"):
+        measured_rates["bf16_tc"] = rates["bf16_tflops"]
+    if rates.get("fp32_tflops"):
+        measured_rates["fp32"] = rates["fp32_tflops"]
+    dry = env.get("device") == "cpu"
+    out_rows = []
+    for rid, r in rows.items():
+        b = {"fp32": 4, "bf16": 2, "fp16": 2, None: 4}[r.get("dtype")]
+        variant = {"sample_zt": r["variant"], "curriculum_topk_embed": "fwd+bwd", "curriculum_topk": f"k={cost_model.TOPK}"}.get(r["op"], "")
+        # floors at the measured rates of this run (nominal H200 rates in the dry run: its CPU rates mean nothing)
+        model = cost_model.predict(r["op"], r["N"], r["K"], r["d"], b, variant=variant,
+                                   copy_tbps=cost_model.COPY_TBPS if dry else copy_tbps,
+                                   rates=None if dry else measured_rates)
+        s = sides.get(rid, {})
+        row = {**r, "sides": s, "model": model}
+        duo = s.get("duo", {})
+        ms = duo.get("median_ms")
+        if ms and model:
+            row["measured_over_floor"] = ms / model["floor"]["ms"]
+            today = model["today"] or model["planned"]
+            row["gbps"] = today["bytes"] / (ms * 1e-3) / 1e9
+            row["pct_of_copy"] = 100 * row["gbps"] / (copy_tbps * 1e3) if rates.get("copy_gbps") else None
+            if today["flops"]:
+                row["tflops"] = today["flops"] / (ms * 1e-3) / 1e12
+        for side in ("ref", "compiled"):
+            o = s.get(side, {}).get("median_ms")
+            row[f"speedup_{side}"] = o / ms if (o and ms) else None
+        out_rows.append(row)
+    return {"env": env, "rates": rates, "rows": out_rows, "complete": done}
+
+
+def _f(v, fmt="{:.3g}"):
+    return "—" if v is None else fmt.format(v)
+
+
+def _side_cell(s: dict | None) -> str:
+    if not s:
+        return "—"
+    if s.get("status") in ("OOM", "ERROR", "SKIPPED"):
+        return s["status"]
+    return _f(s.get("median_ms"))
+
+
+def _peak(s):
+    return _f(s.get("peak_mib"), "{:.0f}") if s and s.get("peak_mib") is not None else "—"
+
+
+def gpu_markdown(res: dict) -> str:
+    env = res.get("env") or {}
+    benv = res["bench"].get("env") or {}
+    lines = [f"# duo_fast GPU check{' (DRY RUN: tiny sizes on the CPU)' if res.get('dry_run') else ''}", ""]
+    lines += ["| machine | |", "|---|---|"]
+    for k, label in (("date", "date"), ("commit", "commit"), ("gpu", "GPU"), ("driver", "driver"),
+                     ("cpu", "CPU"), ("cpu_count", "CPUs"), ("python", "python"), ("torch", "torch"),
+                     ("torch_cuda", "torch CUDA"), ("nvcc", "nvcc"), ("compute_sanitizer", "compute-sanitizer"),
+                     ("kernel", "kernel")):
+        if env.get(k) not in (None, ""):
+            lines.append(f"| {label} | {env[k]} |")
+    if benv:
+        lines.append(f"| reference side | {benv.get('reference')}" + (f" ({benv.get('reference_reason')})"
+                                                                      if benv.get("reference_reason") else "") + " |")
+    lines += ["", "## Steps", "", "| step | status | seconds | time box s | detail |", "|---|---|---|---|---|"]
+    for name in STEP_ORDER:
+        st = res["steps"].get(name)
+        if st:
+            lines.append(f"| {name} | {st['status']} | {st['seconds']:.0f} | {st['time_box_s']:.0f} | {st['detail']} |")
+        else:
+            lines.append(f"| {name} | not reached | | | |")
+    b = res.get("build") or {}
+    lines += ["", "## Build", "", f"- build_info: `{json.dumps(b.get('build_info'))}`"]
+    if b.get("log_tail"):
+        lines += ["- log tail:", "", "```", b["log_tail"], "```"]
+    t = res.get("tests") or {}
+    lines += ["", "## Real-GPU tests", ""]
+    if "tests" in t:
+        lines.append(f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped "
+                     f"(of {t['tests']}; selection `{res.get('test_selection', '')}`)")
+        for f in t.get("failed_tests", [])[:40]:
+            lines.append(f"- FAILED {f['test']}: {f['message']}")
+        if t.get("skip_reasons"):
+            lines.append("- skip reasons: " + "; ".join(f"{n} x {r}" for r, n in t["skip_reasons"].items()))
+    lines.append(f"- pytest: {t.get('summary_line', '')}")
+    lines += ["", "## compute-sanitizer", "", "| tool | status | errors | calls |", "|---|---|---|---|"]
+    for tool, s in (res.get("sanitizer") or {}).items():
+        lines.append(f"| {tool} | {s['status']} | {_f(s['errors'], '{}')} | {_f(s['calls_ok'], '{}')} ok"
+                     + (f", {s['calls_failed']}" if s.get("calls_failed") else "") + " |")
+        for e in s.get("first_errors", []):
+            lines.append(f"  - `{e}`")
+    bn = res["bench"]
+    r = bn.get("rates") or {}
+    lines += ["", "## Benchmarks", "",
+              f"Measured in this run: device copy {_f(r.get('copy_gbps'), '{:.0f}')} GB/s (read + write), "
+              f"bf16 GEMM {_f(r.get('bf16_tflops'), '{:.0f}')} TFLOP/s ({r.get('gemm_n')}^3), fp32 GEMM "
+              f"{_f(r.get('fp32_tflops'), '{:.1f}')} TFLOP/s (no TF32). Floor = the cost model's "
+              "(duo_fast/bench/cost_model.py) least bytes / copy rate or least flops / GEMM rate at these rates; "
+              "predicted = the model's time for today's kernel and for the kernel planned in issue 12 (2a-2d). "
+              "GB/s and TFLOP/s count the bytes and flops of today's kernel. Times: CUDA events, median of "
+              "repeats after warm-up; small inputs rotated and L2 flushed before each call. Peak = "
+              "torch.cuda.max_memory_allocated growth in one call." + ("" if bn.get("complete") else
+                                                                       " **The bench step did not finish: rows below "
+                                                                       "without numbers were not reached.**"), "",
+              "| op | N | logits | duo_fast ms | floor ms | measured / floor | predicted today / planned ms | GB/s | "
+              "% copy | TFLOP/s | Duo eager ms | speedup | compiled ms | speedup | peak MiB duo / eager / compiled |",
+              "|" + "---|" * 15]
+    notes = []
+    for row in bn["rows"]:
+        s = row["sides"]
+        m = row.get("model") or {}
+        today = (m.get("today") or {}).get("ms") if m else None
+        planned = (m.get("planned") or {}).get("ms") if m else None
+        lines.append(
+            f"| {row['op']} {row['variant']} | {row['N']} | {row.get('dtype') or '—'} | {_side_cell(s.get('duo'))} | "
+            f"{_f(m.get('floor', {}).get('ms') if m else None)} | {_f(row.get('measured_over_floor'), '{:.2f}')} | "
+            f"{_f(today)} / {_f(planned)} | {_f(row.get('gbps'), '{:.0f}')} | {_f(row.get('pct_of_copy'), '{:.0f}')} | "
+            f"{_f(row.get('tflops'), '{:.1f}')} | {_side_cell(s.get('ref'))} | {_f(row.get('speedup_ref'), '{:.2f}x')} | "
+            f"{_side_cell(s.get('compiled'))} | {_f(row.get('speedup_compiled'), '{:.2f}x')} | "
+            f"{_peak(s.get('duo'))} / {_peak(s.get('ref'))} / {_peak(s.get('compiled'))} |")
+        for side, d in s.items():
+            if d.get("status") in ("OOM", "ERROR", "SKIPPED"):
+                notes.append(f"{row['row']} [{side}] {d['status']}: {d.get('error', '')}")
+        notes += [n for n in row.get("notes", []) if n not in notes]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def gpu_short_table(res: dict) -> str:
+    st = res["steps"]
+    t = res.get("tests") or {}
+    lines = ["", "==== duo_fast GPU check: summary ====",
+             "steps: " + ", ".join(f"{n} {st[n]['status']} ({st[n]['seconds']:.0f}s)" for n in STEP_ORDER if n in st)]
+    if "tests" in t:
+        lines.append(f"tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped")
+    for tool, s in (res.get("sanitizer") or {}).items():
+        lines.append(f"{tool}: {s['status']}" + (f" ({s['errors']} errors)" if s.get("errors") else ""))
+    r = res["bench"].get("rates") or {}
+    lines.append(f"copy {_f(r.get('copy_gbps'), '{:.0f}')} GB/s, bf16 GEMM {_f(r.get('bf16_tflops'), '{:.0f}')} TFLOP/s")
+    lines.append(f"{'op':<36} {'N':>6} {'dt':>4} {'duo ms':>9} {'/floor':>7} {'vs eager':>9} {'vs comp':>8}")
+    for row in res["bench"]["rows"]:
+        s = row["sides"]
+        lines.append(f"{(row['op'] + ' ' + row['variant'])[:36]:<36} {row['N']:>6} {(row.get('dtype') or '-'):>4} "
+                     f"{_side_cell(s.get('duo')):>9} {_f(row.get('measured_over_floor'), '{:.2f}'):>7} "
+                     f"{_f(row.get('speedup_ref'), '{:.2f}x') if row.get('speedup_ref') else _side_cell(s.get('ref')):>9} "
+                     f"{_f(row.get('speedup_compiled'), '{:.2f}x') if row.get('speedup_compiled') else _side_cell(s.get('compiled')):>8}")
+    return "\n".join(lines)
+
+
+def gpu_gather(work: Path) -> dict:
+    env = _json(work / "env.json", {}) or {}
+    return {
+        "env": env, "dry_run": bool(env.get("dry_run")), "test_selection": env.get("test_selection", ""),
+        "steps": gpu_steps(work),
+        "build": {"build_info": _json(work / "build_info.json"), "log_tail": _read(work / "build.log")[-1500:]},
+        "tests": gpu_tests(work), "sanitizer": gpu_sanitizer(work), "bench": gpu_bench_rows(work),
+    }
+
+
+def gpu_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="The GPU check's report (benchmarks/gpu/check.sh).")
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--final", action="store_true", help="print the short table")
+    args = ap.parse_args(argv)
+    work, out = Path(args.work), Path(args.out)
+    res = gpu_gather(work)
+    (out / "gpu_results.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "gpu_report.md").write_text(gpu_markdown(res))
+    if args.final:
+        print(gpu_short_table(res))
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(gpu_main())

@@ -106,9 +106,9 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..ops import (_LOGIT_DTYPES, curriculum_embed, curriculum_topk, distill_kl, gamma_to_alpha, linear_usdm_loss, sample_step,
-                   sample_zt, usdm_loss)
-from ..ops_linear import linear_distill_kl, linear_sample_step
+from ..ops import (curriculum_embed, curriculum_topk, distill_kl, gamma_to_alpha, linear_distill_kl, linear_sample_step,
+                   linear_usdm_loss, sample_step, sample_zt, usdm_loss)
+from ..ops._common import _LOGIT_DTYPES
 
 __all__ = ["PARTS", "Patch", "patch", "CurriculumInput", "LogitsCache", "HiddenCache", "main"]
 
@@ -146,10 +146,10 @@ class CurriculumInput:
 
     def embed(self, layer, original_forward) -> torch.Tensor:
         E = layer.embedding
-        if self.top_k is None:  # exact tempered softmax over all K (SPEC 2d)
+        if self.top_k is None:  # exact tempered softmax over all K (docs/math.md §2d)
             h, self.z_t = curriculum_embed(self.x0, self.gamma, self.inv_tau, E)
             return h
-        # Duo++ top-k (SPEC 2e), then the layer's own weighted embedding bag.
+        # Duo++ top-k (docs/math.md §2e), then the layer's own weighted embedding bag.
         ids, weights, self.z_t = curriculum_topk(self.x0, self.gamma, self.inv_tau, self.top_k, E.shape[0], zt_rule=self.zt_rule)
         return original_forward(layer, ids, weights)
 
@@ -333,7 +333,7 @@ class _UsdmTerms:
 
     def token_mean(self, valid, num_tokens) -> torch.Tensor:
         """sum_i valid_i loss_i / num_tokens. The loss is linear in dalpha (its factor
-        dalpha / (K alpha), SPEC 3), so the weights go into dalpha and the reduced
+        dalpha / (K alpha), docs/math.md §3), so the weights go into dalpha and the reduced
         op computes the gradients in its forward: one logits GEMM per chunk, not two."""
         w = valid.to(torch.float64) / num_tokens
         return self._loss(self.dalpha.to(torch.float64) * w, "sum").to(self.dtype)
@@ -595,7 +595,7 @@ def _distillation_replacements(algo, dit, *, raw_ok, chunk_size) -> dict:
         gamma_s = self.gamma_min + (t - dt) * (self.gamma_max - self.gamma_min)
         alpha_t = self._gamma_to_alphat_integral(gamma_t).unsqueeze(-1)
         alpha_s = self._gamma_to_alphat_integral(gamma_s).unsqueeze(-1)
-        # The coupled pair argmax(a~_t e_x + s~_t eps), argmax(a~_s e_x + s~_s eps), exactly (SPEC 2b).
+        # The coupled pair argmax(a~_t e_x + s~_t eps), argmax(a~_s e_x + s~_s eps), exactly (docs/math.md §2b).
         xt, xs = sample_zt(x0, gamma_t, self.vocab_size, gamma_s=gamma_s)
         sigma_t, sigma_s = self._sigma_from_alphat(alpha_t), self._sigma_from_alphat(alpha_s)
         direction = "fwd" if self.loss_type == "kl-fwd" else "bwd"
@@ -670,7 +670,7 @@ def _sampling_replacements(trainer_base, dit, *, raw_ok, chunk_size) -> dict:
         if heads is not None:
             h = heads.cond
             guidance = None if guid is None else (heads.uncond.hidden, guid)
-            # kappa q_posterior + (1 - kappa) (alpha_s q_posterior(alpha_s = 1) + (1 - alpha_s) / K): SPEC 4.
+            # kappa q_posterior + (1 - kappa) (alpha_s q_posterior(alpha_s = 1) + (1 - alpha_s) / K): docs/math.md §4.
             z = linear_sample_step(h.hidden, h.weight, h.bias, x, alpha_t, alpha_s, kappa=kappa,
                                    top_p=float(self.p_nucleus), guidance=guidance,
                                    chunk_size=_chunk_size(chunk_size, h, per_row=1 if guidance is None else 8))

@@ -5,7 +5,7 @@
 // and runs on the host: blocks one after another, the threads of a block
 // concurrently, either as cooperative fibers on one OS thread (fast; a seed
 // shuffles the schedule) or as one OS thread per CUDA thread (for
-// ThreadSanitizer). See /work/shared/CUDA_ON_CPU.md for the design and the
+// ThreadSanitizer). See docs/cuda_emulation.md for the design and the
 // rules kernels follow. Only the C++ standard library and POSIX are used.
 //
 // Public host API (namespace cuda_emu):

@@ -16,20 +16,20 @@
 #include <vector>
 
 #include "duo_fast/cuda_compat.h"
-#include "duo_fast/curriculum.h"
+#include "duo_fast/curriculum_embed.h"
 #include "duo_fast/device_check.h"
-#include "duo_fast/distill.h"
+#include "duo_fast/distill_kl.h"
 #include "duo_fast/logits.h"
-#include "duo_fast/latent.h"
+#include "duo_fast/sample_zt.h"
 #include "duo_fast/philox.h"
 #include "duo_fast/random.h"
-#include "duo_fast/sampling.h"
-#include "duo_fast/schedule.h"
-#include "duo_fast/schedule_table.h"
+#include "duo_fast/sample_step.h"
+#include "duo_fast/gamma_to_alpha.h"
+#include "duo_fast/gamma_to_alpha_table.h"
 #include "duo_fast/special.h"
-#include "duo_fast/topk.h"
+#include "duo_fast/curriculum_topk.h"
 #include "duo_fast/usdm_loss.h"
-#include "curriculum_mma.h"
+#include "curriculum_embed_mma.h"
 #include "launchers.h"
 
 using namespace duo_fast;
@@ -146,7 +146,7 @@ int df_emu_posterior(const void* logits, int dtype, const int64_t* z, const doub
                          nullptr);
 }
 
-// The random inputs of the top-k curriculum for token `stream` (topk.h), for
+// The random inputs of the top-k curriculum for token `stream` (curriculum_topk.h), for
 // the float64 reference: u[k], xi, ranks[k] (distinct ids != x, rank order).
 void df_topk_draws(uint64_t seed, uint64_t offset, uint64_t stream, int64_t k, int64_t vocab_size, int64_t x,
                    double* u, double* xi, int64_t* ranks) {
@@ -197,7 +197,7 @@ int df_emu_topk_bag_backward_sorted(const float* grad_h, const int64_t* sorted_i
 }
 int64_t df_topk_bag_segment(int64_t k) { return cuda::topk_bag_segment(k); }
 
-// eps[token, 0..K) of the exact curriculum input (curriculum.h): the test hook
+// eps[token, 0..K) of the exact curriculum input (curriculum_embed.h): the test hook
 // that makes the noise visible.
 void df_curriculum_noise(uint64_t seed, uint64_t offset, uint64_t token, int64_t vocab_size, float* out) {
   float eps[curriculum::kNoisePerBlock];
@@ -221,7 +221,7 @@ int df_emu_curriculum_embed_backward(const float* grad_h, const int64_t* x0, con
                                          grad_embedding, nullptr);
 }
 
-// The random inputs of sample_zt for token `token` (latent.h), for the float64
+// The random inputs of sample_zt for token `token` (sample_zt.h), for the float64
 // reference: eps_x, the uniform U of the max of the K-1 other noises, and the
 // uniform index r in [0, K - 1) whose id j* = r + (r >= x) holds that max.
 void df_latent_draw(uint64_t seed, uint64_t offset, uint64_t token, int64_t vocab_size, double* eps_x, double* u,
@@ -233,7 +233,7 @@ void df_latent_draw(uint64_t seed, uint64_t offset, uint64_t token, int64_t voca
   *r = int64_t(uniform_index(b1.v[2], b1.v[3], uint32_t(vocab_size - 1)));
 }
 
-// The random inputs of sample_step for row `token` (sampling.h): the uniform that
+// The random inputs of sample_step for row `token` (sample_step.h): the uniform that
 // picks the mixture part, the inverse-CDF uniform, and the uniform part's id.
 void df_step_draw(uint64_t seed, uint64_t offset, uint64_t token, int64_t vocab_size, double* u_part, double* u_cat,
                   int64_t* uniform_id) {
@@ -243,7 +243,7 @@ void df_step_draw(uint64_t seed, uint64_t offset, uint64_t token, int64_t vocab_
   *uniform_id = int64_t(uniform_index(d.hi, d.lo, uint32_t(vocab_size)));
 }
 
-// rank_key of sampling.h (ties by lower id; -0 like +0).
+// rank_key of sample_step.h (ties by lower id; -0 like +0).
 uint64_t df_rank_key(float x, int64_t j) { return sampling::rank_key(x, j); }
 
 }  // extern "C"
@@ -516,7 +516,7 @@ int main(int argc, char** argv) {
   }
   section("curriculum_embed");
   {
-    // curriculum_embed on tensor cores (curriculum_mma.cu; emulated mma.sync /
+    // curriculum_embed on tensor cores (curriculum_embed_mma.cu; emulated mma.sync /
     // ldmatrix): the same invariants with bf16 operands (values exact in bf16; the
     // rows of bf16(P) sum to 1 within 2^-8 each). d = 1030: five column slices, the
     // last of 6 columns (no 16-byte copies); n = 19: a partial token group.

@@ -91,9 +91,9 @@ extern "C" int df_emu_gemm_tile(const float* A, const float* B, float* D, int a_
 
 extern "C" uint32_t df_bf16_rn_bits(float x) { return duo_fast::mma::bf16_rn_bits(x); }
 
-// The tensor-core curriculum_embed launchers (csrc/cuda/curriculum_mma.cu) on
+// The tensor-core curriculum_embed launchers (csrc/cuda/curriculum_embed_mma.cu) on
 // host memory; operands as bf16 bits; checks: check::kNumArgs counters or nullptr.
-#include "curriculum_mma.h"
+#include "curriculum_embed_mma.h"
 
 extern "C" int df_emu_curriculum_embed_mma(const int64_t* x0, const double* gamma, const double* inv_tau,
                                            const uint16_t* embedding_bf16, int64_t n, int64_t vocab_size, int64_t d,

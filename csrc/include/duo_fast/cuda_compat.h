@@ -2,7 +2,7 @@
 // the test-only CUDA-execution emulation (tests/emulation/cuda_emulation.h)
 // when the same source is compiled by g++ with -DDUO_FAST_EMULATE_CUDA.
 // Kernels launch only through duo_fast::launch_kernel so both compilers
-// accept the call (see shared CUDA_ON_CPU.md, "Rules for kernel authors").
+// accept the call (see docs/cuda_emulation.md, "Rules for kernel authors").
 #pragma once
 
 #include <cstddef>

@@ -1,6 +1,6 @@
 // Philox4x32-10 counter-based generator (Salmon et al., SC'11), host and device.
 //
-// Stream layout used by every duo_fast op (SPEC section 5):
+// Stream layout used by every duo_fast op (docs/math.md §5):
 //   key     = the 64-bit seed
 //   counter = (stream lo, stream hi, position lo, position hi)
 // where `stream` is the token index (or token * K + j for per-entry noise) and

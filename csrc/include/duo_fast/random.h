@@ -1,4 +1,4 @@
-// Random variates from Philox words, in float64 (SPEC section 4: categorical draws
+// Random variates from Philox words, in float64 (docs/math.md §4: categorical draws
 // must not be truncated, so uniforms carry 53 random bits and Gumbel/exponential
 // variates are formed in double).
 #pragma once

@@ -1,5 +1,5 @@
 // Warp and block reductions for the CUDA kernels (device code; also runs under
-// the CPU emulation). Conventions (shared CUDA_ON_CPU.md, rules 3 and 4):
+// the CPU emulation). Conventions (docs/cuda_emulation.md, rules 3 and 4):
 //   * every lane of every warp calls them (pad idle lanes with the identity);
 //   * blockDim.x is a multiple of 32 and at most 1024;
 //   * block reductions take a caller-provided __shared__ scratch of 32 values,

@@ -1,13 +1,13 @@
-// Row math of the fused uniform-state diffusion loss (SPEC section 3), shared by
+// Row math of the fused uniform-state diffusion loss (docs/math.md §3), shared by
 // the CPU and CUDA kernels.
 //
 // Per token: p = softmax(logits), K, alpha, dalpha, clean id x, noisy id z,
 // e = [x == z]. With r = K alpha / (1 - alpha) the model's marginal is
-// xb_j = K alpha p_j + 1 - alpha = (1 - alpha)(1 + r p_j), so every log in SPEC's
+// xb_j = K alpha p_j + 1 - alpha = (1 - alpha)(1 + r p_j), so every log in the reference's
 // term2 becomes L_j = log1p(r p_j) and the large K log(1 - alpha) parts cancel
 // analytically. Writing P_y = sum_{j != y} p_j (= 1 - p_y, but summed so it keeps
 // its relative accuracy), S_y = sum_{j != y} L_j and D_y = log((1+r)/(1+r p_y))
-// = log1p(r P_y / (1 + r p_y)), SPEC's loss = coeff (term1 - term2),
+// = log1p(r P_y / (1 + r p_y)), the reference's loss = coeff (term1 - term2),
 // coeff = dalpha / (K alpha), is
 //   e = 0: T = K/(1-alpha) r p_z/(1 + r p_z) - (K + r) L_z + S_x - (1 + r) D_x
 //   e = 1: T = [(K - 1) D_z + S_z - K r P_z / ((1-alpha)(1 + r p_z))] / (1 + r)
@@ -16,7 +16,7 @@
 // not differences of large numbers.
 //
 // Gradient. With g_j = d loss / d p_j, d loss / d logits_i = p_i (g_i - G),
-// G = sum_j p_j g_j (softmax Jacobian). Differentiating SPEC's form
+// G = sum_j p_j g_j (softmax Jacobian). Differentiating the reference's form
 // (d xb_j / d p_j = K alpha, K alpha / xb_j = r q_j with q_j = 1/(1 + r p_j))
 // gives g_j = coeff A r q_j plus extra terms at z and x (A = 1/(1+r) if e else 1).
 // The large parts cancel against G analytically: with Q = sum_j p_j^2 q_j,

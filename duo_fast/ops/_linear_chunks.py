@@ -1,0 +1,215 @@
+"""The chunk machinery of the fused linear ops (linear_usdm_loss,
+linear_distill_kl, linear_sample_step): the logits ``hidden @ weight.T + bias``
+exist one chunk of rows (tokens) at a time, never for all N rows.
+
+A *row op* maps one chunk's logits ``[C, K]`` (rows ``[s, e)`` of the flattened
+tokens) to ``(value [C] float32, G = d value / d logits [C, K] or empty)``, as
+the fused kernels usdm_loss and distill_kl do:
+``row_op(logits, s, e, compute_grad, *tensors)``. By the chain rule through
+``logits = hidden @ weight.T + bias`` a chunk's G gives
+
+    grad_hidden[s:e] = G @ weight,  grad_weight += G^T @ hidden[s:e],  grad_bias += sum of G's rows,
+
+so per chunk one logits GEMM, one kernel call and three gradient GEMMs; peak
+extra memory O(chunk_size * K), independent of N.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_same_device, check_tensor, check_vocab
+from ._common import _LOGIT_DTYPES
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def default_chunk_size(vocab_size: int, hidden_size: int) -> int:
+    """Tokens per chunk so that one chunk's float32 logits (and their gradient)
+    take about 64 MiB: large enough for efficient GEMMs, O(1) in N."""
+    return max(1, min(4096, (64 << 20) // (4 * vocab_size)))
+
+
+def kernel_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the kernels read them: float32 / bfloat16 / float16 natively, other
+    float dtypes (float64) as float32."""
+    return logits if logits.dtype in _LOGIT_DTYPES else logits.float()
+
+
+def check_linear(hidden, weight, bias, names: tuple[str, str, str] = ("hidden", "weight", "bias")) -> int:
+    """hidden [..., d] and weight [K, d] floating, bias [K] or None, one device;
+    returns K. ``names``: the arguments' names in the caller's signature."""
+    h, w, b = names
+    check_tensor(hidden, h)
+    check_tensor(weight, w)
+    for t, name in ((hidden, h), (weight, w)):
+        if not t.is_floating_point():
+            raise TypeError(f"duo_fast: {name} must be a floating tensor, got {str(t.dtype).replace('torch.', '')}")
+    if weight.dim() != 2 or hidden.dim() < 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"duo_fast: {w} must be [K, d] with d = {h}.size(-1); got {w} {tuple(weight.shape)}, "
+                         f"{h} {tuple(hidden.shape)}")
+    check_same_device(hidden, h, weight, w)
+    if bias is not None:
+        check_tensor(bias, b)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"duo_fast: {b} has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+        check_same_device(weight, w, bias, b)
+    return check_vocab(weight.shape[0], f"{w}.size(0) (the vocabulary size)")
+
+
+def check_chunk_size(chunk_size, vocab_size: int, hidden_size: int) -> int:
+    if chunk_size is None:
+        return default_chunk_size(vocab_size, hidden_size)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"duo_fast: chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"duo_fast: reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    return reduction
+
+
+def chunks(n: int, chunk_size: int):
+    """(s, e) of the row chunks [s, e) of n rows."""
+    return ((s, min(n, s + chunk_size)) for s in range(0, n, chunk_size))
+
+
+def flat_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [N, d] (a view where possible)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors):
+    """(value, G) of rows [s, e). The chunk's logits are float32, so G stays float32
+    for the GEMMs that take it (a 16-bit G would add its rounding to grad_hidden /
+    grad_weight)."""
+    logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
+    return row_op(logits, s, e, True, *tensors)
+
+
+def _new_grads(h2, weight, bias, needs, hidden_dtype):
+    """Zeroed gradient buffers (grad_hidden [N, d] in hidden_dtype, grad_weight and
+    grad_bias float32), None where not needed, and the float32 weight the
+    grad_hidden GEMM takes."""
+    need_h, need_w, need_b = needs
+    grad_h = torch.empty(h2.shape, dtype=hidden_dtype, device=h2.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and bias is not None else None
+    return grad_h, grad_w, grad_b, (weight.float() if need_h else None)
+
+
+def _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e):
+    """grad_hidden[s:e] = G @ weight (w32: weight in float32), grad_weight += G^T @
+    hidden[s:e], grad_bias += the sum of G's rows; each where it is not None."""
+    if grad_h is not None:
+        grad_h[s:e] = g @ w32
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), h2[s:e].float())
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
+class LinearRows(torch.autograd.Function):
+    """value = row_op(hidden @ weight.T + bias) per token ([N] float32), chunk by chunk.
+
+    Forward: per chunk, the chunk's logits (GEMM, in hidden's dtype: 16-bit logits are
+    read natively by the kernels) and the row op's value; nothing of size [N, K] is
+    kept. Backward: per chunk, the logits are recomputed (float32), the row op gives
+    G, rows are scaled by grad_output, and the three gradient GEMMs run. Works for
+    any grad_output (retain_graph, torch.compile); the price is a second logits GEMM.
+    apply(row_op, hidden, weight, bias, chunk_size, *tensors): tensors are the row
+    op's extra inputs (saved for backward, never differentiated)."""
+
+    @staticmethod
+    def forward(ctx, row_op, hidden, weight, bias, chunk_size, *tensors):
+        h2 = flat_rows(hidden)
+        N = h2.shape[0]
+        value = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        for s, e in chunks(N, chunk_size):
+            logits = torch.nn.functional.linear(h2[s:e], weight, bias)
+            value[s:e], _ = row_op(logits, s, e, False, *tensors)
+        ctx.save_for_backward(hidden, weight, bias, *tensors)
+        ctx.row_op, ctx.chunk_size = row_op, chunk_size
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises (the row ops' G has no graph)
+    def backward(ctx, grad_value):
+        hidden, weight, bias, *tensors = ctx.saved_tensors
+        h2 = flat_rows(hidden)
+        grad_h, grad_w, grad_b, w32 = _new_grads(h2, weight, bias, ctx.needs_input_grad[1:4], hidden.dtype)
+        for s, e in chunks(h2.shape[0], ctx.chunk_size):
+            _, g = _chunk_value_grad(ctx.row_op, h2, weight, bias, s, e, tensors)
+            g.mul_(grad_value[s:e].unsqueeze(-1))
+            _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
+            del g  # before the next chunk's logits: two [C, K] tensors at a time, not three
+        return (
+            None,
+            grad_h.view(hidden.shape) if grad_h is not None else None,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+        ) + (None,) * len(tensors)
+
+
+class LinearRowsReduced(torch.autograd.Function):
+    """sum (or mean) over tokens of row_op(hidden @ weight.T + bias), chunk by chunk,
+    with the gradients computed in the forward (as Liger's fused linear cross
+    entropy): a reduced value's grad_output is one scalar c, so per chunk the row
+    op's G (scaled by 1/N for the mean) goes straight into the three gradient GEMMs,
+    and backward only multiplies them by c: one logits GEMM and one kernel call per
+    chunk instead of two of each. Holds the float32 gradients of hidden and weight
+    from forward to backward; one backward only.
+    apply(row_op, hidden, weight, bias, chunk_size, mean, what, *tensors): ``what``
+    names the op in the single-backward error."""
+
+    @staticmethod
+    def forward(ctx, row_op, hidden, weight, bias, chunk_size, mean, what, *tensors):
+        h2 = flat_rows(hidden)
+        N = h2.shape[0]
+        grad_h, grad_w, grad_b, w32 = _new_grads(h2, weight, bias, ctx.needs_input_grad[1:4], torch.float32)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for s, e in chunks(N, chunk_size):
+            value, g = _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors)
+            total += value.sum(dtype=torch.float64)
+            if mean:
+                g.div_(N)
+            _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
+            del value, g  # before the next chunk's logits: two [C, K] tensors at a time, not three
+        ctx.grads, ctx.what, ctx.n_tensors = (grad_h, grad_w, grad_b), what, len(tensors)
+        ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return (total / N if mean else total).float()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_value):
+        if ctx.grads is None:
+            raise RuntimeError(f"duo_fast: {ctx.what}(..., reduction=...) supports a single backward (its gradients "
+                               "were computed in the forward); use reduction='none' for retain_graph / double backward")
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        shape, h_dtype, w_dtype, b_dtype = ctx.meta
+        c = grad_value.float()  # a 0-dim tensor: no host read (no CUDA sync)
+        return (
+            None,
+            grad_h.mul_(c).to(h_dtype).view(shape) if grad_h is not None else None,
+            grad_w.mul_(c).to(w_dtype) if grad_w is not None else None,
+            grad_b.mul_(c).to(b_dtype) if grad_b is not None else None,
+            None, None, None,
+        ) + (None,) * ctx.n_tensors
+
+
+def linear_rows(what: str, row_op, hidden, weight, bias, tensors: tuple, *, chunk_size: int, reduction: str):
+    """row_op over the chunks of hidden @ weight.T + bias, reduced: ``[...]`` per
+    token (hidden's leading shape) for "none", a 0-dim float32 for "sum" / "mean".
+    Where a gradient is wanted and the value is reduced, the gradients are computed
+    in the forward (LinearRowsReduced), except inside torch.compile (the graph is
+    traced functionally: LinearRows, then the reduction; the same values)."""
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if reduction != "none" and needs_grad and not torch.compiler.is_compiling():
+        return LinearRowsReduced.apply(row_op, hidden, weight, bias, chunk_size, reduction == "mean", what, *tensors)
+    value = LinearRows.apply(row_op, hidden, weight, bias, chunk_size, *tensors).view(hidden.shape[:-1])
+    return value if reduction == "none" else value.sum() if reduction == "sum" else value.mean()
