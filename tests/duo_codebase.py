@@ -17,6 +17,9 @@ import pytest
 import torch
 
 
+K_SMALL = 256  # the vocabulary of the tests' word-level tokenizer
+
+
 def load_reference():
     from duo_fast.integrations import duo_reference
 
@@ -109,4 +112,18 @@ def write_text_data(folder: Path, tokenizer, lines: int = 300, seed: int = 0) ->
         with open(folder / f"{split}.txt", "w") as f:
             for _ in range(n):
                 f.write(" ".join(rng.choice(words) for _ in range(rng.randrange(5, 40))) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """The Duo codebase's modules (the test skips, with the reason, without them)."""
+    return load_reference()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A folder with a K_SMALL-id word-level tokenizer and a tiny GPT-2 (the gen-PPL eval model)."""
+    folder = tmp_path_factory.mktemp("tok")
+    save_tiny_gpt2(folder, make_tokenizer(K_SMALL, folder))
     return folder

@@ -10,23 +10,13 @@ from __future__ import annotations
 import warnings
 import weakref
 
-import pytest
 import torch
 
-from duo_codebase import load_reference, make_config, make_tokenizer
+import duo_codebase
+from duo_codebase import K_SMALL, make_config, make_tokenizer
 from duo_fast.bench import dropin_memory as M
 
-
-@pytest.fixture(scope="module")
-def ref():
-    return load_reference()
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    make_tokenizer(512, folder)
-    return folder
+ref, tok_dir = duo_codebase.ref, duo_codebase.tok_dir  # the shared fixtures
 
 
 def _config(ref, tok_dir, **model):
@@ -51,7 +41,7 @@ def test_activation_bytes_per_token_and_block(ref, tok_dir):
     adaLN vectors spread over its L tokens."""
     d, L = 256, 80
     cfg = _config(ref, tok_dir, hidden_size=d, n_heads=4, cond_dim=128, n_blocks=1, dropout=0.1, length=L)
-    dit = ref.dit.DIT(cfg, vocab_size=512)
+    dit = ref.dit.DIT(cfg, vocab_size=K_SMALL)
     block = dit.blocks[0].train()
 
     def saved_bytes(batch: int) -> int:
@@ -77,7 +67,7 @@ def test_duo_loss_peak(ref, tok_dir):
     DUO_BASE.nll_per_token, forward and backward: DUO_LOSS_PEAK bytes per logit."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    K, B, L = 512, 2, 64
+    K, B, L = K_SMALL, 2, 64
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = ref.algo.DUO_BASE(make_config(ref, tok_dir), make_tokenizer(K, tok_dir))

@@ -28,26 +28,14 @@ import duo_fast.integrations.duo as D
 from duo_fast import reference
 from duo_fast.integrations.duo_reference import TINY_MODEL
 
-from duo_codebase import (lightning_fit, load_reference, make_config, make_tokenizer, randomize, save_tiny_gpt2,
-                          write_text_data)
+import duo_codebase
+from duo_codebase import K_SMALL, lightning_fit, make_config, make_tokenizer, randomize, write_text_data
+
+ref, tok_dir = duo_codebase.ref, duo_codebase.tok_dir  # the shared fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
-K_SMALL = 256
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return load_reference()
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    tok = make_tokenizer(K_SMALL, folder)
-    save_tiny_gpt2(folder, tok)
-    return folder
 
 
 @pytest.fixture(scope="module")
