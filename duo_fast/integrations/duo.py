@@ -250,8 +250,8 @@ def _output_head(model, backbone, x, sigma, labels=None, weights=None, *, dit, r
     if hidden.dim() < 2 or hidden.shape[-1] != linear.in_features:
         raise RuntimeError(
             f"duo_fast: the backbone returned shape {tuple(hidden.shape)} with its output layer's linear bypassed, not "
-            f"the [..., {linear.in_features}] hidden states: it transforms the output layer's result; patch without "
-            "'loss', 'distillation' and 'sampling' for this backbone"
+            f"the [..., {linear.in_features}] hidden states: it transforms the output layer's result; patch it with "
+            "fuse_output_layer=False"
         )
     weight, bias = linear.weight, linear.bias
     if weight.dtype != hidden.dtype:  # autocast's casts of the linear's parameters
@@ -651,9 +651,9 @@ def _sampling_replacements(trainer_base, dit, *, raw_ok, chunk_size) -> dict:
 
     def _heads(self, x, alpha_t, labels, guid, p_x0) -> HiddenCache | None:
         """The step's output-layer inputs (fused path), or None (logits path)."""
-        if isinstance(p_x0, HiddenCache):
+        if isinstance(p_x0, HiddenCache) and (guid is None or p_x0.uncond is not None):
             return p_x0
-        if p_x0 is not None:
+        if p_x0 is not None and not isinstance(p_x0, HiddenCache):
             return None
         sigma = self._sigma_from_alphat(alpha_t)
         cond = _output_head(self, self.backbone, x, sigma, labels, dit=dit, raw_ok=raw_ok)
