@@ -17,6 +17,9 @@ import pytest
 import torch
 
 
+K_SMALL = 256  # the vocabulary of the tests' word-level tokenizer
+
+
 def load_reference():
     from duo_fast.integrations import duo_reference
 
@@ -75,9 +78,10 @@ def tiny_dataloader(vocab_size: int, length: int = 32, batch_size: int = 4, n: i
     return torch.utils.data.DataLoader(_Data(), batch_size=batch_size, num_workers=1)
 
 
-def lightning_fit(model, vocab_size: int, steps: int):
+def lightning_fit(model, vocab_size: int, steps: int, **trainer_kwargs):
     """``steps`` training steps of the Duo code's LightningModule with a real
-    lightning.Trainer on CPU; returns the per-step losses it logged."""
+    lightning.Trainer on CPU (``trainer_kwargs``: e.g. precision,
+    accumulate_grad_batches); returns the trainer and the per-batch losses it logged."""
     import lightning as L
 
     losses = []
@@ -88,8 +92,38 @@ def lightning_fit(model, vocab_size: int, steps: int):
 
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[_Record()])
+                        num_sanity_val_steps=0, callbacks=[_Record()], **trainer_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, tiny_dataloader(vocab_size))
     return trainer, losses
+
+
+def write_text_data(folder: Path, tokenizer, lines: int = 300, seed: int = 0) -> Path:
+    """A local text dataset as `datasets.load_dataset(folder)` reads it
+    (``train.txt``, ``validation.txt``: one document per line) of the words of
+    ``tokenizer`` (a :func:`make_tokenizer` word-level tokenizer)."""
+    import random
+
+    rng = random.Random(seed)
+    words = [w for w in tokenizer.get_vocab() if not w.startswith("[")]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", lines), ("validation", max(8, lines // 10))):
+        with open(folder / f"{split}.txt", "w") as f:
+            for _ in range(n):
+                f.write(" ".join(rng.choice(words) for _ in range(rng.randrange(5, 40))) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """The Duo codebase's modules (the test skips, with the reason, without them)."""
+    return load_reference()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A folder with a K_SMALL-id word-level tokenizer and a tiny GPT-2 (the gen-PPL eval model)."""
+    folder = tmp_path_factory.mktemp("tok")
+    save_tiny_gpt2(folder, make_tokenizer(K_SMALL, folder))
+    return folder

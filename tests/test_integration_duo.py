@@ -9,10 +9,12 @@ Statistical tests use fixed seeds; z-scores are held under 5 (two-sided,
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -26,25 +28,14 @@ import duo_fast.integrations.duo as D
 from duo_fast import reference
 from duo_fast.integrations.duo_reference import TINY_MODEL
 
-from duo_codebase import lightning_fit, load_reference, make_config, make_tokenizer, randomize, save_tiny_gpt2
+import duo_codebase
+from duo_codebase import K_SMALL, lightning_fit, make_config, make_tokenizer, randomize, write_text_data
+
+ref, tok_dir = duo_codebase.ref, duo_codebase.tok_dir  # the shared fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
-K_SMALL = 256
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return load_reference()
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    tok = make_tokenizer(K_SMALL, folder)
-    save_tiny_gpt2(folder, tok)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +59,7 @@ def targets(ref):
             (A.DUO, "_gamma_to_alpha_dalpha"), (A.DUO, "_initialize_curriculum_coefficients"),
             (A.DUO, "_prior_loss"), (A.Distillation, "_validate_configuration"),
             (ref.dit.EmbeddingLayer, "forward"), (A.DUO, "nll"), (ref.utils, "sample_tempered_softmax_topk"),
-            (A.DUO_BASE, "nll_per_token"), (A.DUO_BASE, "nll"), (A.Distillation, "nll"),
+            (A.DUO_BASE, "nll_per_token"), (A.DUO_BASE, "nll"), (A.Distillation, "nll"), (A.DUO_BASE, "_loss"),
             (T.UniformState, "_ancestral_update"), (T.UniformState, "_psi_update")]
 
 
@@ -111,7 +102,7 @@ def test_undo_restores_every_original_by_identity(ref, caplog):
         p.undo()
     for o, n in targets(ref):
         assert o.__dict__.get(n, "<absent>") is before[(o, n)], (o, n)
-    assert "nll" not in ref.algo.DUO_BASE.__dict__  # it was inherited: undo deletes it
+    assert "nll" not in ref.algo.DUO_BASE.__dict__ and "_loss" not in ref.algo.DUO_BASE.__dict__  # inherited: deleted
     p.undo()  # idempotent
 
 
@@ -154,6 +145,9 @@ def test_patch_argument_errors(ref, monkeypatch):
         D.patch(parts=[])
     with pytest.raises(ValueError, match="topk_zt_rule"):
         D.patch(topk_zt_rule="biased")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+            D.patch(chunk_size=bad)
     monkeypatch.delitem(sys.modules, "trainer_base")
     with pytest.raises(RuntimeError, match=r"trainer_base= \(sys.modules\['trainer_base'\]\)"):
         D.patch(parts=["sampling"])
@@ -385,6 +379,183 @@ def test_plain_elbo_nll_matches_original_on_same_draws(ref, tok_dir, tok):
 
 
 # ----------------------------------------------------------------------------------
+# The output layer fused into the losses: patched fused vs patched on the logits
+# ----------------------------------------------------------------------------------
+
+FUSED_CASES = {  # case: (class, algo config, overrides)
+    "elbo": ("DUO_BASE", "duo", []),
+    "simple": ("DUO", "duo", []),
+    "topk": ("DUO", "duo", ["algo.curriculum.mode=efficient_cached", "algo.curriculum.top_k=16"]),
+    "kl-bwd": ("Distillation", "distillation", ["algo.loss_type=kl-bwd"]),
+    "kl-fwd": ("Distillation", "distillation", ["algo.loss_type=kl-fwd"]),
+}
+
+
+def _fused_case(ref, tok_dir, tok, case):
+    cls, algo, over = FUSED_CASES[case]
+    model = build(ref, tok_dir, tok, over, cls=cls, algo=algo)
+    randomize(model, seed=12, std=0.1)
+    _fixed_t(model, torch.linspace(0.1, 0.8, 4))
+    return model
+
+
+def _step_grads(model, fn, seed=5):
+    """(value, gradients of the output layer's linear weight and bias, of its input
+    (the backbone's last hidden states), and of every parameter) of fn()'s scalar."""
+    model.zero_grad()
+    seen = {}
+    layer = model.backbone.output_layer
+
+    def keep(module, args):
+        if args[0].requires_grad:  # the student's (a distillation teacher, a deep copy, inherits the hook)
+            args[0].retain_grad()
+            seen["h"] = args[0]
+
+    hook = layer.register_forward_pre_hook(keep)
+    torch.manual_seed(seed)
+    try:
+        out = fn()
+        out.backward()
+    finally:
+        hook.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), seen["h"].grad.clone(), grads
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_output_layer_matches_the_logits_path(ref, tok_dir, tok, case):
+    """Loss / KL and the gradients w.r.t. the output layer's weight and bias, its
+    input hidden states and every parameter below: the fused patched path
+    (chunks of 7 tokens) vs the patched path on the materialized logits, on the
+    same draws. Through nll (per token, weighted by a non-uniform grad_output)
+    and through _loss (the training step's token mean, with padding)."""
+    model = _fused_case(ref, tok_dir, tok, case)
+    B, L = 4, 32
+    x0 = torch.randint(0, K_SMALL, (B, L), generator=torch.Generator().manual_seed(1))
+    valid = torch.ones(B, L, dtype=torch.long)
+    valid[1, 20:] = 0
+    w = torch.linspace(0.5, 1.5, L)
+    steps = {"nll": lambda: (model.nll(x0, None, None, 0, True) * w).sum(),
+             "_loss": lambda: model._loss(x0, None, valid, 0, True).loss}
+    with D.patch(chunk_size=7):
+        fused = {k: _step_grads(model, f) for k, f in steps.items()}
+    with D.patch(fuse_output_layer=False):  # every step on the logits
+        dense = {k: _step_grads(model, f) for k, f in steps.items()}
+    for k in steps:
+        (v, gh, g), (v0, gh0, g0) = fused[k], dense[k]
+        assert v.dtype == v0.dtype
+        # (atol: the KL of two close laws is a difference of float32-rounded logits' terms)
+        torch.testing.assert_close(v, v0, rtol=2e-6, atol=1e-6, msg=k)
+        scale = lambda t: 2e-5 * float(t.abs().max())  # noqa: E731  float32 bounds, relative to the largest entry
+        torch.testing.assert_close(gh, gh0, rtol=0, atol=scale(gh0), msg=k)
+        for name in ("backbone.output_layer.linear.weight", "backbone.output_layer.linear.bias"):
+            torch.testing.assert_close(g[name], g0[name], rtol=0, atol=scale(g0[name]), msg=f"{k} {name}")
+        assert g.keys() == g0.keys()
+        for name in g0:  # below the output layer: the same, up to float32 rounding carried back through the DiT
+            torch.testing.assert_close(g[name], g0[name], rtol=0, atol=1e-4 * float(g0[name].abs().max()), msg=f"{k} {name}")
+
+
+def test_fused_elbo_matches_the_original_under_bf16_autocast(ref, tok_dir, tok):
+    """The plain ELBO's training step (_loss) patched vs the unpatched Duo code on
+    the same draws, in float32 and under CPU bf16 autocast (Lightning's
+    bf16-mixed): the fused linear runs in bf16 exactly where autocast ran the
+    output layer's linear (its weight and bias gradients float32, as the
+    parameters)."""
+    model = _fused_case(ref, tok_dir, tok, "elbo")
+    x0 = torch.randint(0, K_SMALL, (4, 32), generator=torch.Generator().manual_seed(2))
+    valid = torch.ones_like(x0)
+    for autocast, rtol in ((False, 1e-5), (True, 2e-2)):
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return model._loss(x0, None, valid, 0, True).loss
+
+        v0, gh0, g0 = _step_grads(model, step)
+        with D.patch():
+            v, gh, g = _step_grads(model, step)
+        torch.testing.assert_close(v, v0, rtol=rtol, atol=0)
+        for name in ("backbone.output_layer.linear.weight", "backbone.output_layer.linear.bias"):
+            assert g[name].dtype == torch.float32
+            torch.testing.assert_close(g[name], g0[name], rtol=0, atol=rtol * float(g0[name].abs().max()), msg=name)
+        torch.testing.assert_close(gh, gh0, rtol=0, atol=rtol * float(gh0.abs().max()))
+
+
+def test_lightning_bf16_gradient_accumulation_patched_vs_original(ref, tok_dir, tok):
+    """Lightning's own loop, bf16-mixed, 2 optimizer steps of 2 accumulated
+    batches: the patched plain ELBO trains as the unpatched Duo code (same
+    seeds, same draws): per-batch losses and the weights after training agree
+    within bf16 rounding."""
+    runs = {}
+    for patched in (False, True):
+        torch.manual_seed(0)
+        with D.patch() if patched else contextlib.nullcontext():
+            model = build(ref, tok_dir, tok, ["lr_scheduler.num_warmup_steps=1", "optim.lr=1e-3", "loader.global_batch_size=8"],
+                          cls="DUO_BASE")  # 2 accumulated batches of 4
+            randomize(model, seed=8, std=0.1)
+            torch.manual_seed(1)
+            _, losses = lightning_fit(model, K_SMALL, steps=2, precision="bf16-mixed", accumulate_grad_batches=2)
+        runs[patched] = (losses, [p.detach().clone() for p in model.parameters()])
+    (l0, p0), (l1, p1) = runs[False], runs[True]
+    assert len(l0) == len(l1) == 4
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=2e-2, atol=0)
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3 + 2e-2 * float(b.abs().max()))
+
+
+def test_fused_step_with_compiled_backbone(ref, tok_dir, tok):
+    """torch.compile(backbone): the output layer's linear bypassed inside the
+    compiled graph (a guarded submodule: one graph per state, no recompilation
+    per call); values and gradients equal the eager fused step."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = _fused_case(ref, tok_dir, tok, "simple")
+    x0 = torch.randint(0, K_SMALL, (4, 32), generator=torch.Generator().manual_seed(3))
+    valid = torch.ones_like(x0)
+    step = lambda: model._loss(x0, None, valid, 0, True).loss  # noqa: E731
+    with D.patch(chunk_size=16):
+        v0, gh0, g0 = _step_grads(model, step)
+        eager, counter = model.backbone, CompileCounter()
+        torch._dynamo.reset()
+        model.backbone = torch.compile(eager, backend=counter)
+        try:
+            frames = []
+            for _ in range(3):
+                v, gh, g = _step_grads(model, step)
+                frames.append(counter.frame_count)
+            with torch.no_grad():  # the logits path of the same compiled backbone: the other graph(s)
+                logits = model.backbone(x0, torch.full((4,), 0.5))
+            frames.append(counter.frame_count)
+        finally:
+            model.backbone = eager
+            torch._dynamo.reset()
+    assert logits.shape == (4, 32, K_SMALL)
+    assert frames[0] == frames[1] == frames[2] < frames[3], frames  # compiled once per state of the output layer
+    torch.testing.assert_close(v, v0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gh, gh0, rtol=1e-5, atol=1e-7)
+    for name in g0:
+        torch.testing.assert_close(g[name.replace("backbone.", "backbone._orig_mod.")], g0[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("parts", [["schedule"], ["curriculum"], ["loss"], ["distillation"], ["sampling"],
+                                   ["schedule", "loss", "sampling"]])
+def test_any_subset_of_parts_trains(ref, tok_dir, tok, parts):
+    """The snapshot's DUO.nll / Distillation.nll cannot take _loss's call (labels
+    first): whatever parts are chosen, DUO (curriculum) and Distillation train
+    through _loss, as training_step calls it."""
+    x0 = torch.randint(0, K_SMALL, (4, 32), generator=torch.Generator().manual_seed(4))
+    valid = torch.ones_like(x0)
+    for cls, algo in (("DUO", "duo"), ("Distillation", "distillation")):
+        model = build(ref, tok_dir, tok, cls=cls, algo=algo)
+        randomize(model, seed=9, std=0.1)
+        _fixed_t(model, torch.linspace(0.1, 0.8, 4))
+        with pytest.raises(TypeError):
+            model._loss(x0, None, valid, 0, True)
+        with D.patch(parts=parts):
+            loss = model._loss(x0, None, valid, 0, True).loss
+            loss.backward()
+        assert math.isfinite(float(loss)) and model.backbone.output_layer.linear.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------------
 # distillation
 # ----------------------------------------------------------------------------------
 
@@ -445,10 +616,36 @@ def test_distillation_nll_matches_original_in_expectation(ref, tok_dir, tok, los
 # ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["ancestral", "noise_removal", "psi", "nucleus"])
+def _label_conditional(ref, model, num_classes: int, guid_weight: float) -> None:
+    """Make ``model`` class-conditional with guidance: its DiT (which refuses
+    labels) swapped for one that conditions on them (a label shifts sigma: a
+    stand-in conditioning, the rest of the DiT unchanged), as a user's
+    class-conditional DiT would be."""
+    class LabelDIT(ref.dit.DIT):
+        def forward(self, x, sigma, class_cond=None, weights=None):
+            if class_cond is not None:
+                sigma = sigma + 0.5 * class_cond.to(sigma.dtype)
+            return super().forward(x, sigma, None, weights)
+
+    backbone = LabelDIT(model.config, vocab_size=model.vocab_size)
+    backbone.load_state_dict(model.backbone.state_dict())
+    model.backbone = backbone.eval()
+    model.num_classes, model.class_conditional = num_classes, True
+    model.config.sampling.guid_weight = guid_weight
+    # The snapshot's _get_ancestral_posterior passes self twice to _get_guided_posterior_from_xt
+    # (a TypeError); the original side of the comparison calls it as intended.
+    model._get_ancestral_posterior = lambda xt, sigma, labels, alpha_s, alpha_t, p_x0: \
+        model._get_guided_posterior_from_xt(xt, sigma, labels, guid_weight, alpha_s, alpha_t, p_x0)
+
+
+@pytest.mark.parametrize("kind", ["ancestral", "noise_removal", "psi", "nucleus", "guided", "guided-psi"])
 def test_sampling_update_law_matches_original(ref, tok_dir, tok, kind):
-    """One reverse step, patched vs original, for a fixed model and z_t: per
-    position, the two samples' frequencies agree (chi-square)."""
+    """One reverse step for a fixed model and z_t, per position (chi-square of
+    the token counts): the patched step from hidden states
+    (``linear_sample_step``, no logits) vs the original's dense posterior and
+    ``sample_categorical``, and vs ``sample_step`` on the materialized logits
+    (the patched logits path); with classifier-free guidance (weight 1.5) the
+    original side is the Duo code's ``_get_guided_posterior_from_xt``."""
     overrides = ["sampling.p_nucleus=0.9"] if kind == "nucleus" else []
     model = build(ref, tok_dir, tok, overrides, cls="DUO_BASE")
     randomize(model, seed=7, std=0.5)
@@ -457,27 +654,38 @@ def test_sampling_update_law_matches_original(ref, tok_dir, tok, kind):
     z = torch.randint(0, K_SMALL, (1, L), generator=torch.Generator().manual_seed(8)).expand(R, L).contiguous()
     t = torch.full((R, 1), 0.6)
     dt = torch.tensor(0.2)
+    labels = None
+    if kind.startswith("guided"):
+        _label_conditional(ref, model, num_classes=3, guid_weight=1.5)
+        labels = torch.full((R,), 1)
 
     def step(update):
-        if kind == "psi":
-            return update(model, z, t, None, dt, torch.tensor(0.5))[1]
-        return update(model, z, t, None, dt, None, noise_removal_step=(kind == "noise_removal"))[1]
+        if kind.endswith("psi"):
+            return update(model, z, t, labels, dt, torch.tensor(0.5))[1]
+        return update(model, z, t, labels, dt, None, noise_removal_step=(kind == "noise_removal"))[1]
 
-    name = "_psi_update" if kind == "psi" else "_ancestral_update"
+    name = "_psi_update" if kind.endswith("psi") else "_ancestral_update"
     torch.manual_seed(9)
+    draws = {}
     with torch.no_grad():
-        old = torch.cat([step(getattr(ref.trainer_base.UniformState, name)) for _ in range(3)])
-        with D.patch(parts=["sampling"]):
-            new = torch.cat([step(getattr(ref.trainer_base.UniformState, name)) for _ in range(3)])
-            cache, _ = ref.trainer_base.UniformState._ancestral_update(model, z, t, None, dt)
-            assert isinstance(cache, D.LogitsCache) and cache.logits.shape == (R, L, K_SMALL)
-    assert new.shape == old.shape and new.dtype == old.dtype == torch.int64
-    for pos in range(L):
-        c_old = torch.bincount(old[:, pos], minlength=K_SMALL)
-        c_new = torch.bincount(new[:, pos], minlength=K_SMALL)
-        assert chi2_two_sample(c_new, c_old) > 1e-4, pos
-        if kind == "nucleus":  # ids filtered out by the original never appear in ours
-            assert bool(((c_old == 0) <= (c_new == 0)).all()) or chi2_two_sample(c_new, c_old) > 1e-2
+        draws["original"] = torch.cat([step(getattr(ref.trainer_base.UniformState, name)) for _ in range(3)])
+        with D.patch(parts=["sampling"], chunk_size=1000):
+            draws["fused"] = torch.cat([step(getattr(ref.trainer_base.UniformState, name)) for _ in range(3)])
+            cache, _ = ref.trainer_base.UniformState._ancestral_update(model, z, t, labels, dt)
+            assert isinstance(cache, D.HiddenCache) and cache.cond.hidden.shape == (R, L, 64)
+            assert (cache.uncond is not None) == kind.startswith("guided")
+        if not kind.startswith("guided"):
+            with D.patch(parts=["sampling"], fuse_output_layer=False):
+                draws["logits"] = torch.cat([step(getattr(ref.trainer_base.UniformState, name)) for _ in range(3)])
+    new = draws.pop("fused")
+    assert new.shape == draws["original"].shape and new.dtype == draws["original"].dtype == torch.int64
+    for other, old in draws.items():
+        for pos in range(L):
+            c_old = torch.bincount(old[:, pos], minlength=K_SMALL)
+            c_new = torch.bincount(new[:, pos], minlength=K_SMALL)
+            assert chi2_two_sample(c_new, c_old) > 1e-4, (other, pos)
+            if kind == "nucleus":  # ids filtered out by the original never appear in ours
+                assert bool(((c_old == 0) <= (c_new == 0)).all()) or chi2_two_sample(c_new, c_old) > 1e-2
 
 
 # ----------------------------------------------------------------------------------
@@ -545,29 +753,55 @@ def _dense_allocations(fn, n_tokens: int, vocab_size: int, exclude=()) -> list[s
     return found
 
 
-def test_patched_training_step_allocates_no_dense_curriculum_tensors(ref, tok_dir, tok, tmp_path):
+def test_patched_steps_allocate_no_dense_tensors(ref, tok_dir, tok, tmp_path):
+    """At K = 50257, no tensor of N = B L rows and K columns is created (forward
+    and backward) by a patched training step (``_loss``, as training_step calls
+    it, and ``nll``) of the simple and top-k curriculum, the plain ELBO and the
+    distillation (kl-bwd), nor by a patched sampling step (ancestral, Psi), where
+    the unpatched steps create several: the logits, their gradient and the loss
+    temporaries are gone, not only the curriculum's."""
     K = 50257
     folder = tmp_path / "tok50k"
     big_tok = make_tokenizer(K, folder)
     cfg_over = [f"eval.gen_ppl_eval_model_name_or_path={folder}", "model.length=16", "loader.global_batch_size=2"]
     model = build(ref, folder, big_tok, cfg_over)
-    randomize(model, seed=10, std=0.05)
+    distill = build(ref, folder, big_tok, cfg_over, cls="Distillation", algo="distillation")
+    for m in (model, distill):
+        randomize(m, seed=10, std=0.05)
+        _fixed_t(m, torch.tensor([0.3, 0.7]))
     x0 = torch.randint(0, K, (2, 16), generator=torch.Generator().manual_seed(0))
-    _fixed_t(model, torch.tensor([0.3, 0.7]))
+    valid = torch.ones_like(x0)
     N = x0.numel()
+    params = list(model.parameters()) + list(distill.parameters())
+    cur = model.config.algo.curriculum
+    t, dt = torch.tensor([[0.6], [0.6]]), torch.tensor(0.2)
 
-    def step():
-        model.zero_grad()
-        model.nll(x0, None, None, None, True).mean().backward()
+    def train_step(m):
+        m.zero_grad()
+        m._loss(x0, None, valid, 0, True).loss.backward()
 
-    params = list(model.parameters())
-    # The snapshot's DUO.nll, called with its own declared parameters.
+    def nll_step(m):
+        m.zero_grad()
+        m.nll(x0, None, None, 0, True).mean().backward()
+
+    def sampling_step():
+        with torch.no_grad():
+            model._ancestral_update(x0, t, None, dt)
+            model._psi_update(x0, t, None, dt, torch.tensor(0.5))
+
+    # The snapshot's DUO.nll, called with its own declared parameters, and its sampling step.
     unpatched = _dense_allocations(lambda: model.nll(x0, None, None, True).mean().backward(), N, K, params)
-    with D.patch():
-        patched = _dense_allocations(step, N, K, params)
-    # The model's own output projection makes the logits; usdm_loss's gradient is the only other one.
-    assert sorted(patched) == ["addmm", "usdm_loss"] or sorted(patched) == ["linear", "usdm_loss"], patched
-    assert len(unpatched) >= 6, unpatched  # one-hot, noise, latent, softmax, log_softmax, ...
+    assert len(unpatched) >= 6, unpatched  # one-hot, noise, latent, softmax, the logits, log_softmax, ...
+    assert len(_dense_allocations(sampling_step, N, K, params)) >= 4
+    with D.patch(chunk_size=8):  # chunks of 8 of the N = 32 rows
+        for mode, top_k, end in (("simple", -1, 200_000), ("efficient_cached", 16, 200_000), ("simple", -1, -1)):
+            cur.mode, cur.top_k, model.curriculum_end = mode, top_k, end  # end = -1: the plain ELBO
+            for step in (train_step, nll_step):
+                assert _dense_allocations(lambda: step(model), N, K, params) == [], (mode, top_k, end, step.__name__)
+        for step in (train_step, nll_step):
+            assert _dense_allocations(lambda: step(distill), N, K, params) == [], ("distillation", step.__name__)
+        assert distill.teacher is not None
+        assert _dense_allocations(sampling_step, N, K, params) == []
 
 
 # ----------------------------------------------------------------------------------
@@ -575,37 +809,103 @@ def test_patched_training_step_allocates_no_dense_curriculum_tensors(ref, tok_di
 # ----------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_launcher_runs_unmodified_main_py(ref, tok_dir, tok, tmp_path):
-    """Train a tiny DUO patched (Lightning), save its checkpoint, then run the
-    Duo code's own main.py (mode=sample_eval) through
-    `python -m duo_fast.integrations.duo`: hydra, checkpoint loading,
-    generate_samples patched, Gen PPL under a tiny local eval model."""
-    with D.patch():
-        model = build(ref, tok_dir, tok)
-        trainer, _ = lightning_fit(model, K_SMALL, steps=1)
-    # main.py passes the device to Metrics.record_generative_perplexity as its `retokenize`
-    # argument, so the eval model goes to 'cuda' unless its path names llama2: a CPU run needs that.
-    eval_dir = tmp_path / "llama2-tiny"
-    shutil.copytree(tok_dir, eval_dir)
-    ckpt = tmp_path / "tiny.ckpt"
-    trainer.save_checkpoint(ckpt)
-    out = tmp_path / "samples.json"
-    cmd = [sys.executable, "-m", "duo_fast.integrations.duo", str(ref.path / "main.py"),
-           "mode=sample_eval", "algo=duo", *TINY_MODEL,
-           "data=synthetic", "trainer.accelerator=cpu", "trainer.devices=1", "loader.global_batch_size=2",
-           "loader.eval_batch_size=2", "sampling.steps=4", "sampling.num_sample_batches=1", "training.ema=0",
-           f"eval.checkpoint_path={ckpt}", f"eval.gen_ppl_eval_model_name_or_path={eval_dir}",
-           f"eval.generated_samples_path={out}", f"hydra.run.dir={tmp_path / 'run'}",
-           f"algo.curriculum.integral_cache_path={tmp_path / 'absent.pkl'}"]
-    # Duo checkpoints pickle their omegaconf config: torch >= 2.6 loads them only with weights_only off
-    # (our own, trusted file).
-    env = dict(os.environ, DUO_REFERENCE_DIR=str(ref.path), TOKENIZERS_PARALLELISM="false",
-               TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "duo_fast: patched the Duo codebase" in r.stderr + r.stdout
-    import json
+def test_launcher_added_overrides(ref, tmp_path):
+    """What the launcher adds to a user's overrides, and never over theirs:
+    wandb=null without the wandb package, the CPU try-out's settings, the gen-PPL
+    eval model = a local data tokenizer, distillation.yaml's missing curriculum
+    block (key by key)."""
+    from duo_fast.integrations.duo_launch import DISTILLATION_CURRICULUM, added_overrides
 
-    result = json.loads(out.read_text())
+    configs = ref.path / "configs"
+    assert added_overrides([], configs=configs, cpu=False, wandb_installed=True) == []
+    assert added_overrides([], configs=configs, cpu=False, wandb_installed=False) == ["wandb=null"]
+    assert added_overrides(["wandb.project=mine"], configs=configs, cpu=False, wandb_installed=False) == []
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    out = added_overrides([f"data.tokenizer_name_or_path={tok}", "trainer.devices=2"], configs=configs, cpu=True,
+                          wandb_installed=True)
+    assert out == ["trainer.accelerator=cpu", f"data.cache_dir={Path.cwd() / 'duo_fast_data'}",
+                   f"eval.gen_ppl_eval_model_name_or_path={tok}"]
+    out = added_overrides(["data.tokenizer_name_or_path=gpt2", "+data.cache_dir=/d"], configs=configs, cpu=True,
+                          wandb_installed=True)
+    assert out == ["trainer.accelerator=cpu", "trainer.devices=1"]  # a hub name is no local folder
+    assert added_overrides(["algo=duo"], configs=configs, cpu=False, wandb_installed=True) == []
+    out = added_overrides(["algo=distillation", "+algo.curriculum.gamma_min=-3"], configs=configs, cpu=False,
+                          wandb_installed=True)
+    assert out == [f"+algo.curriculum.{k}={v}" for k, v in DISTILLATION_CURRICULUM if k != "gamma_min"]
+
+
+def test_distillation_config_with_the_launchers_curriculum_block(ref, tok_dir, tok, tmp_path):
+    """The pinned configs/algo/distillation.yaml composed by hydra as main.py does:
+    Distillation cannot be built (no algo.curriculum); with the block the
+    launcher adds, it is built with distillation.yaml's own gamma range and
+    temperatures and trains (patched, no integral pickle)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf.errors import ConfigAttributeError
+
+    from duo_fast.integrations.duo_launch import added_overrides
+    from duo_fast.integrations.duo_reference import register_resolvers
+
+    register_resolvers()
+    base = ["algo=distillation", *TINY_MODEL, "data=synthetic", "trainer.accelerator=cpu", "trainer.devices=1",
+            "loader.global_batch_size=4", "training.ema=0", f"eval.gen_ppl_eval_model_name_or_path={tok_dir}",
+            f"algo.integral_cache_path={tmp_path / 'absent.pkl'}"]
+    with initialize_config_dir(config_dir=str(ref.path / "configs"), version_base=None):
+        bare = compose(config_name="config", overrides=base)
+        cfg = compose(config_name="config", overrides=base + added_overrides(base, configs=ref.path / "configs",
+                                                                             cpu=False, wandb_installed=True))
+    with D.patch():
+        with pytest.raises(ConfigAttributeError, match="curriculum"):
+            ref.algo.Distillation(bare, tok)
+        model = ref.algo.Distillation(cfg, tok)
+        assert (model.gamma_min, model.gamma_max) == (cfg.algo.gamma_min, cfg.algo.gamma_max) == (-4, -1)
+        randomize(model, seed=2, std=0.1)
+        _fixed_t(model, torch.linspace(0.1, 0.8, 4))
+        x0 = torch.randint(0, K_SMALL, (4, 32), generator=torch.Generator().manual_seed(5))
+        loss = model._loss(x0, None, torch.ones_like(x0), 0, True).loss
+        loss.backward()
+    assert math.isfinite(float(loss))
+
+
+def _launch(ref, tmp_path, *args, name):
+    """`python -m duo_fast.integrations.duo --cpu <Duo main.py> args...` in tmp_path (the
+    user's view: a new process, the Duo code's own main.py, hydra, Lightning)."""
+    cmd = [sys.executable, "-m", "duo_fast.integrations.duo", "--cpu", str(ref.path / "main.py"), *TINY_MODEL,
+           "training.ema=0", "loader.num_workers=1", "sampling.steps=4", f"hydra.run.dir={tmp_path / name}"] + list(args)
+    # Duo checkpoints pickle their omegaconf config: torch >= 2.6 loads them only with weights_only off
+    # (our own, trusted files).
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return out
+
+
+def test_launcher_trains_ddp_then_samples_on_cpu(ref, tok, tok_dir, tmp_path):
+    """What a user meets, in two runs of the unmodified main.py through the
+    launcher's CPU try-out, offline, on a local text dataset and a local
+    tokenizer folder: (1) train algo=duo (simple curriculum) with DDP on 2 CPU
+    processes (gloo), 3 steps and a validation with generate_samples; every
+    rank patched. (2) mode=sample_eval on that checkpoint, its gen-PPL eval
+    model (a tiny GPT-2 in the tokenizer's folder, whose name does not contain
+    'llama2') on the CPU."""
+    data = write_text_data(tmp_path / "data", tok)
+    common = ["data=synthetic", f"data.tokenizer_name_or_path={tok_dir}", "algo=duo"]
+    out = _launch(ref, tmp_path, *common, f"data.train={data}", f"data.valid={data}", "data.streaming=False",
+                  "trainer.devices=2", "loader.global_batch_size=4", "trainer.max_steps=3", "trainer.val_check_interval=2",
+                  "trainer.limit_val_batches=1", name="train")
+    assert out.count("duo_fast: patched the Duo codebase") == 2, out[-3000:]  # rank 0 and the rank Lightning started
+    added = next(line for line in out.splitlines() if line.startswith("duo_fast: added overrides:"))
+    assert "trainer.accelerator=cpu" in added and "data.cache_dir=" in added and "trainer.devices" not in added
+    assert ("wandb=null" in added) == (importlib.util.find_spec("wandb") is None)
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+    assert all(bool(v.isfinite().all()) for v in state["state_dict"].values() if v.is_floating_point())
+
+    samples = tmp_path / "samples.json"
+    _launch(ref, tmp_path, *common, "mode=sample_eval", "loader.global_batch_size=2", "loader.eval_batch_size=2",
+            "sampling.num_sample_batches=1", f"eval.checkpoint_path={ckpt}", f"eval.generated_samples_path={samples}",
+            name="sample")
+    result = json.loads(samples.read_text())
     assert len(result["generated_seqs"]) == 2 and math.isfinite(result["generative_ppl"])

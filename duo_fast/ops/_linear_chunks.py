@@ -153,6 +153,7 @@ class LinearRows(torch.autograd.Function):
                 _, g = _chunk_value_grad(ctx.row_op, h2, weight, bias, s, e, tensors)
                 g.mul_(grad_value[s:e].unsqueeze(-1))
                 _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
+                del g  # before the next chunk's logits: two [C, K] tensors at a time, not three
             grads = (
                 grad_h.view(hidden.shape) if grad_h is not None else None,
                 grad_w.to(weight.dtype) if grad_w is not None else None,
@@ -187,6 +188,7 @@ class LinearRowsReduced(torch.autograd.Function):
             if mean:
                 g.div_(N)
             _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
+            del value, g  # before the next chunk's logits: two [C, K] tensors at a time, not three
         ctx.grads, ctx.what, ctx.names, ctx.n_tensors = (grad_h, grad_w, grad_b), what, names, len(tensors)
         ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return (total / N if mean else total).float()
