@@ -25,6 +25,7 @@ import torch
 
 import duo_fast
 import duo_fast.integrations.duo as D
+from duo_fast.integrations import _patching
 from duo_fast import reference
 from duo_fast.integrations.duo_reference import TINY_MODEL
 
@@ -95,7 +96,7 @@ def test_undo_restores_every_original_by_identity(ref, caplog):
     records = [r for r in caplog.records if r.name == "duo_fast.integrations.duo"]
     assert len(records) == 1 and "DUO.nll" in records[0].getMessage() and "_psi_update" in records[0].getMessage()
     try:
-        assert sorted(p.replaced) == sorted(D._Replaced(o, n, None, True).label for o, n in targets(ref))
+        assert sorted(p.replaced) == sorted(_patching.Replaced(o, n, None, True).label for o, n in targets(ref))
         for o, n in targets(ref):
             assert o.__dict__[n] is not before[(o, n)], (o, n)
     finally:

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from .duo import _NEEDS, _SYS_NAMES, _ZT_RULES, PARTS, Patch, _apply, _check_parts, patch
+from .duo import _NEEDS, _SYS_NAMES, _ZT_RULES, PARTS, Patch, _check_parts, patch
 
 log = logging.getLogger("duo_fast.integrations.duo")
 
@@ -217,7 +217,7 @@ def run_script(script: str | Path, argv: list[str], *, parts=None, topk_zt_rule:
             raise SystemExit(f"duo_fast: cannot import {name!r} from {folder}: {e}") from e
     result = patch(parts=parts, topk_zt_rule=topk_zt_rule, chunk_size=chunk_size)
     if cpu:
-        result._replaced += _apply(_cpu_replacements(sys.modules["dataloader"], sys.modules["metrics"]))
+        result.replace_all(_cpu_replacements(sys.modules["dataloader"], sys.modules["metrics"]))
         if torch.cuda.is_available():
             log.info("duo_fast --cpu: CUDA is available, but this run uses the CPU")
     elif not torch.cuda.is_available() and not _given(argv, "trainer.accelerator"):
