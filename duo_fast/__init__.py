@@ -78,6 +78,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 from . import generation, reference
 from .ops import (
+    canvas_step,
     check_device_errors,
     curriculum_embed,
     curriculum_topk,
@@ -90,6 +91,7 @@ from .ops import (
     posterior,
     sample_step,
     sample_zt,
+    softmax_embed,
     usdm_loss,
 )
 from .generation import generate
@@ -129,6 +131,7 @@ def cache_info() -> dict:
 __all__ = [
     "build_info",
     "cache_info",
+    "canvas_step",
     "check_device_errors",
     "curriculum_embed",
     "curriculum_topk",
@@ -145,5 +148,6 @@ __all__ = [
     "reference",
     "sample_step",
     "sample_zt",
+    "softmax_embed",
     "usdm_loss",
 ]

@@ -456,6 +456,31 @@ class Patch:
         return f"<duo_fast Patch {state}: {', '.join(self.parts)} ({len(self._replaced)} objects)>"
 
 
+def install(targets: dict, by: str) -> list[_Replaced]:
+    """Set every ``(owner, name) -> new`` of ``targets`` (after checking all of them:
+    raises if any is already patched, so nothing is ever wrapped twice); ``by``
+    (the patching module's name) goes into the new docstrings. Returns what
+    :class:`Patch` needs to undo it."""
+    already = [f"{getattr(o, '__qualname__', getattr(o, '__name__', o))}.{n}" for (o, n) in targets
+               if getattr(o.__dict__.get(n), _MARK, False)]
+    if already:
+        raise RuntimeError(
+            f"duo_fast: already patched: {', '.join(already)}; call undo() on the earlier Patch first"
+        )
+    replaced = []
+    for (owner, name), new in targets.items():
+        had_own = name in owner.__dict__
+        original = owner.__dict__[name] if had_own else None
+        setattr(new, _MARK, True)
+        new.__wrapped_original__ = original
+        if had_own and callable(original):
+            new.__doc__ = (original.__doc__ or "") + f"\n\n[patched by {by}]"
+            new.__name__ = getattr(original, "__name__", name)
+        setattr(owner, name, new)
+        replaced.append(_Replaced(owner, name, original, had_own))
+    return replaced
+
+
 def _check_parts(parts) -> tuple[str, ...]:
     if parts is None:
         return PARTS
@@ -527,25 +552,7 @@ def patch(
     if "sampling" in parts:
         targets.update(_sampling_replacements(mods["trainer_base"], raw_ok=raw_ok))
 
-    # Check everything before changing anything: never wrap a patched object.
-    already = [f"{getattr(o, '__qualname__', getattr(o, '__name__', o))}.{n}" for (o, n) in targets
-               if getattr(o.__dict__.get(n), _MARK, False)]
-    if already:
-        raise RuntimeError(
-            f"duo_fast: already patched: {', '.join(already)}; call undo() on the earlier Patch first"
-        )
-    replaced = []
-    for (owner, name), new in targets.items():
-        had_own = name in owner.__dict__
-        original = owner.__dict__[name] if had_own else None
-        setattr(new, _MARK, True)
-        new.__wrapped_original__ = original
-        if had_own and callable(original):
-            new.__doc__ = (original.__doc__ or "") + "\n\n[patched by duo_fast.integrations.duo]"
-            new.__name__ = getattr(original, "__name__", name)
-        setattr(owner, name, new)
-        replaced.append(_Replaced(owner, name, original, had_own))
-    result = Patch(parts, replaced)
+    result = Patch(parts, install(targets, __name__))
     log.info("duo_fast: patched the Duo codebase (%s): %s", ", ".join(parts), ", ".join(result.replaced))
     return result
 
