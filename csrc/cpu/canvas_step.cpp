@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> canvas_step_cpu(const at::Tensor&
                argmax.mutable_data_ptr<int64_t>(), entropy.mutable_data_ptr<float>()};
   BadRows bad;
   dispatch_float_storage(l, "logits", [&](auto* xp) {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, row_grain(K), [&](int64_t begin, int64_t end) {
       std::vector<float> w(static_cast<size_t>(K));
       if (have_avx2_fma())
         rows_avx2(xp, a, begin, end, w.data(), bad);

@@ -154,7 +154,7 @@ void dense_rows(const T* xp, int64_t K, const double* temp, float lt, const at::
       at::Tensor Pt = P.narrow(1, 0, kt);
       float* pp = P.mutable_data_ptr<float>();
       const int64_t pitch = P.size(1);
-      at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+      at::parallel_for(0, R, row_grain(kt), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const int64_t r = dense[c0 + i];
           s[i] += tile_weights_any(xp + r * K + j0, kt, stats[r].m, float(1.0 / temp[r]), lt, pp + i * pitch);
@@ -187,7 +187,7 @@ at::Tensor softmax_embed_cpu(const at::Tensor& logits, const at::Tensor& embeddi
     dispatch_float_storage(emb, "embedding", [&](auto* ep) {
       using E = std::remove_const_t<std::remove_pointer_t<decltype(ep)>>;
       E* op = reinterpret_cast<E*>(out.mutable_data_ptr());
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, row_grain(K), [&](int64_t begin, int64_t end) {
         if (have_avx2_fma())
           phase1_avx2(xp, K, tp, lt, ep, d, scale, op, begin, end, stats.data(), bad);
         else
