@@ -121,15 +121,9 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
   uint16_t(*Vs)[S::kPitchV] = reinterpret_cast<uint16_t(*)[S::kPitchV]>(smem + kPBytes);  // E tile, [entry][column]
   float* scale_s = reinterpret_cast<float*>(smem + kPBytes + S::kVBytes);  // exp(m_old - m_new) per row
   float* inv_l_s = scale_s + kRows;
-  const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
-  const int wr = warp & 3, wc = warp >> 2;          // mma role: rows 16 wr.., columns WC wc..
-  const int r = int(threadIdx.x) / S::kTPR;         // score role: row r, entries seg * kEPT ..
-  const int seg = int(threadIdx.x) % S::kTPR;
-  const int g = lane >> 2, q = lane & 3;
-  const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
-  const int col0 = WC * wc;
-  const int cols_left = int(d - c0 - col0 < WC ? d - c0 - col0 : WC);  // may be <= 0
-  const bool vec = d % 8 == 0 && (reinterpret_cast<uintptr_t>(E) & 15u) == 0;
+  const Roles ro = roles<CW, WC>(d, E);  // mma role: rows 16 wr..; score role: row r, entries seg * kEPT ..
+  const int wr = ro.wr, r = ro.r, seg = ro.seg, g = ro.g, q = ro.q, col0 = ro.col0, cols_left = ro.cols_left;
+  const int64_t c0 = ro.c0;
   for (int64_t t0 = int64_t(blockIdx.x) * kRows; t0 < n; t0 += int64_t(gridDim.x) * kRows) {
     const int64_t t = t0 + r;
     const Level lv = level_of(x0, gamma, inv_tau, n, t);
@@ -141,10 +135,7 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
     double m = -INFINITY, l = 0.0, best = -INFINITY;  // l: this thread's part of the row sum
     int64_t arg = 0;                                   // defined even if no score beats -inf (NaN levels)
     float acc[S::kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < S::kNT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    zero_acc(acc);
 
     for (int64_t j0 = 0; j0 < K; j0 += kKTile) {
       // 1. scores and the online softmax of row r (its kTPR threads in step)
@@ -177,20 +168,14 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
       if (mx > best) best = mx, arg = ax;  // earlier tiles win ties
       if (seg == 0) scale_s[r] = float(sc);
       // 2. the E tile
-      stage_tile<CW, WC>(Vs, E, K, d, j0, c0, vec);
+      stage_tile<CW, WC>(Vs, E, K, d, j0, c0, ro.vec);
       __syncthreads();
       // 3. O = O * scale + P E on the tensor cores (warps with columns left)
       if (cols_left > 0) {
         const float s0 = scale_s[16 * wr + g], s1 = scale_s[16 * wr + g + 8];
 #pragma unroll
         for (int nt = 0; nt < S::kNT; ++nt) acc[nt][0] *= s0, acc[nt][1] *= s0, acc[nt][2] *= s1, acc[nt][3] *= s1;
-#pragma unroll
-        for (int kk = 0; kk < kKTile / 16; ++kk) {
-          // x4: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3]
-          uint32_t a[4];
-          mma::ldmatrix<4, false>(a, &Ps[16 * wr + (lane & 7) + 8 * ((lane >> 3) & 1)][16 * kk + 8 * (lane >> 4)]);
-          mma_k16<CW, WC>(acc, a, Vs, 16 * kk, col0, cols_left, lane);
-        }
+        mma_rows<CW, WC>(acc, Ps, Vs, ro);
       }
       __syncthreads();  // Ps, Vs, scale_s are rewritten by the next tile
     }
@@ -217,21 +202,13 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
   DUO_DYNAMIC_SHARED(unsigned char, smem);  // backward_smem_bytes<CW, WC>()
   uint16_t(*Ps)[kPitchP] = reinterpret_cast<uint16_t(*)[kPitchP]>(smem);  // P tile, [token][id], bf16
   uint16_t(*Vs)[S::kPitchV] = reinterpret_cast<uint16_t(*)[S::kPitchV]>(smem + kPBytes);  // dh tile, [token][column]
-  const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
-  const int wr = warp & 3, wc = warp >> 2;   // mma role: ids 16 wr.., columns WC wc..
-  const int r = int(threadIdx.x) / S::kTPR;  // score role: token row r, ids seg * kEPT ..
-  const int seg = int(threadIdx.x) % S::kTPR;
-  const int g = lane >> 2, q = lane & 3;
-  const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
-  const int col0 = WC * wc;
-  const int cols_left = int(d - c0 - col0 < WC ? d - c0 - col0 : WC);
-  const bool vec = d % 8 == 0 && (reinterpret_cast<uintptr_t>(dh) & 15u) == 0;
+  const Roles ro = roles<CW, WC>(d, dh);  // mma role: ids 16 wr..; score role: token row r, ids seg * kEPT ..
+  const int lane = ro.lane, wr = ro.wr, r = ro.r, seg = ro.seg, g = ro.g, q = ro.q, col0 = ro.col0;
+  const int cols_left = ro.cols_left;
+  const int64_t c0 = ro.c0;
   for (int64_t j0 = int64_t(blockIdx.x) * kRows; j0 < K; j0 += int64_t(gridDim.x) * kRows) {
     float acc[S::kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < S::kNT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    zero_acc(acc);
     for (int64_t t0 = 0; t0 < n; t0 += kKTile) {
       // 1. P[t][j] = exp(y - lse_t) of token row r, ids j0 + seg * kEPT ..
       const int64_t t = t0 + r;
@@ -244,7 +221,7 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
         *reinterpret_cast<uint32_t*>(&Ps[r][seg * S::kEPT + e]) =
             mma::pack_bf16x2(expf(float(y[e] - ls)), expf(float(y[e + 1] - ls)));  // exp(-inf) = 0
       // 2. the dh tile
-      stage_tile<CW, WC>(Vs, dh, n, d, t0, c0, vec);
+      stage_tile<CW, WC>(Vs, dh, n, d, t0, c0, ro.vec);
       __syncthreads();
       // 3. dE += P^T dh
       if (cols_left > 0) {

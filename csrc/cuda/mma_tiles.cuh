@@ -95,6 +95,50 @@ DUO_DEVICE void mma_k16(float (&acc)[WC / 8][4], const uint32_t (&a)[4], const u
   }
 }
 
+// A thread's roles in a block of Shape<CW, WC> over a [rows, d] output (blockIdx.y:
+// the column slice): the mma role (warp wr of the 4 row warps: rows 16 wr..; column
+// warp wc: columns col0.. of the slice starting at c0, cols_left of them, may be
+// <= 0), the weight role (row r of the P tile, entries seg * kEPT..), the fragment
+// coordinates g, q, and whether the right-hand matrix V stages in 16-byte copies.
+struct Roles {
+  int lane, wr, r, seg, g, q, col0, cols_left;
+  int64_t c0;
+  bool vec;
+};
+
+template <int CW, int WC>
+DUO_DEVICE Roles roles(int64_t d, const uint16_t* V) {
+  using S = Shape<CW, WC>;
+  const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
+  const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
+  const int col0 = WC * (warp >> 2);
+  return {lane, warp & 3, int(threadIdx.x) / S::kTPR, int(threadIdx.x) % S::kTPR, lane >> 2, lane & 3, col0,
+          int(d - c0 - col0 < WC ? d - c0 - col0 : WC), c0, d % 8 == 0 && (reinterpret_cast<uintptr_t>(V) & 15u) == 0};
+}
+
+template <int NT>
+DUO_DEVICE void zero_acc(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+}
+
+// acc += P V for the warp's 16 rows of the P tile (all kKTile entries, [row][entry])
+// and its columns of the V tile ([entry][column]): the forward GEMM step.
+template <int CW, int WC>
+DUO_DEVICE void mma_rows(float (&acc)[WC / 8][4], const uint16_t (*Ps)[kPitchP],
+                         const uint16_t (*V)[Shape<CW, WC>::kPitchV], const Roles& ro) {
+  if (ro.cols_left <= 0) return;
+#pragma unroll
+  for (int kk = 0; kk < kKTile / 16; ++kk) {
+    // x4: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3]
+    uint32_t a[4];
+    mma::ldmatrix<4, false>(a, &Ps[16 * ro.wr + (ro.lane & 7) + 8 * ((ro.lane >> 3) & 1)][16 * kk + 8 * (ro.lane >> 4)]);
+    mma_k16<CW, WC>(acc, a, V, 16 * kk, ro.col0, ro.cols_left, ro.lane);
+  }
+}
+
 // Stores the warp's accumulators (m16n8 C fragments: lane holds rows g and g + 8,
 // columns 2 q + i of each n-tile) into the row-major out[rows][d] at column c0,
 // rows ra and ra + 8 scaled by sa and sb; rows >= rows_end and columns past

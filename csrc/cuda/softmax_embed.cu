@@ -92,51 +92,34 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
   uint16_t(*Ps)[kPitchP] = reinterpret_cast<uint16_t(*)[kPitchP]>(smem);  // P tile, [row][entry], bf16
   uint16_t(*Vs)[S::kPitchV] = reinterpret_cast<uint16_t(*)[S::kPitchV]>(smem + kPBytes);  // E tile, [entry][column]
   float* inv_s = reinterpret_cast<float*>(smem + kPBytes + S::kVBytes);  // scale / S per row
-  const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
-  const int wr = warp & 3, wc = warp >> 2;   // mma role: rows 16 wr.., columns WC wc..
-  const int r = int(threadIdx.x) / S::kTPR;  // weight role: row r, entries seg * kEPT ..
-  const int seg = int(threadIdx.x) % S::kTPR;
-  const int g = lane >> 2, q = lane & 3;
-  const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
-  const int col0 = WC * wc;
-  const int cols_left = int(d - c0 - col0 < WC ? d - c0 - col0 : WC);  // may be <= 0
-  const bool vec = d % 8 == 0 && (reinterpret_cast<uintptr_t>(E) & 15u) == 0;
+  const Roles ro = roles<CW, WC>(d, E);
   for (int64_t t0 = int64_t(blockIdx.x) * kRows; t0 < rows; t0 += int64_t(gridDim.x) * kRows) {
-    const int64_t row = t0 + r;
+    const int64_t row = t0 + ro.r;
     const float M = row < rows ? row_max[row] : 0.0f;
     const float inv_t = row < rows ? float(1.0 / temperature[row]) : 0.0f;
     float acc[S::kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < S::kNT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    zero_acc(acc);
     for (int64_t j0 = 0; j0 < K; j0 += kKTile) {
-      const int64_t j = j0 + seg * S::kEPT;
+      const int64_t j = j0 + ro.seg * S::kEPT;
       int any = 0;
 #pragma unroll 4  // fully unrolled, the 32 weights of CW = 1 spill next to its 64 accumulators
       for (int e = 0; e < S::kEPT; e += 2) {
         const float p0 = entry_weight(logits, row, rows, j + e, K, M, inv_t, lt);
         const float p1 = entry_weight(logits, row, rows, j + e + 1, K, M, inv_t, lt);
         any |= int(p0 != 0.0f) | int(p1 != 0.0f);
-        *reinterpret_cast<uint32_t*>(&Ps[r][seg * S::kEPT + e]) = mma::pack_bf16x2(p0, p1);
+        *reinterpret_cast<uint32_t*>(&Ps[ro.r][ro.seg * S::kEPT + e]) = mma::pack_bf16x2(p0, p1);
       }
       if (!__syncthreads_or(any)) continue;  // no kept entry in the block's rows: skip the tile
-      stage_tile<CW, WC>(Vs, E, K, d, j0, c0, vec);
+      stage_tile<CW, WC>(Vs, E, K, d, j0, ro.c0, ro.vec);
       __syncthreads();
-      if (cols_left > 0) {
-#pragma unroll
-        for (int kk = 0; kk < kKTile / 16; ++kk) {
-          uint32_t a[4];
-          mma::ldmatrix<4, false>(a, &Ps[16 * wr + (lane & 7) + 8 * ((lane >> 3) & 1)][16 * kk + 8 * (lane >> 4)]);
-          mma_k16<CW, WC>(acc, a, Vs, 16 * kk, col0, cols_left, lane);
-        }
-      }
+      mma_rows<CW, WC>(acc, Ps, Vs, ro);
       __syncthreads();  // Ps and Vs are rewritten by the next tile
     }
-    if (seg == 0) inv_s[r] = row < rows ? float(scale / row_sum[row]) : 0.0f;
+    if (ro.seg == 0) inv_s[ro.r] = row < rows ? float(scale / row_sum[row]) : 0.0f;
     __syncthreads();
-    if (cols_left > 0)
-      store_acc(h, acc, t0 + 16 * wr + g, rows, d, c0 + col0, cols_left, q, inv_s[16 * wr + g], inv_s[16 * wr + g + 8]);
+    if (ro.cols_left > 0)
+      store_acc(h, acc, t0 + 16 * ro.wr + ro.g, rows, d, ro.c0 + ro.col0, ro.cols_left, ro.q, inv_s[16 * ro.wr + ro.g],
+                inv_s[16 * ro.wr + ro.g + 8]);
     __syncthreads();  // inv_s is rewritten by the next row group
   }
 }

@@ -26,6 +26,7 @@ dry run) the same calls run on the CPU kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -155,22 +156,28 @@ def calls(device: str):
     out.append(("linear_distill_kl bwd", linear_kl("bwd", "none")))
     out.append(("linear_distill_kl fwd reduction=mean", linear_kl("fwd", "mean")))
 
-    def embed(K=1000, d=24, portable=False):
+    @contextlib.contextmanager
+    def kernels(portable):
         # DUO_FAST_EMBED_PORTABLE (read per call): the float kernels, else the tensor-core
-        # kernels on sm_80+ (curriculum_embed_mma.cu; d picks the block shape: <= 128, <= 256, more)
+        # kernels on sm_80+ (curriculum_embed_mma.cu, softmax_embed.cu; d picks the block
+        # shape: <= 128, <= 256, more)
+        old = os.environ.get("DUO_FAST_EMBED_PORTABLE")
+        os.environ["DUO_FAST_EMBED_PORTABLE"] = "1" if portable else "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("DUO_FAST_EMBED_PORTABLE", None)
+            else:
+                os.environ["DUO_FAST_EMBED_PORTABLE"] = old
+
+    def embed(K=1000, d=24, portable=False):
         def f():
-            old = os.environ.get("DUO_FAST_EMBED_PORTABLE")
-            os.environ["DUO_FAST_EMBED_PORTABLE"] = "1" if portable else "0"
-            try:
+            with kernels(portable):
                 E = (0.02 * rn(K, d)).requires_grad_(True)
                 h, z = duo_fast.curriculum_embed(ids(K, 2, 11), levels(2), 10.0, E, seed=7)
                 h.sum().backward()
                 return z
-            finally:
-                if old is None:
-                    os.environ.pop("DUO_FAST_EMBED_PORTABLE", None)
-                else:
-                    os.environ["DUO_FAST_EMBED_PORTABLE"] = old
         return f
 
     out.append(("curriculum_embed fwd+bwd (float kernels)", embed(portable=True)))
@@ -208,23 +215,16 @@ def calls(device: str):
     out.append(("canvas_step fp16 K=262144", canvas(torch.float16, 262_144, False)))
 
     def soft(emb_dt, d, K=1000, portable=False, confident=False):
-        # bf16 E on tensor cores (sm_80+; d picks the block shape) unless DUO_FAST_EMBED_PORTABLE=1;
-        # float32 / float16 E: the float kernel. confident rows skip empty tiles.
+        # bf16 E on tensor cores unless portable; float32 / float16 E: the float kernel.
+        # Confident rows skip empty tiles.
         def f():
-            old = os.environ.get("DUO_FAST_EMBED_PORTABLE")
-            os.environ["DUO_FAST_EMBED_PORTABLE"] = "1" if portable else "0"
-            try:
+            with kernels(portable):
                 logits = rn(3, 23, K) * 2
                 if confident:
                     logits -= 100.0
                     logits[..., 7] = 0.0
                 E = (0.02 * rn(K, d)).to(emb_dt)
                 return duo_fast.softmax_embed(logits, E, temperature=0.7, scale=3.0)
-            finally:
-                if old is None:
-                    os.environ.pop("DUO_FAST_EMBED_PORTABLE", None)
-                else:
-                    os.environ["DUO_FAST_EMBED_PORTABLE"] = old
         return f
 
     out.append(("softmax_embed bf16 E d=24 (tensor cores on sm_80+)", soft(torch.bfloat16, 24)))
