@@ -227,6 +227,43 @@ inline void check_sample_step_args(const at::Tensor& logits, const at::Tensor& z
   if (logits.is_cuda()) check_logits_rows_on_host(logits);
 }
 
+// canvas_step / softmax_embed: logits [..., K] float32/bfloat16/float16; temperature
+// float64 of the leading shape (the wrapper broadcasts a float or a per-row value),
+// finite and > 0 (values on the host for CPU tensors; CUDA kernels check on the device).
+inline void check_canvas_logits(const at::Tensor& logits, const at::Tensor& temperature) {
+  check_floating(logits, "logits", {at::kFloat, at::kBFloat16, at::kHalf});
+  TORCH_CHECK(logits.dim() >= 1, "duo_fast: logits must be [..., K], got a 0-dim tensor");
+  check_vocab(logits.size(-1), "logits.size(-1) (the vocabulary size)");
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK(temperature.scalar_type() == at::kDouble, "duo_fast: temperature has dtype ", temperature.scalar_type(),
+              ", expected Double (the wrapper converts)");
+  TORCH_CHECK(temperature.sizes() == lead, "duo_fast: temperature has shape ", temperature.sizes(),
+              ", expected logits' leading shape ", lead);
+  check_same_device(logits, "logits", temperature, "temperature");
+  if (temperature.numel() > 0 && check_values_on_host(temperature)) {
+    auto [lo, hi] = at::aminmax(temperature);
+    const double mn = lo.item<double>(), mx = hi.item<double>();
+    TORCH_CHECK(mn > 0.0 && std::isfinite(mx), "duo_fast: temperature must be finite and > 0, got values in [", mn,
+                ", ", mx, "]");
+  }
+  // The CPU kernels check the logits rows as they read them; CUDA kernels on the
+  // device (check::kLogits); here only under DUO_FAST_CUDA_SYNC_CHECKS.
+  if (logits.is_cuda()) check_logits_rows_on_host(logits);
+}
+
+// softmax_embed: the logits and temperature of canvas_step, an embedding [K, d]
+// (float32/bfloat16/float16) on their device, a finite scale.
+inline void check_softmax_embed_args(const at::Tensor& logits, const at::Tensor& embedding,
+                                     const at::Tensor& temperature, double scale) {
+  check_floating(embedding, "embedding", {at::kFloat, at::kBFloat16, at::kHalf});
+  TORCH_CHECK(embedding.dim() == 2, "duo_fast: embedding must be [vocab_size, d], got shape ", embedding.sizes());
+  TORCH_CHECK(std::isfinite(scale), "duo_fast: scale must be finite, got ", scale);
+  check_same_device(logits, "logits", embedding, "embedding");
+  TORCH_CHECK(logits.dim() >= 1 && embedding.size(0) == logits.size(-1), "duo_fast: embedding has ",
+              embedding.size(0), " rows, expected one per logit: logits has shape ", logits.sizes());
+  check_canvas_logits(logits, temperature);
+}
+
 // Levels of the curriculum ops: float64 of x0's shape (the wrapper converts),
 // gamma finite, inv_tau finite and > 0.
 inline void check_curriculum_levels(const at::Tensor& x0, const at::Tensor& gamma, const at::Tensor& inv_tau) {

@@ -74,6 +74,15 @@ TORCH_LIBRARY(duo_fast, m) {
   // docs/math.md §4: the dense q(z_s) [..., K] float32 that sample_step draws from.
   m.def("posterior(Tensor logits, Tensor z, Tensor alpha_t, Tensor alpha_s, float kappa, float temperature,"
         " float top_p) -> Tensor");
+  // DiffusionGemma's denoising step (canvas_step.h): per row of logits [..., K]
+  // (float32, bfloat16, float16) and temperature (float64, the leading shape),
+  // one draw from softmax(logits / T), the argmax (first index) and the entropy
+  // (float32). Philox key `seed`, position `offset` of stream row.
+  m.def("canvas_step(Tensor logits, Tensor temperature, SymInt seed, int offset) -> (Tensor, Tensor, Tensor)");
+  // The soft embedding of DiffusionGemma's self-conditioning (softmax_embed.h):
+  // softmax(logits / T) @ embedding * scale, [..., d] in embedding's dtype, without
+  // the [rows, K] probabilities. Forward only.
+  m.def("softmax_embed(Tensor logits, Tensor embedding, Tensor temperature, float scale) -> Tensor");
   // Raises the invalid values that the CUDA kernels found on the device of
   // `device_like` (duo_fast/device_check.h) after waiting for that device; on
   // CPU a no-op (CPU ops raise at the call).

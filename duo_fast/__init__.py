@@ -82,6 +82,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 from . import generation, reference
 from .ops import (
+    canvas_step,
     check_device_errors,
     curriculum_embed,
     curriculum_topk,
@@ -94,6 +95,7 @@ from .ops import (
     posterior,
     sample_step,
     sample_zt,
+    softmax_embed,
     usdm_loss,
 )
 from .generation import generate
@@ -134,6 +136,7 @@ def cache_info() -> dict:
 __all__ = [
     "build_info",
     "cache_info",
+    "canvas_step",
     "check_device_errors",
     "curriculum_embed",
     "curriculum_topk",
@@ -150,5 +153,6 @@ __all__ = [
     "reference",
     "sample_step",
     "sample_zt",
+    "softmax_embed",
     "usdm_loss",
 ]

@@ -231,6 +231,28 @@ def linear_sample_step():
 
 
 @check
+def canvas_step():
+    K = 37
+    g = _gen(28)
+    logits = torch.randn(2, 50, K, generator=g) * 3
+    sample, argmax, entropy = duo_fast.canvas_step(logits, temperature=0.7, seed=29)
+    assert torch.equal(argmax, logits.argmax(-1)) and 0 <= int(sample.min()) and int(sample.max()) < K
+    _close(entropy, reference.canvas_entropy(logits, 0.7), 1e-5, 0.0, "canvas_step entropy")
+    # the draw of sample_step's noise-removal step from the same numbers
+    ones = torch.ones(2, dtype=torch.float64)
+    assert torch.equal(sample, duo_fast.sample_step(logits, sample, 0 * ones, ones, temperature=0.7, seed=29))
+
+
+@check
+def softmax_embed():
+    K, d = 37, 6
+    g = _gen(30)
+    logits, E = torch.randn(2, 5, K, generator=g) * 3, torch.randn(K, d, generator=g)
+    _close(duo_fast.softmax_embed(logits, E, temperature=0.7, scale=2.0),
+           reference.softmax_embed(logits, E, 0.7, 2.0), 1e-5, 1e-6, "softmax_embed")
+
+
+@check
 def generate():
     K, B, L, steps = 6, 3, 2, 4
 

@@ -31,9 +31,9 @@ BAD_ROWS = {
     "posinf": lambda row: row.index_fill_(0, torch.tensor([2]), INF),
     "all_neginf": lambda row: row.fill_(-INF),
 }
-N_CHECKS = 12  # check::kNumArgs (csrc/include/duo_fast/device_check.h)
+N_CHECKS = 13  # check::kNumArgs (csrc/include/duo_fast/device_check.h)
 CHECK = dict(x0=0, z=1, ids=2, alpha=3, dalpha=4, alpha_t=5, alpha_s=6, gamma=7, inv_tau=8, gamma_nan=9, gamma_s_nan=10,
-             logits=11)
+             logits=11, temperature=12)
 
 
 def _rows(rows, K, seed, bad, bad_row=1):
@@ -213,6 +213,10 @@ def test_sampling_bad_rows_raise(bad, dtype, top_p):
         duo_fast.posterior(logits, z, a_t, a_s, top_p=top_p)
     with pytest.raises(RuntimeError, match=match):  # direct op calls too
         torch.ops.duo_fast.sample_step(logits, z, a_t, a_s, 1.0, 1.0, top_p, 1, 0)
+    with pytest.raises(RuntimeError, match=match):  # DiffusionGemma's step ops, the same policy
+        duo_fast.canvas_step(logits, temperature=0.7, seed=1)
+    with pytest.raises(RuntimeError, match=match):
+        duo_fast.softmax_embed(logits, torch.ones(K, 3, dtype=dtype))
     # the good rows alone still sample, and one -inf entry per row is fine
     good = logits[:3].clone()
     good[:, 7] = -INF

@@ -118,6 +118,8 @@ def test_other_ops_compiled_match_eager(device):
             duo_fast.posterior(t["logits"], t["z"], t["a_t"], a_s, temperature=0.7, top_p=0.9),
             *duo_fast.curriculum_topk(t["x0"], t["gamma"], 2.0, 4, K, zt_rule="reference", seed=6),
             *duo_fast.curriculum_embed(t["x0"], t["gamma"], 3.0, t["E"], seed=7),
+            *duo_fast.canvas_step(t["logits"], temperature=a_s, seed=8),
+            duo_fast.softmax_embed(t["logits"], t["E"], temperature=a_s, scale=2.0),
         )
 
     _same(every(t), _compiled(every)(t), exact=device == "cpu")
@@ -139,6 +141,7 @@ def test_random_ops_with_the_default_generator_in_the_graph():
             duo_fast.sample_step(t["logits"], t["z"], t["a_t"], a_s),
             *duo_fast.curriculum_topk(t["x0"], t["gamma"], 2.0, 3, K),
             *duo_fast.curriculum_embed(t["x0"], t["gamma"], 3.0, t["E"]),
+            *duo_fast.canvas_step(t["logits"], temperature=0.7),
         )
 
     compiled = _compiled(draws)

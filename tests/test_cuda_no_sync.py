@@ -126,6 +126,9 @@ def _run_every_op(t, K, rand, backward=True):
     duo_fast.linear_sample_step(t["hidden"], t["weight"], None, t["z"], t["a_t"], t["a_s"], kappa=0.5, chunk_size=4,
                                 guidance=(t["hidden"] + 1, 2.0), **rand())
     duo_fast.posterior(t["logits"], t["z"], t["a_t"], t["a_s"], kappa=0.5)
+    duo_fast.canvas_step(t["logits"], temperature=t["a_s"], **rand())
+    duo_fast.canvas_step(t["logits"], temperature=0.7, **rand())
+    duo_fast.softmax_embed(t["logits"], t["emb"], temperature=t["a_s"], scale=3.0)
     ids, wts, _ = duo_fast.curriculum_topk(t["x0"], 0.5, 2.0, 3, K, **rand())  # float levels: torch.full on the device
     e = t["emb"].clone().requires_grad_()
     hk, _ = duo_fast.curriculum_topk_embed(t["x0"], t["gamma"], 2.0, 3, e, **rand())
@@ -244,7 +247,7 @@ def test_emulated_device_checks(harness, emulated, mode, seed):
     # levels are counted per argument, their rows get NaN / in-range ids, valid rows
     # are unaffected (compared with the CPU op on the valid rows).
     harness.configure_emulation(emulated, mode=mode, seed=seed)
-    take = lambda: (lambda c: (emulated.df_emu_take_checks(ptr(c)), c)[1])(torch.zeros(12, dtype=torch.int32))  # noqa: E731
+    take = lambda: (lambda c: (emulated.df_emu_take_checks(ptr(c)), c)[1])(torch.zeros(13, dtype=torch.int32))  # noqa: E731
     try:
         take()
         K, rows = 50, 6
@@ -257,7 +260,7 @@ def test_emulated_device_checks(harness, emulated, mode, seed):
         assert emulated.df_emu_usdm_loss(ptr(logits), 0, ptr(z), ptr(x0), ptr(alpha), ptr(dalpha), ptr(loss), ptr(grad),
                                          ctypes.c_int64(rows), ctypes.c_int64(K)) == 0
         c = take()
-        assert c.tolist() == [2, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0]  # x0, z, ids, alpha, ...
+        assert c.tolist() == [2, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # x0, z, ids, alpha, ...
         assert loss[1:].isnan().all() and grad[1:].isnan().all()
         cl, cg = torch.ops.duo_fast.usdm_loss(logits[:1], z[:1], x0[:1], alpha[:1], dalpha[:1], True)
         torch.testing.assert_close(loss[:1], cl, rtol=1e-4, atol=1e-5)
@@ -272,7 +275,7 @@ def test_emulated_device_checks(harness, emulated, mode, seed):
         assert emulated.df_emu_posterior(ptr(logits), 0, ptr(zs), ptr(a_t), ptr(a_s), ptr(q), ctypes.c_int64(rows),
                                          ctypes.c_int64(K), ctypes.c_double(1.0), ctypes.c_double(1.0), ctypes.c_double(0.7)) == 0
         c = take()
-        assert c.tolist() == [0, 2, 0, 0, 0, 2, 2, 0, 0, 0, 0, 0]  # z, alpha_t, alpha_s (row 2 fails both)
+        assert c.tolist() == [0, 2, 0, 0, 0, 2, 2, 0, 0, 0, 0, 0, 0]  # z, alpha_t, alpha_s (row 2 fails both)
         assert ((out >= 0) & (out < K)).all() and (out[1:4] == 0).all()
         assert q[1:4].isnan().all() and not q[[0, 4, 5]].isnan().any()
         ok = torch.tensor([0, 4, 5])

@@ -291,9 +291,9 @@ def test_mma_device_side_checks(emulated):
     it = torch.full((n,), 2.0, dtype=torch.float64)
     x0[0], gamma[1], it[2] = K + 3, math.nan, 0.0
     E = torch.randn(K, d, generator=torch.Generator().manual_seed(4))
-    checks = torch.zeros(12, dtype=torch.int32)  # check::kNumArgs
+    checks = torch.zeros(13, dtype=torch.int32)  # check::kNumArgs
     h, z, _ = _run_forward(emulated, x0, gamma, it, E, 6, checks)
-    assert checks.tolist() == [1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0]  # kX0, kGamma, kInvTau
+    assert checks.tolist() == [1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]  # kX0, kGamma, kInvTau
     assert bool(((z >= 0) & (z < K)).all())
     # tokens 3.. against the CPU kernel on the same rows (token t draws Philox stream t)
     x1, g1, i1 = x0.clone(), gamma.clone(), it.clone()

@@ -23,6 +23,12 @@ OUT_FILES = {"gpu_report.md", "gpu_results.json", "gpu_log.txt", "gpu_tests_juni
              "gpu_build.log"}
 OPS = {"usdm_loss", "distill_kl", "sample_step", "sample_zt", "curriculum_embed", "curriculum_topk_embed",
        "curriculum_topk", "linear_usdm_loss", "linear_distill_kl", "linear_sample_step", "gamma_to_alpha"}
+try:  # DiffusionGemma's rows need transformers' models.diffusion_gemma (requirements-test.txt)
+    import transformers.models.diffusion_gemma.generation_diffusion_gemma  # noqa: F401
+
+    OPS.add("diffusion_gemma")
+except ImportError:
+    pass
 
 
 @pytest.fixture(scope="module")

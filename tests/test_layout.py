@@ -22,7 +22,7 @@ import duo_fast
 ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL_OPS = ("gamma_to_alpha", "sample_zt", "curriculum_embed", "curriculum_topk", "usdm_loss", "distill_kl",
-              "sample_step")
+              "sample_step", "canvas_step", "softmax_embed")
 COMPOSITE_OPS = ("linear_usdm_loss", "linear_distill_kl", "linear_sample_step")  # Python over a kernel op: no header or kernels of their own
 
 

@@ -239,7 +239,7 @@ def test_all_minus_inf_rows_do_not_crash(harness, emulated):
     kl = torch.empty(rows)
     assert emulated.df_emu_distill_kl(ptr(x), 0, ptr(x), 0, ptr(kl), ptr(grad), ctypes.c_int64(rows), ctypes.c_int64(K), 0) == 0
     assert torch.isfinite(kl[[0, 2]]).all() and kl[1].isnan()
-    c = torch.zeros(12, dtype=torch.int32)  # a name: ptr() of a temporary would point at freed memory
+    c = torch.zeros(13, dtype=torch.int32)  # a name: ptr() of a temporary would point at freed memory
     emulated.df_emu_take_checks(ptr(c))
     out = torch.full((rows,), -5, dtype=torch.int64)
     assert emulated.df_emu_sample_step(ptr(x), 0, ptr(z), ptr(a), ptr(a), ptr(out), ctypes.c_int64(rows), ctypes.c_int64(K),
@@ -249,7 +249,7 @@ def test_all_minus_inf_rows_do_not_crash(harness, emulated):
     assert emulated.df_emu_posterior(ptr(x), 0, ptr(z), ptr(a), ptr(a), ptr(q), ctypes.c_int64(rows), ctypes.c_int64(K),
                                      ctypes.c_double(1.0), ctypes.c_double(1.0), ctypes.c_double(0.5)) == 0
     assert q[1].isnan().all() and not q[[0, 2]].isnan().any()
-    c = torch.zeros(12, dtype=torch.int32)
+    c = torch.zeros(13, dtype=torch.int32)
     emulated.df_emu_take_checks(ptr(c))
     assert c[11] == 2 and c.sum() == 2  # check::kLogits, once per op
     # CPU ops: NaN losses, an error from sampling

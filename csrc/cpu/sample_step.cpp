@@ -11,10 +11,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
+#include "bad_rows.h"
 #include "checks.h"
 #include "dispatch.h"
 #include "duo_fast/device_check.h"
@@ -114,16 +114,8 @@ int64_t sample_row(const T* x, int64_t K, int64_t z, double alpha_t, double alph
     case sampling::kModel: break;
   }
   // Inverse CDF: the first j whose inclusive running sum exceeds u * kept.
-  const double target = draw.u_cat * row.kept;
-  double run = 0.0;
-  for (int64_t j = 0; j < K; ++j) {
-    run += w[j];  // zero weights never pass: the sum did not move
-    if (run > target) return j;
-  }
-  // Rounding left u * kept at the total: the last positive weight (none: a NaN row).
-  for (int64_t j = K - 1; j >= 0; --j)
-    if (w[j] > 0.0f) return j;
-  return z;
+  const int64_t j = sampling::inverse_cdf(w, K, draw.u_cat * row.kept);
+  return j >= 0 ? j : z;
 }
 
 template <class T>
@@ -137,23 +129,6 @@ bool posterior_row(const T* x, int64_t K, int64_t z, double alpha_t, double alph
   q[z] = float(double(q[z]) + mix.z);
   return true;
 }
-
-// Rows without a distribution, counted across threads; the first one named.
-struct BadRows {
-  std::atomic<int64_t> count{0};
-  std::atomic<int64_t> first{INT64_MAX};
-  void add(int64_t r) {
-    count.fetch_add(1, std::memory_order_relaxed);
-    int64_t f = first.load(std::memory_order_relaxed);
-    while (r < f && !first.compare_exchange_weak(f, r, std::memory_order_relaxed)) {
-    }
-  }
-  void raise_if_any() const {
-    const int64_t n = count.load();
-    TORCH_CHECK(n == 0, "duo_fast: logits: ", n, " row(s) (the first: row ", first.load(), " of the flattened leading "
-                "dimensions)", kBadLogitsRows);
-  }
-};
 
 at::Tensor sample_step_cpu(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
                            const at::Tensor& alpha_s, double kappa, double temperature, double top_p, int64_t seed,

@@ -232,6 +232,26 @@ at::Tensor posterior_cuda(const at::Tensor& logits, const at::Tensor& z, const a
   return q;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> canvas_step_cuda(const at::Tensor& logits,
+                                                                const at::Tensor& temperature, int64_t seed,
+                                                                int64_t offset) {
+  check_canvas_logits(logits, temperature);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  uint32_t* checks = begin_checks(logits.device(), "canvas_step");
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor l = logits.contiguous(), t = temperature.contiguous();
+  const auto lead = l.sizes().slice(0, l.dim() - 1);
+  at::Tensor sample = at::empty(lead, l.options().dtype(at::kLong)), argmax = at::empty_like(sample);
+  at::Tensor entropy = at::empty(lead, l.options().dtype(at::kFloat));
+  check_launch(cuda::canvas_step(l.const_data_ptr(), logits_dtype_code(l), t.const_data_ptr<double>(),
+                                 sample.mutable_data_ptr<int64_t>(), argmax.mutable_data_ptr<int64_t>(),
+                                 entropy.mutable_data_ptr<float>(), t.numel(), l.size(-1), uint64_t(seed),
+                                 uint64_t(offset), checks, stream),
+               "canvas_step");
+  end_checks(logits.device(), stream);
+  return {sample, argmax, entropy};
+}
+
 // curriculum_embed on tensor cores (curriculum_embed_mma.cu) when the device and the
 // kernel binary the runtime picks for it are sm_80+ (a build whose only code
 // for this device is older PTX would trap), unless DUO_FAST_EMBED_PORTABLE=1
@@ -287,6 +307,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> curriculum_embed_cuda(const at::T
                "curriculum_embed");
   end_checks(x0.device(), stream);
   return {h.to(embedding.scalar_type()), z, lse};
+}
+
+at::Tensor softmax_embed_cuda(const at::Tensor& logits, const at::Tensor& embedding, const at::Tensor& temperature,
+                              double scale) {
+  check_softmax_embed_args(logits, embedding, temperature, scale);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  uint32_t* checks = begin_checks(logits.device(), "softmax_embed");
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor l = logits.contiguous(), t = temperature.contiguous(), E = embedding.contiguous();
+  const int64_t rows = t.numel(), K = l.size(-1), d = E.size(1);
+  auto sizes = l.sizes().vec();
+  sizes.back() = d;
+  at::Tensor h = at::empty(sizes, E.options().dtype(at::kFloat));
+  at::Tensor row_max = at::empty({rows}, l.options().dtype(at::kFloat));
+  at::Tensor row_sum = at::empty({rows}, l.options().dtype(at::kDouble));
+  // bf16 E on tensor cores (read in place); float32 / float16 E, or sm < 80: the float kernel.
+  const bool tc = E.scalar_type() == at::kBFloat16 && embed_on_tensor_cores(logits.device());
+  check_launch(cuda::softmax_embed(l.const_data_ptr(), logits_dtype_code(l), t.const_data_ptr<double>(),
+                                   E.const_data_ptr(), logits_dtype_code(E), tc, rows, K, d, scale,
+                                   row_max.mutable_data_ptr<float>(), row_sum.mutable_data_ptr<double>(),
+                                   h.mutable_data_ptr<float>(), checks, stream),
+               "softmax_embed");
+  end_checks(logits.device(), stream);
+  return h.to(E.scalar_type());
 }
 
 at::Tensor curriculum_embed_backward_cuda(const at::Tensor& grad_h, const at::Tensor& x0, const at::Tensor& gamma,
@@ -447,6 +491,8 @@ TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
   m.impl("gamma_to_alpha", &gamma_to_alpha_cuda);
   m.impl("sample_zt", &sample_zt_cuda);
   m.impl("sample_step", &sample_step_cuda);
+  m.impl("canvas_step", &canvas_step_cuda);
+  m.impl("softmax_embed", &softmax_embed_cuda);
   m.impl("posterior", &posterior_cuda);
   m.impl("curriculum_topk", &curriculum_topk_cuda);
   m.impl("curriculum_topk_embed", &curriculum_topk_embed_cuda);

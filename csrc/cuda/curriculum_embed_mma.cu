@@ -68,42 +68,14 @@
 #include "duo_fast/curriculum_topk.h"
 #include "curriculum_embed_mma.h"
 #include "mma_sm80.cuh"
+#include "mma_tiles.cuh"
 
 namespace duo_fast {
 namespace cuda {
 namespace {
 
-constexpr int kRows = 64;             // tokens (forward) / ids (backward) per block
-constexpr int kKTile = 64;            // entries (forward) / tokens (backward) per k-tile
-constexpr int kPitchP = kKTile + 8;   // bf16 per row of the P tile (+16 bytes: the 8 rows of an
-                                      // ldmatrix fall on different banks)
-
-// CW column warps of WC columns each (WC / 8 n-tiles of 8): (1, 128) for d <= 128,
-// (2, 128) for d <= 256, else (2, 192): d = 768 in two slices of 384 (the draws
-// are repeated per slice, so fewer, wider slices; 96 accumulators per thread).
-template <int CW, int WC>
-struct Shape {
-  static constexpr int kNT = WC / 8;                 // n-tiles per warp
-  static constexpr int kThreads = 128 * CW;          // 4 row warps x CW column warps
-  static constexpr int kCols = WC * CW;              // columns of d per block
-  static constexpr int kPitchV = kCols + 8;          // bf16 per row of the E / dh tile
-  static constexpr int kTPR = kThreads / kRows;      // threads per score row: 2 or 4 (consecutive lanes)
-  static constexpr int kEPT = kKTile / kTPR;         // scores per thread per tile: 32 or 16
-  static constexpr int kVBytes = kKTile * kPitchV * 2;
-  static_assert(kEPT % 4 == 0, "whole Philox blocks per thread");
-  static_assert(kVBytes % 16 == 0, "ldmatrix rows are 16-byte aligned");
-};
-
-// Shared memory (dynamic: the emulation refills it with garbage per block, so a
-// read before write shows): the P tile, the E / dh tile, and (forward) two
-// floats per row: 58.5 KB for (CW, WC) = (2, 192), opted in above the 48 KB default.
-constexpr int kPBytes = kRows * kPitchP * 2;
-static_assert(kPBytes % 16 == 0, "ldmatrix rows are 16-byte aligned");
-template <int CW, int WC>
-constexpr size_t forward_smem_bytes() { return size_t(kPBytes + Shape<CW, WC>::kVBytes) + 2 * kRows * sizeof(float); }
-template <int CW, int WC>
-constexpr size_t backward_smem_bytes() { return size_t(kPBytes + Shape<CW, WC>::kVBytes); }
-static_assert(forward_smem_bytes<2, 192>() <= 99 * 1024, "fits sm_80 (163 KB per block opt-in) twice over");
+// The tile shapes, staging, mma steps and launch of mma_tiles.cuh.
+using namespace tiles;  // NOLINT(build/namespaces): the shared tile machinery of this file's kernels
 
 struct Level {
   double a, s, inv_tau;  // a~, s~ (topk::scales), 1 / tau
@@ -132,67 +104,6 @@ DUO_DEVICE void scores(const Level& lv, int64_t K, int64_t t, int64_t j, uint64_
   }
 }
 
-// Rows [r0, r0 + 64) x columns [c0, c0 + kCols) of a row-major bf16 [rows, d]
-// matrix into V (pitch kPitchV), zero outside; 16-byte copies when d % 8 == 0
-// and the base is 16-byte aligned (then a chunk of 8 is all in or all out).
-template <int CW, int WC>
-DUO_DEVICE void stage_tile(uint16_t (*V)[Shape<CW, WC>::kPitchV], const uint16_t* src, int64_t rows, int64_t d,
-                           int64_t r0, int64_t c0, bool vec) {
-  using S = Shape<CW, WC>;
-  if (vec) {
-    constexpr int kChunks = S::kCols / 8;
-    for (int i = threadIdx.x; i < kRows * kChunks; i += S::kThreads) {
-      const int r = i / kChunks, c = (i % kChunks) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (r0 + r < rows && c0 + c < d) v = *reinterpret_cast<const uint4*>(src + (r0 + r) * d + c0 + c);
-      *reinterpret_cast<uint4*>(&V[r][c]) = v;
-    }
-  } else {
-    for (int i = threadIdx.x; i < kRows * S::kCols; i += S::kThreads) {
-      const int r = i / S::kCols, c = i % S::kCols;
-      V[r][c] = r0 + r < rows && c0 + c < d ? src[(r0 + r) * d + c0 + c] : uint16_t(0);
-    }
-  }
-}
-
-// acc[nt] += A (16 rows x 16 k of the warp) B (16 k x 8 columns nt) for the
-// warp's 16 n-tiles at column col0 of V and k-rows k0 of V; n-tile pairs
-// wholly past `cols_left` are skipped (warp-uniform).
-template <int CW, int WC>
-DUO_DEVICE void mma_k16(float (&acc)[WC / 8][4], const uint32_t (&a)[4], const uint16_t (*V)[Shape<CW, WC>::kPitchV],
-                        int k0, int col0, int cols_left, int lane) {
-#pragma unroll
-  for (int np = 0; np < WC / 16; ++np) {
-    if (16 * np >= cols_left) break;
-    // x4.trans: matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
-    // -> b[0..1] of n-tile 2 np, b[0..1] of n-tile 2 np + 1.
-    uint32_t b[4];
-    mma::ldmatrix<4, true>(b, &V[k0 + (lane & 7) + 8 * ((lane >> 3) & 1)][col0 + 16 * np + 8 * (lane >> 4)]);
-    mma::mma_bf16_16816(acc[2 * np], a, b, acc[2 * np]);
-    mma::mma_bf16_16816(acc[2 * np + 1], a, b + 2, acc[2 * np + 1]);
-  }
-}
-
-// Stores the warp's accumulators (m16n8 C fragments: lane holds rows g and g + 8,
-// columns 2 q + i of each n-tile) into the row-major out[rows][d] at column c0,
-// rows ra and ra + 8 scaled by sa and sb; rows >= rows_end and columns past
-// cols_left are not written.
-template <int NT>
-DUO_DEVICE void store_acc(float* __restrict__ out, const float (&acc)[NT][4], int64_t ra, int64_t rows_end, int64_t d,
-                          int64_t c0, int cols_left, int q, float sa, float sb) {
-  const int64_t rb = ra + 8;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int cl = 8 * nt + 2 * q + i;
-      if (cl >= cols_left) continue;
-      if (ra < rows_end) out[ra * d + c0 + cl] = acc[nt][i] * sa;
-      if (rb < rows_end) out[rb * d + c0 + cl] = acc[nt][2 + i] * sb;
-    }
-  }
-}
-
 // (value, index) argmax step: larger value, or the lower index among ties.
 DUO_DEVICE void argmax_merge(double& v, int64_t& i, double ov, int64_t oi) {
   if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
@@ -210,15 +121,9 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
   uint16_t(*Vs)[S::kPitchV] = reinterpret_cast<uint16_t(*)[S::kPitchV]>(smem + kPBytes);  // E tile, [entry][column]
   float* scale_s = reinterpret_cast<float*>(smem + kPBytes + S::kVBytes);  // exp(m_old - m_new) per row
   float* inv_l_s = scale_s + kRows;
-  const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
-  const int wr = warp & 3, wc = warp >> 2;          // mma role: rows 16 wr.., columns WC wc..
-  const int r = int(threadIdx.x) / S::kTPR;         // score role: row r, entries seg * kEPT ..
-  const int seg = int(threadIdx.x) % S::kTPR;
-  const int g = lane >> 2, q = lane & 3;
-  const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
-  const int col0 = WC * wc;
-  const int cols_left = int(d - c0 - col0 < WC ? d - c0 - col0 : WC);  // may be <= 0
-  const bool vec = d % 8 == 0 && (reinterpret_cast<uintptr_t>(E) & 15u) == 0;
+  const Roles ro = roles<CW, WC>(d, E);  // mma role: rows 16 wr..; score role: row r, entries seg * kEPT ..
+  const int wr = ro.wr, r = ro.r, seg = ro.seg, g = ro.g, q = ro.q, col0 = ro.col0, cols_left = ro.cols_left;
+  const int64_t c0 = ro.c0;
   for (int64_t t0 = int64_t(blockIdx.x) * kRows; t0 < n; t0 += int64_t(gridDim.x) * kRows) {
     const int64_t t = t0 + r;
     const Level lv = level_of(x0, gamma, inv_tau, n, t);
@@ -230,10 +135,7 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
     double m = -INFINITY, l = 0.0, best = -INFINITY;  // l: this thread's part of the row sum
     int64_t arg = 0;                                   // defined even if no score beats -inf (NaN levels)
     float acc[S::kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < S::kNT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    zero_acc(acc);
 
     for (int64_t j0 = 0; j0 < K; j0 += kKTile) {
       // 1. scores and the online softmax of row r (its kTPR threads in step)
@@ -266,20 +168,14 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
       if (mx > best) best = mx, arg = ax;  // earlier tiles win ties
       if (seg == 0) scale_s[r] = float(sc);
       // 2. the E tile
-      stage_tile<CW, WC>(Vs, E, K, d, j0, c0, vec);
+      stage_tile<CW, WC>(Vs, E, K, d, j0, c0, ro.vec);
       __syncthreads();
       // 3. O = O * scale + P E on the tensor cores (warps with columns left)
       if (cols_left > 0) {
         const float s0 = scale_s[16 * wr + g], s1 = scale_s[16 * wr + g + 8];
 #pragma unroll
         for (int nt = 0; nt < S::kNT; ++nt) acc[nt][0] *= s0, acc[nt][1] *= s0, acc[nt][2] *= s1, acc[nt][3] *= s1;
-#pragma unroll
-        for (int kk = 0; kk < kKTile / 16; ++kk) {
-          // x4: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3]
-          uint32_t a[4];
-          mma::ldmatrix<4, false>(a, &Ps[16 * wr + (lane & 7) + 8 * ((lane >> 3) & 1)][16 * kk + 8 * (lane >> 4)]);
-          mma_k16<CW, WC>(acc, a, Vs, 16 * kk, col0, cols_left, lane);
-        }
+        mma_rows<CW, WC>(acc, Ps, Vs, ro);
       }
       __syncthreads();  // Ps, Vs, scale_s are rewritten by the next tile
     }
@@ -306,21 +202,13 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
   DUO_DYNAMIC_SHARED(unsigned char, smem);  // backward_smem_bytes<CW, WC>()
   uint16_t(*Ps)[kPitchP] = reinterpret_cast<uint16_t(*)[kPitchP]>(smem);  // P tile, [token][id], bf16
   uint16_t(*Vs)[S::kPitchV] = reinterpret_cast<uint16_t(*)[S::kPitchV]>(smem + kPBytes);  // dh tile, [token][column]
-  const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5);
-  const int wr = warp & 3, wc = warp >> 2;   // mma role: ids 16 wr.., columns WC wc..
-  const int r = int(threadIdx.x) / S::kTPR;  // score role: token row r, ids seg * kEPT ..
-  const int seg = int(threadIdx.x) % S::kTPR;
-  const int g = lane >> 2, q = lane & 3;
-  const int64_t c0 = int64_t(blockIdx.y) * S::kCols;
-  const int col0 = WC * wc;
-  const int cols_left = int(d - c0 - col0 < WC ? d - c0 - col0 : WC);
-  const bool vec = d % 8 == 0 && (reinterpret_cast<uintptr_t>(dh) & 15u) == 0;
+  const Roles ro = roles<CW, WC>(d, dh);  // mma role: ids 16 wr..; score role: token row r, ids seg * kEPT ..
+  const int lane = ro.lane, wr = ro.wr, r = ro.r, seg = ro.seg, g = ro.g, q = ro.q, col0 = ro.col0;
+  const int cols_left = ro.cols_left;
+  const int64_t c0 = ro.c0;
   for (int64_t j0 = int64_t(blockIdx.x) * kRows; j0 < K; j0 += int64_t(gridDim.x) * kRows) {
     float acc[S::kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < S::kNT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    zero_acc(acc);
     for (int64_t t0 = 0; t0 < n; t0 += kKTile) {
       // 1. P[t][j] = exp(y - lse_t) of token row r, ids j0 + seg * kEPT ..
       const int64_t t = t0 + r;
@@ -333,7 +221,7 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
         *reinterpret_cast<uint32_t*>(&Ps[r][seg * S::kEPT + e]) =
             mma::pack_bf16x2(expf(float(y[e] - ls)), expf(float(y[e + 1] - ls)));  // exp(-inf) = 0
       // 2. the dh tile
-      stage_tile<CW, WC>(Vs, dh, n, d, t0, c0, vec);
+      stage_tile<CW, WC>(Vs, dh, n, d, t0, c0, ro.vec);
       __syncthreads();
       // 3. dE += P^T dh
       if (cols_left > 0) {
@@ -351,21 +239,6 @@ __global__ void __launch_bounds__(Shape<CW, WC>::kThreads)
     }
     if (cols_left > 0) store_acc(dE, acc, j0 + 16 * wr + g, K, d, c0 + col0, cols_left, q, 1.0f, 1.0f);
   }
-}
-
-unsigned grid_x(int64_t tiles) { return unsigned(tiles < 1 ? 1 : (tiles > 65535 * 8 ? 65535 * 8 : tiles)); }
-
-// Launch kernel<CW, WC> over (row tiles, column slices); above 48 KB of shared
-// memory the kernel is opted in first (cudaFuncSetAttribute, idempotent).
-template <int CW, int WC, class... KArgs, class... Args>
-int launch_shape(void (*kernel)(KArgs...), size_t smem, int64_t rows, int64_t d, cudaStream_t s, Args&&... args) {
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return int(e);
-  }
-  const int64_t cols = int64_t(Shape<CW, WC>::kCols);
-  const dim3 grid(grid_x((rows + kRows - 1) / kRows), unsigned((d + cols - 1) / cols));
-  return int(launch_kernel(kernel, grid, dim3(Shape<CW, WC>::kThreads), smem, s, std::forward<Args>(args)...));
 }
 
 }  // namespace

@@ -50,6 +50,25 @@ int posterior(const void* logits, int dtype, const int64_t* z, const double* alp
               int64_t rows, int64_t K, double kappa, double temperature, double top_p, uint32_t* checks,
               void* stream);
 
+// DiffusionGemma's denoising step (canvas_step.h) over [rows, K] logits of dtype
+// code `dtype` (0 float32, 1 bfloat16, 2 float16) and a float64 temperature per
+// row: one draw from softmax(x / T), the argmax and the float32 entropy per row.
+// A row with NaN, +inf or no finite logit (check::kLogits) or an invalid
+// temperature (check::kTemperature) gets 0, 0 and a NaN entropy.
+int canvas_step(const void* logits, int dtype, const double* temperature, int64_t* sample, int64_t* argmax,
+                float* entropy, int64_t rows, int64_t K, uint64_t seed, uint64_t offset, uint32_t* checks,
+                void* stream);
+
+// softmax_embed (softmax_embed.h): h [rows, d] float32 = scale * softmax(x / T) E
+// over [rows, K] logits of dtype code `dtype` and a float64 temperature per row;
+// E [K, d] of dtype code emb_dtype, on tensor cores when `tensor_cores` (bf16 E
+// only, sm_80+). row_max [rows] and row_sum [rows] are the caller's workspace.
+// A row with NaN, +inf or no finite logit (check::kLogits) or an invalid
+// temperature (check::kTemperature) gets a NaN row of h.
+int softmax_embed(const void* logits, int dtype, const double* temperature, const void* embedding, int emb_dtype,
+                  bool tensor_cores, int64_t rows, int64_t K, int64_t d, double scale, float* row_max,
+                  double* row_sum, float* h, uint32_t* checks, void* stream);
+
 // Exact curriculum input (docs/math.md §2c, §2d; curriculum_embed.h) for n tokens over a float32
 // [vocab_size, d] embedding: h [n, d] float32, z, row log-sum-exp (double);
 // backward writes every row of grad_embedding [vocab_size, d].

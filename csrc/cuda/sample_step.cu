@@ -21,6 +21,7 @@
 #include "duo_fast/reduce.h"
 #include "duo_fast/row_vec.h"
 #include "duo_fast/sample_step.h"
+#include "inverse_cdf.cuh"
 #include "launchers.h"
 
 namespace duo_fast {
@@ -39,8 +40,7 @@ struct Shared {
   double hist[kWarps][sampling::kRadixBins];  // per-warp rows; row 0 holds the merge
   uint32_t count[kWarps][sampling::kRadixBins];
   sampling::Nucleus nucleus;
-  double tile_total;
-  int64_t found;
+  ScanShared scan;  // the draw (inverse_cdf.cuh)
   int part;
 };
 
@@ -157,74 +157,14 @@ __device__ sampling::Mixture row_mixture(const Row& row, const T* x, int64_t K, 
   return sampling::mixture(alpha_t, alpha_s, kappa, double(K), p_z);
 }
 
-// Inverse CDF over the kept weights: the first j whose inclusive running sum
-// exceeds target. Tiles in index order: the row's head (the entries before its
-// first 16-byte boundary, one per thread), tiles of one 16-byte vector per
-// thread (4 floats or 8 16-bit values: row_vec.h), the tail (one per thread).
-// Within a tile the owner is the first thread whose (block-scanned) inclusive
-// sum passes the target, and it finishes with a sequential scan of its own
-// entries. Reads about half the row on average.
+// The draw from the model part: the inverse CDF over the kept weights.
 template <class T>
-__device__ int64_t inverse_cdf(const Row& row, const T* x, int64_t K, float inv_temperature, double target,
-                               Shared& sh) {
-  using V = rowvec::Vec<T>;
-  constexpr int kN = V::kN;
-  const int64_t head = rowvec::head_count(x, K), nvec = (K - head) / V::kN;
-  const int64_t vec_tiles = (nvec + blockDim.x - 1) / blockDim.x;
-  const typename V::Raw* xv = reinterpret_cast<const typename V::Raw*>(x + head);
-  double run = 0.0;
-  for (int64_t tile = -1; tile <= vec_tiles; ++tile) {  // -1: head; vec_tiles: tail
-    if ((tile < 0 && head == 0) || (tile == vec_tiles && head + nvec * kN == K)) continue;  // uniform
-    float v[kN];
-    int64_t j0;
-    int n = 0;
-    if (tile < 0) {
-      j0 = threadIdx.x;
-      if (j0 < head) v[0] = to_float(x[j0]), n = 1;
-    } else if (tile == vec_tiles) {
-      j0 = head + nvec * kN + threadIdx.x;
-      if (j0 < K) v[0] = to_float(x[j0]), n = 1;
-    } else {
-      const int64_t i = tile * blockDim.x + threadIdx.x;
-      j0 = head + i * kN;
-      if (i < nvec) V::unpack(xv[i], v), n = kN;
-    }
-    float w[kN];
-    double own = 0.0;
-#pragma unroll
-    for (int e = 0; e < kN; ++e) {
-      w[e] = (e < n && kept_value(row, v[e], j0 + e)) ? sampling::weight(v[e], row.m, inv_temperature) : 0.0f;
-      own += w[e];
-    }
-    const double incl = reduce::block_inclusive_scan(own, sh.scratch_d);
-    if (threadIdx.x == blockDim.x - 1) sh.tile_total = incl;
-    const int passed = run + incl > target ? int(threadIdx.x) : int(blockDim.x);
-    const int owner = reduce::block_reduce(passed, reduce::Min(), int(blockDim.x), sh.scratch_i);
-    if (owner < int(blockDim.x)) {
-      if (int(threadIdx.x) == owner) {
-        double c = run + (incl - own);
-        int64_t pick = -1, last = -1;
-        for (int e = 0; e < n && pick < 0; ++e) {
-          if (!(w[e] > 0.0f)) continue;
-          c += w[e];
-          last = j0 + e;
-          if (c > target) pick = last;
-        }
-        sh.found = pick >= 0 ? pick : last;
-      }
-      __syncthreads();
-      const int64_t found = sh.found;
-      __syncthreads();
-      if (found >= 0) return found;
-    }
-    run += sh.tile_total;
-    __syncthreads();  // tile_total is rewritten by the next tile
-  }
-  // Rounding left the target at or above the scanned total: the last positive kept weight.
-  int64_t last = -1;
-  for (int64_t j = threadIdx.x; j < K; j += blockDim.x)
-    if (kept(row, x, j) && sampling::weight(to_float(x[j]), row.m, inv_temperature) > 0.0f) last = j;
-  return reduce::block_reduce(last, reduce::Max(), int64_t(-1), sh.scratch_l);
+__device__ int64_t model_draw(const Row& row, const T* x, int64_t K, float inv_temperature, double target,
+                              Shared& sh) {
+  const auto weight = [&](float v, int64_t j) {
+    return kept_value(row, v, j) ? sampling::weight(v, row.m, inv_temperature) : 0.0f;
+  };
+  return cuda::inverse_cdf(x, K, weight, target, sh.scan);
 }
 
 template <class T>
@@ -260,7 +200,7 @@ __global__ void sample_step_kernel(const T* __restrict__ logits, const int64_t* 
     const int part = sh.part;
     __syncthreads();
     if (part != sampling::kModel) continue;
-    const int64_t j = inverse_cdf(row, x, K, inv_temperature, draw.u_cat * row.kept, sh);
+    const int64_t j = model_draw(row, x, K, inv_temperature, draw.u_cat * row.kept, sh);
     if (threadIdx.x == 0) out[r] = j >= 0 ? j : z[r];
   }
 }

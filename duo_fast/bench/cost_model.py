@@ -289,6 +289,38 @@ def _g2a_duo(N, K, d, b):
     return Cost(24 * N * 6, note="table index, two gathers, finite difference (float64)")
 
 
+# DiffusionGemma's step (duo_fast.integrations.diffusion_gemma): N canvas rows, K = V =
+# 262,144, d = 2304; canvas_step + softmax_embed against transformers' own step + soft
+# embedding. softmax_embed's tensor-core kernel re-reads the logits once per column slice
+# of DG_SLICE_COLS and the embedding (bf16) once per block of BN_TOKENS rows.
+DG_SLICE_COLS = 384
+DG_EXP_INSTR = 12  # fp32-pipe instructions per weight (scaled logit, exp, select), per slice
+
+
+def _dg_floor(N, K, d, b):
+    return Cost(N * K * b + 2 * K * d + 2 * N * d, flops=2 * N * K * d, unit="bf16_tc",
+                note="the logits and E (bf16) read once; P @ E on tensor cores")
+
+
+def _dg_today(N, K, d, b):
+    slices = -(-d // DG_SLICE_COLS)
+    reread = max(N / BN_TOKENS, 1) * K * d * 2
+    return Cost((1.5 + 2 + slices) * N * K * b + reread, flops=2 * N * K * d, unit="bf16_tc",
+                fp32_instr=slices * N * K * DG_EXP_INSTR,
+                note=f"canvas_step (1.5 reads), softmax_embed's row stats (2 reads) and one read per "
+                     f"{DG_SLICE_COLS}-column slice; E re-read per {BN_TOKENS}-row block")
+
+
+def _dg_duo(N, K, d, b):
+    # per entry, op by op: / T (r b, w4), softmax (3r4 w4), multinomial (exponential w4, div r8 w4,
+    # argmax r4), argmax (r4), Categorical(logits).entropy() twice (logsumexp 2r4, subtract r8 w4,
+    # softmax 3r4 w4, clamp r4 w4, product r8 w4, sum r4: 64 each), the self-conditioning copy
+    # (r4 w2), the next forward's softmax (3r2 w4) and cast (r4 w2), the GEMM's read of P (r2)
+    E = N * K
+    return Cost(E * (b + 4 + 16 + 16 + 4 + 128 + 6 + 10 + 6 + 2) + 2 * K * d, flops=2 * N * K * d,
+                unit="bf16_tc", note="transformers' step: ~48 fp32-sized passes over [N, V] + the GEMM")
+
+
 _same = None  # planned == today
 
 ROWS: list[Row] = [
@@ -342,6 +374,14 @@ ROWS: list[Row] = [
         "floor: the logits GEMM (2NKd flops) on tensor cores, the logits never stored. Ours: a chunk's fp32 logits "
         "written by the GEMM and read by sample_step's passes. Duo: hidden @ W.T + b on the full [N, K], then its "
         "float64 posterior and Gumbel argmax."),
+    Row("diffusion_gemma", "step+soft_embedding d=2304", (4, 2), _dg_floor, _dg_today, _dg_today, _dg_duo,
+        "DiffusionGemma's denoising step after the forward plus the next soft embedding, N canvas rows, "
+        "V = 262,144. floor: the logits read once, E (bf16) once, the GEMM P @ E (2NVd flops) on tensor cores. "
+        "Ours: canvas_step (one online read + the scan of ~half a row), softmax_embed's row statistics (max, "
+        "kept sum: 2 reads) and its tensor-core GEMM, which recomputes the weights per "
+        f"{DG_SLICE_COLS}-column slice (6 reads at d = 2304) and re-reads E per {BN_TOKENS}-row block. "
+        "'Duo code' here: transformers' own step (temperature, softmax, multinomial, argmax, the entropy twice, "
+        "the self-conditioning copy, the soft embedding's softmax and cast, cuBLAS), counted op by op."),
     Row("gamma_to_alpha", "N values f64", (), _g2a_floor, _g2a_floor, _g2a_floor, _g2a_duo,
         "floor = ours: one read and two writes per value (Chebyshev expansions in registers). Duo: table lookup "
         "and finite difference (needs its integral/gpt2.pkl)."),

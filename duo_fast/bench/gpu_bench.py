@@ -3,7 +3,8 @@
     python -m duo_fast.bench.gpu_bench --out bench.jsonl [--dry-run] [--deadline UNIX_TIME]
 
 Every op at a training-like size (N = 16384 and 65536 tokens, K = 50257, d = 768;
-fp32 and bf16 logits where the op takes logits) against the Duo code's own
+fp32 and bf16 logits where the op takes logits; DiffusionGemma's step at 256 x {1, 4}
+canvas rows, V = 262,144, d = 2304, against transformers' own code) against the Duo code's own
 operations (duo_fast/bench/duo_code.py: the Duo code where it imports, else its
 eager copy, said in the output) eager and under torch.compile. The calls, the
 reference side and the state layout are those of duo_fast/bench/cases_<op>.py
@@ -44,6 +45,7 @@ import duo_fast
 from duo_fast import reference as R
 from duo_fast.bench import cases_curriculum_embed as C_EMB
 from duo_fast.bench import cases_curriculum_topk as C_TOPK
+from duo_fast.bench import cases_diffusion_gemma as C_DG
 from duo_fast.bench import cases_distill_kl as C_KL
 from duo_fast.bench import cases_gamma_to_alpha as C_G2A
 from duo_fast.bench import cases_linear_distill_kl as C_LKL
@@ -276,11 +278,33 @@ def _autocast_for(dtype_name, device):
     return DTYPES[dtype_name] if dtype_name and dtype_name != "fp32" else None
 
 
+def _diffusion_gemma_rows(dry: bool) -> list[Row]:
+    """DiffusionGemma's step + soft embedding, transformers' code patched vs not
+    (duo_fast/bench/cases_diffusion_gemma.py), flat logits (a dense soft embedding);
+    none where transformers has no DiffusionGemma."""
+    try:
+        C_DG._available()
+    except common.CasesUnavailable:
+        return []
+    canvas, (_, V, d) = (C_DG.TINY_CANVAS, C_DG.SIZES["tiny"][0]) if dry else (C_DG.CANVAS, C_DG.SIZES["full"][0])
+    out = []
+    for B in (1,) if dry else (1, 4):
+        for dn, dt in DTYPES.items():
+            out.append(Row("diffusion_gemma", "step+soft_embedding", B * canvas, V, d, dn, {
+                "duo": Side(C_DG._step_and_soft_embedding, C_DG._setup("flat", B, V, d, dt, True, canvas),
+                            note="_denoising_step + the decoder's soft embedding, diffusion_gemma.patch() applied"),
+                "ref": Side(C_DG._step_and_soft_embedding, C_DG._setup("flat", B, V, d, dt, False, canvas),
+                            source=C_DG._source, note="transformers' _denoising_step + the decoder's soft embedding"),
+            }, ["diffusion_gemma: logits N(0, 3^2) made in setup (not counted), embedding bf16; 'Duo eager' is "
+                "transformers' own code here"]))
+    return out
+
+
 def rows(dry: bool) -> list[Row]:
     S = DRY_SIZES if dry else GPU_SIZES
     K, d, L = S["K"], S["d"], S["L"]
     src = duo_code.source
-    out: list[Row] = []
+    out: list[Row] = _diffusion_gemma_rows(dry)
     for N in S["N"]:
         for dn, dt in DTYPES.items():
             ac = dt if dn != "fp32" else None
@@ -510,6 +534,9 @@ def measure(row: Row, side_name: str, device: str, dry: bool) -> dict:
             res.update(status="ERROR", error=f"{type(e).__name__}: {str(e)[:500]}",
                        traceback=traceback.format_exc()[-2000:])
     finally:
+        for st in states:  # a side that patched a library (the DiffusionGemma drop-in) undoes it
+            if isinstance(st, dict) and st.get("patch") is not None:
+                st["patch"].undo()
         states.clear()
         _free(device)
     res["wall_s"] = time.time() - t0

@@ -13,7 +13,10 @@ linear_sample_step (row chunks: sample_step's row_offset; guidance: posterior),
 linear_distill_kl (per token and reduced),
 curriculum_embed (forward and backward; the float kernels and the three
 tensor-core block shapes), curriculum_topk, curriculum_topk_embed
-(forward, the atomic and the sorted (deterministic) bag backward). Sizes are
+(forward, the atomic and the sorted (deterministic) bag backward), canvas_step
+(fp32 / bf16 / fp16 logits, per-row temperature, -inf entries, K = 262,144),
+softmax_embed (the three tensor-core block shapes, the float kernel for fp32,
+fp16 and bf16 embeddings, confident rows whose empty tiles are skipped). Sizes are
 small (K = 1000 and one row of K = 50257, a few tokens) and odd, so tails and
 partial tiles are exercised. Prints one line per call and `SANITIZE_CALLS_OK n`
 at the end; exits 1 when a call raised (the error is printed). On the CPU (the
@@ -23,6 +26,7 @@ dry run) the same calls run on the CPU kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -152,22 +156,28 @@ def calls(device: str):
     out.append(("linear_distill_kl bwd", linear_kl("bwd", "none")))
     out.append(("linear_distill_kl fwd reduction=mean", linear_kl("fwd", "mean")))
 
-    def embed(K=1000, d=24, portable=False):
+    @contextlib.contextmanager
+    def kernels(portable):
         # DUO_FAST_EMBED_PORTABLE (read per call): the float kernels, else the tensor-core
-        # kernels on sm_80+ (curriculum_embed_mma.cu; d picks the block shape: <= 128, <= 256, more)
+        # kernels on sm_80+ (curriculum_embed_mma.cu, softmax_embed.cu; d picks the block
+        # shape: <= 128, <= 256, more)
+        old = os.environ.get("DUO_FAST_EMBED_PORTABLE")
+        os.environ["DUO_FAST_EMBED_PORTABLE"] = "1" if portable else "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("DUO_FAST_EMBED_PORTABLE", None)
+            else:
+                os.environ["DUO_FAST_EMBED_PORTABLE"] = old
+
+    def embed(K=1000, d=24, portable=False):
         def f():
-            old = os.environ.get("DUO_FAST_EMBED_PORTABLE")
-            os.environ["DUO_FAST_EMBED_PORTABLE"] = "1" if portable else "0"
-            try:
+            with kernels(portable):
                 E = (0.02 * rn(K, d)).requires_grad_(True)
                 h, z = duo_fast.curriculum_embed(ids(K, 2, 11), levels(2), 10.0, E, seed=7)
                 h.sum().backward()
                 return z
-            finally:
-                if old is None:
-                    os.environ.pop("DUO_FAST_EMBED_PORTABLE", None)
-                else:
-                    os.environ["DUO_FAST_EMBED_PORTABLE"] = old
         return f
 
     out.append(("curriculum_embed fwd+bwd (float kernels)", embed(portable=True)))
@@ -192,6 +202,38 @@ def calls(device: str):
 
     out.append(("curriculum_topk_embed k=7 (atomic bag backward)", topk_embed(7, False)))
     out.append(("curriculum_topk_embed k=300 (sorted bag backward)", topk_embed(300, True)))
+    def canvas(dt, K, per_row):
+        def f():
+            logits = rn(2, 9, K, dtype=dt) * 3
+            logits[0, 1, ::3] = float("-inf")
+            t = (0.3 + torch.rand(2, 9, generator=g, device=device, dtype=torch.float64)) if per_row else 0.6
+            return duo_fast.canvas_step(logits, temperature=t, seed=10)
+        return f
+
+    out.append(("canvas_step fp32 per-row temperature", canvas(torch.float32, 1000, True)))
+    out.append(("canvas_step bf16", canvas(torch.bfloat16, 1000, False)))
+    out.append(("canvas_step fp16 K=262144", canvas(torch.float16, 262_144, False)))
+
+    def soft(emb_dt, d, K=1000, portable=False, confident=False):
+        # bf16 E on tensor cores unless portable; float32 / float16 E: the float kernel.
+        # Confident rows skip empty tiles.
+        def f():
+            with kernels(portable):
+                logits = rn(3, 23, K) * 2
+                if confident:
+                    logits -= 100.0
+                    logits[..., 7] = 0.0
+                E = (0.02 * rn(K, d)).to(emb_dt)
+                return duo_fast.softmax_embed(logits, E, temperature=0.7, scale=3.0)
+        return f
+
+    out.append(("softmax_embed bf16 E d=24 (tensor cores on sm_80+)", soft(torch.bfloat16, 24)))
+    out.append(("softmax_embed bf16 E d=200 (tensor cores, 2 x 128 columns)", soft(torch.bfloat16, 200)))
+    out.append(("softmax_embed bf16 E d=300 (tensor cores, 2 x 192 columns), confident rows",
+                soft(torch.bfloat16, 300, confident=True)))
+    out.append(("softmax_embed bf16 E d=300 (the float kernel)", soft(torch.bfloat16, 300, portable=True)))
+    out.append(("softmax_embed fp32 E d=40", soft(torch.float32, 40)))
+    out.append(("softmax_embed fp16 E d=300 confident rows", soft(torch.float16, 300, confident=True)))
     out.append(("check_device_errors", lambda: duo_fast.check_device_errors(device)))
     return out
 

@@ -10,6 +10,7 @@ NaN, inf and out-of-range values is ``docs/bad_values.md`` (one policy for every
 op), with how the ops behave under torch.compile, threads and checkpointing.
 """
 
+from .canvas_step import canvas_step
 from .curriculum_embed import curriculum_embed
 from .curriculum_topk import curriculum_topk, curriculum_topk_embed
 from .device_checks import check_device_errors
@@ -20,9 +21,11 @@ from .linear_sample_step import linear_sample_step
 from .linear_usdm_loss import linear_usdm_loss
 from .sample_step import posterior, sample_step
 from .sample_zt import sample_zt
+from .softmax_embed import softmax_embed
 from .usdm_loss import usdm_loss
 
 __all__ = [
+    "canvas_step",
     "check_device_errors",
     "curriculum_embed",
     "curriculum_topk",
@@ -35,5 +38,6 @@ __all__ = [
     "posterior",
     "sample_step",
     "sample_zt",
+    "softmax_embed",
     "usdm_loss",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_same_device, check_tensor, check_vocab, per_token_level, token_ids
+from .._checks import check_real, check_same_device, check_tensor, check_vocab, per_token_level, token_ids
 
 
 _FLOAT_LEVELS = (torch.float32, torch.float64)
@@ -136,3 +136,20 @@ def check_no_func_transform(op: str, *tensors) -> None:
             "jacrev, jacfwd, jvp, hessian): expected plain tensors, got tensors of a torch.func transform. "
             "Use torch.autograd.grad / .backward() (first order), or duo_fast.reference for torch.func"
         )
+
+
+def _logits_and_temperature(logits, temperature) -> torch.Tensor:
+    """canvas_step / softmax_embed: checks logits ([..., V], float32/bf16/fp16); returns the
+    temperature (a float, or per row: [B], [B, 1] or the leading shape) as float64 of
+    logits' leading shape."""
+    check_tensor(logits, "logits", _LOGIT_DTYPES)
+    if logits.dim() < 1:
+        raise ValueError("duo_fast: logits must be [..., K], got a 0-dim tensor")
+    check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
+    lead = logits.select(-1, 0)  # a view: the leading shape and device
+    if isinstance(temperature, torch.Tensor):
+        check_same_device(logits, "logits", temperature, "temperature")
+        return per_token_level(temperature, "temperature", lead, "logits[..., 0]")
+    t = check_real(temperature, "temperature", 0.0, float("inf"), lo_open=True, hi_open=True)
+    # torch.full, not torch.tensor: no host-to-device copy (a synchronization on CUDA)
+    return torch.full(lead.shape, t, dtype=torch.float64, device=logits.device)

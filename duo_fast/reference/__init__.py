@@ -15,6 +15,7 @@ public name is re-exported here.
 """
 
 from ._common import DUO_GAMMA_MAX, DUO_GAMMA_MIN, SAMPLING_EPS, SCHEDULE_EPS, TRAIN_T_EPS
+from .canvas_step import canvas_argmax, canvas_entropy, canvas_probs, canvas_step
 from .curriculum_embed import curriculum_embed, curriculum_embed_dense
 from .curriculum_topk import TopKDraws, curriculum_topk, curriculum_topk_embed, draw_topk
 from .distill_kl import distill_kl
@@ -25,6 +26,7 @@ from .linear_usdm_loss import linear_usdm_loss
 from .generation import generate, psi_kappas, schedule_alpha
 from .sample_step import nucleus_filter, posterior, sample_categorical, sample_step
 from .sample_zt import coupled_joint_law, latent_marginal, sample_zt, sample_zt_dense, sample_zt_o1
+from .softmax_embed import softmax_embed
 from .usdm_loss import usdm_loss, usdm_loss_from_log_probs, usdm_loss_value
 
 __all__ = [
@@ -34,6 +36,10 @@ __all__ = [
     "SCHEDULE_EPS",
     "TRAIN_T_EPS",
     "TopKDraws",
+    "canvas_argmax",
+    "canvas_entropy",
+    "canvas_probs",
+    "canvas_step",
     "cosine_alpha",
     "coupled_joint_law",
     "curriculum_embed",
@@ -61,6 +67,7 @@ __all__ = [
     "sample_zt_dense",
     "sample_zt_o1",
     "schedule_alpha",
+    "softmax_embed",
     "usdm_loss",
     "usdm_loss_from_log_probs",
     "usdm_loss_value",

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "duo_fast/canvas_step.h"
 #include "duo_fast/cuda_compat.h"
 #include "duo_fast/curriculum_embed.h"
 #include "duo_fast/device_check.h"
@@ -26,6 +27,7 @@
 #include "duo_fast/sample_step.h"
 #include "duo_fast/gamma_to_alpha.h"
 #include "duo_fast/gamma_to_alpha_table.h"
+#include "duo_fast/softmax_embed.h"
 #include "duo_fast/special.h"
 #include "duo_fast/curriculum_topk.h"
 #include "duo_fast/usdm_loss.h"
@@ -144,6 +146,21 @@ int df_emu_posterior(const void* logits, int dtype, const int64_t* z, const doub
                      float* q, int64_t rows, int64_t K, double kappa, double temperature, double top_p) {
   return cuda::posterior(logits, dtype, z, alpha_t, alpha_s, q, rows, K, kappa, temperature, top_p, g_checks,
                          nullptr);
+}
+
+// dtype: 0 float32, 1 bfloat16 bits, 2 float16 bits (launchers.h).
+int df_emu_canvas_step(const void* logits, int dtype, const double* temperature, int64_t* sample, int64_t* argmax,
+                       float* entropy, int64_t rows, int64_t K, uint64_t seed, uint64_t offset) {
+  return cuda::canvas_step(logits, dtype, temperature, sample, argmax, entropy, rows, K, seed, offset, g_checks,
+                           nullptr);
+}
+
+// softmax_embed: dtype codes as above; tensor_cores needs emb_dtype 1 (bf16).
+int df_emu_softmax_embed(const void* logits, int dtype, const double* temperature, const void* embedding,
+                         int emb_dtype, int tensor_cores, int64_t rows, int64_t K, int64_t d, double scale,
+                         float* row_max, double* row_sum, float* h) {
+  return cuda::softmax_embed(logits, dtype, temperature, embedding, emb_dtype, tensor_cores != 0, rows, K, d, scale,
+                             row_max, row_sum, h, g_checks, nullptr);
 }
 
 // The random inputs of the top-k curriculum for token `stream` (curriculum_topk.h), for
@@ -417,6 +434,98 @@ int main(int argc, char** argv) {
     }
   }
   section("sample_step");
+  for (int64_t K : small ? std::vector<int64_t>{1000} : std::vector<int64_t>{2, 7, 1000}) {
+    // canvas_step: argmax = the host's first max, the sample drawn from the support
+    // (no -inf entry), the entropy against the host's two-pass sums. Row `bad`
+    // holds a NaN, row `cold` an invalid temperature: counted, 0, 0, NaN.
+    const int64_t rows = small ? 4 : 8, bad = rows - 1, cold = rows - 2;
+    std::vector<float> logits(rows * K), entropy(rows);
+    std::vector<int64_t> sample(rows), argmax(rows);
+    std::vector<double> temp(rows);
+    for (int64_t i = 0; i < rows * K; ++i) logits[i] = float((i * 17) % 11) * 0.7f - 3.0f;
+    for (int64_t i = 1; i < rows * K; i += 5) logits[i] = -INFINITY;
+    logits[bad * K + K / 2] = NAN;
+    for (int64_t r = 0; r < rows; ++r) temp[r] = 0.3 + 0.4 * double(r);
+    temp[cold] = 0.0;
+    uint32_t counters[check::kNumArgs] = {};
+    const int err = cuda::canvas_step(logits.data(), 0, temp.data(), sample.data(), argmax.data(), entropy.data(),
+                                      rows, K, 5, 0, counters, nullptr);
+    bool bad_ok = counters[check::kLogits] == 1 && counters[check::kTemperature] == 1;
+    for (int64_t r : {bad, cold}) bad_ok = bad_ok && sample[r] == 0 && argmax[r] == 0 && std::isnan(entropy[r]);
+    if (err != 0 || !bad_ok) {
+      ++failures;
+      std::printf("canvas_step: the bad rows were not reported K=%lld\n", (long long)K);
+    }
+    for (int64_t r = 0; r < cold; ++r) {
+      const float* x = logits.data() + r * K;
+      const float inv_t = float(1.0 / temp[r]);
+      int64_t a = 0;
+      for (int64_t j = 1; j < K; ++j) a = x[j] > x[a] ? j : a;
+      double delta = 0.0, b = 0.0;
+      for (int64_t j = 0; j < K; ++j) {
+        const float y = canvas::scaled(x[j], x[a], inv_t), w = canvas::weight(y);
+        delta += j == a ? 0.0 : double(w), b += double(canvas::entropy_term(w, y));
+      }
+      const double h = canvas::entropy(delta, b);
+      if (argmax[r] != a || sample[r] < 0 || sample[r] >= K || x[sample[r]] == -INFINITY ||
+          fabs(double(entropy[r]) - h) > 1e-6 * h) {
+        ++failures;
+        std::printf("canvas_step check failed K=%lld row=%lld argmax=%lld/%lld sample=%lld H=%g/%g\n", (long long)K,
+                    (long long)r, (long long)argmax[r], (long long)a, (long long)sample[r], double(entropy[r]), h);
+      }
+    }
+  }
+  section("canvas_step");
+  for (int64_t K : small ? std::vector<int64_t>{200} : std::vector<int64_t>{3, 200}) {
+    // softmax_embed against the host's float64 sum over the kept weights, in float
+    // (float32 E) and on tensor cores (bf16 E; the probabilities rounded to bf16:
+    // 2^-8 of sum p |E|); the last row holds a NaN (counted, a NaN row of h).
+    const int64_t rows = small ? 5 : 70, d = 40, bad = rows - 1;
+    const double scale = 1.5;
+    std::vector<float> logits(rows * K), E(K * d), Ebf(K * d), h(rows * d), mx(rows);
+    std::vector<uint16_t> Eb(K * d);
+    std::vector<double> temp(rows), sum(rows);
+    for (int64_t i = 0; i < rows * K; ++i) logits[i] = float((i * 37) % 23) * 0.9f - 9.0f;
+    logits[bad * K + K / 2] = NAN;
+    for (int64_t i = 0; i < K * d; ++i) {
+      E[i] = float((i * 13) % 17) / 8.0f - 1.0f;
+      Eb[i] = from_float<bf16_bits>(E[i]).bits;
+      Ebf[i] = to_float(bf16_bits{Eb[i]});
+    }
+    for (int64_t r = 0; r < rows; ++r) temp[r] = 0.2 + 0.05 * double(r % 9);
+    for (int tc : {0, 1}) {
+      uint32_t counters[check::kNumArgs] = {};
+      const float* Eh = tc ? Ebf.data() : E.data();
+      const int err = cuda::softmax_embed(logits.data(), 0, temp.data(), tc ? static_cast<const void*>(Eb.data())
+                                                                            : static_cast<const void*>(E.data()),
+                                          tc, tc != 0, rows, K, d, scale, mx.data(), sum.data(), h.data(), counters,
+                                          nullptr);
+      bool ok = err == 0 && counters[check::kLogits] == 1;
+      for (int64_t c = 0; c < d; ++c) ok = ok && std::isnan(h[bad * d + c]);
+      for (int64_t r = 0; r < bad && ok; ++r) {
+        const float* x = logits.data() + r * K;
+        float M = -INFINITY;
+        for (int64_t j = 0; j < K; ++j) M = std::max(M, x[j]);
+        const float inv_t = float(1.0 / temp[r]), lt = soft_embedding::log_theta(K);
+        double S = 0.0;
+        for (int64_t j = 0; j < K; ++j) S += soft_embedding::weight(canvas::scaled(x[j], M, inv_t), lt);
+        for (int64_t c = 0; c < d; ++c) {
+          double want = 0.0, mag = 0.0;
+          for (int64_t j = 0; j < K; ++j) {
+            const double p = soft_embedding::weight(canvas::scaled(x[j], M, inv_t), lt) / S;
+            want += p * Eh[j * d + c], mag += p * fabs(Eh[j * d + c]);
+          }
+          const double tol = (tc ? 0x1p-8 : 1e-6) * mag * scale + 1e-6;
+          ok = ok && fabs(double(h[r * d + c]) - want * scale) <= tol;
+        }
+      }
+      if (!ok) {
+        ++failures;
+        std::printf("softmax_embed check failed K=%lld tensor_cores=%d\n", (long long)K, tc);
+      }
+    }
+  }
+  section("softmax_embed");
   for (int64_t K : {2, 9, 1000}) {
     // curriculum_topk / _embed vs the host evaluation of topk::token; bag backward
     // (atomic and sorted) vs a host scatter.

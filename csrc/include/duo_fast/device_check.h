@@ -31,8 +31,10 @@ enum Arg : int {
   kInvTau = 8,  // inv_tau not in (0, FLT_MAX]
   kGammaNaN = 9,    // gamma NaN (sample_zt, gamma_to_alpha: +-inf are the limits alpha = 1, 0)
   kGammaSNaN = 10,  // gamma_s NaN (sample_zt)
-  kLogits = 11,     // a logits row with NaN, +inf or no finite entry (sample_step, posterior)
-  kNumArgs = 12,
+  kLogits = 11,     // a logits row with NaN, +inf or no finite entry (sample_step, posterior, canvas_step,
+                    // softmax_embed)
+  kTemperature = 12,  // a per-row temperature not finite and > 0 (canvas_step, softmax_embed)
+  kNumArgs = 13,
 };
 
 inline const char* arg_message(int a) {
@@ -51,6 +53,7 @@ inline const char* arg_message(int a) {
     case kLogits:
       return "logits rows must hold no NaN or +inf and at least one finite entry (no probability distribution "
              "to sample from: a diverged model?)";
+    case kTemperature: return "temperature must be finite and > 0";
   }
   return "?";
 }
@@ -65,6 +68,7 @@ DUO_HD bool valid_gamma(double g) { return g - g == 0.0; }  // finite
 // inv_tau scales the noise in float32 (above FLT_MAX the forward gives NaN).
 DUO_HD bool valid_inv_tau(double t) { return t > 0.0 && t <= kFloat32Max; }
 DUO_HD bool not_nan(double g) { return g == g; }
+DUO_HD bool valid_temperature(double t) { return t > 0.0 && t - t == 0.0; }
 // A sampling row: the sum of exp((x_j - max) / T) is >= 1 (the max entry gives
 // exactly 1) when every logit is finite or -inf with a finite max; NaN logits,
 // a +inf logit (inf - inf) and a row of only -inf (-inf + inf) make it NaN.

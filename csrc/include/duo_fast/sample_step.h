@@ -84,6 +84,22 @@ DUO_HD StepDraw step_draw(uint64_t seed, uint64_t offset, uint64_t token) {
   return {uniform53(b.v[0], b.v[1]), uniform53(b.v[2], b.v[3]), b.v[2], b.v[3]};
 }
 
+// Inverse CDF over the weights w[0 .. K) of a scratch row (the CPU kernels of
+// sample_step and canvas_step): the first j whose inclusive running sum
+// (float64, index order) exceeds target = u * sum(w); zero weights are never
+// drawn (the sum does not move). Where rounding left the target at the total:
+// the last positive weight; -1 when there is none (a NaN row).
+DUO_HD int64_t inverse_cdf(const float* w, int64_t K, double target) {
+  double run = 0.0;
+  for (int64_t j = 0; j < K; ++j) {
+    run += w[j];
+    if (run > target) return j;
+  }
+  for (int64_t j = K - 1; j >= 0; --j)
+    if (w[j] > 0.0f) return j;
+  return -1;
+}
+
 DUO_HD Part choose_part(const Mixture& w, double u) {
   const double t = u * (w.z + w.p + w.u);
   if (t < w.z) return kPointZ;
