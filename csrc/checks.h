@@ -243,8 +243,10 @@ inline void check_canvas_logits(const at::Tensor& logits, const at::Tensor& temp
   if (temperature.numel() > 0 && check_values_on_host(temperature)) {
     auto [lo, hi] = at::aminmax(temperature);
     const double mn = lo.item<double>(), mx = hi.item<double>();
-    TORCH_CHECK(mn > 0.0 && std::isfinite(mx), "duo_fast: temperature must be finite and > 0, got values in [", mn,
-                ", ", mx, "]");
+    TORCH_CHECK(check::valid_temperature(mn) && check::valid_temperature(mx), "duo_fast: temperature must be in [",
+                1.0 / kFloat32Max, ", ", 1.0 / kFloat32Tiny,
+                "] (1/temperature scales the logits in float32: a finite, normal float32), got values in [", mn, ", ", mx,
+                "]");
   }
   // The CPU kernels check the logits rows as they read them; CUDA kernels on the
   // device (check::kLogits); here only under DUO_FAST_CUDA_SYNC_CHECKS.

@@ -151,3 +151,12 @@ def writable_dir(path, flag: str) -> None:
     except OSError as e:
         raise SystemExit(f"error: {flag} {str(p)!r}: expected a folder duo_fast can create and write into, got "
                          f"{type(e).__name__}: {e.strerror or e}") from None
+
+
+def check_temperature(temperature) -> float:
+    """1/temperature scales the logits in float32 (sample_step, canvas_step,
+    softmax_embed; csrc/include/duo_fast/device_check.h valid_temperature): it must be a finite, normal float32 (below 1/FLT_MAX the scale is inf
+    and the row's max gives 0 * inf = NaN; above 1/FLT_MIN it flushes to 0 and a -inf
+    logit gives NaN)."""
+    return check_real(temperature, "temperature", 1.0 / FLOAT32_MAX, 1.0 / FLOAT32_TINY,
+                      why="1/temperature scales the logits in float32: a finite, normal float32")

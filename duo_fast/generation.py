@@ -15,7 +15,7 @@ import torch
 
 from ._checks import check_real, check_vocab
 from .ops import check_device_errors, gamma_to_alpha, sample_step
-from .ops.sample_step import check_temperature
+from ._checks import check_temperature
 
 SCHEDULES = ("loglinear", "cosine", "duo")
 SAMPLERS = ("ancestral", "psi")

@@ -74,6 +74,10 @@ def _op_cases():
         "curriculum_topk_embed": (lambda t: duo_fast.curriculum_topk_embed(t["x0"], t["gamma"], t["inv_tau"], 3,
                                                                            t["embedding"], seed=1),
                                   dict(x0=X0, embedding=E, **lv)),
+        "canvas_step": (lambda t: duo_fast.canvas_step(t["logits"], temperature=t["temperature"], seed=1),
+                        dict(logits=lg, temperature=torch.tensor([0.5, 2.0]))),
+        "softmax_embed": (lambda t: duo_fast.softmax_embed(t["logits"], t["embedding"], temperature=t["temperature"]),
+                          dict(logits=lg, embedding=E, temperature=torch.tensor([0.5, 2.0]))),
     }
 
 
@@ -115,6 +119,44 @@ def test_temperature_outside_float32_is_named(op, T):
     a_t = torch.full((2, 3), 0.2, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="temperature must be in"):
         torch.ops.duo_fast.posterior(lg, Z, a_t, a_t + 0.3, 1.0, T, 1.0)
+
+
+CANVAS_OPS = {
+    "canvas_step": lambda lg, T: duo_fast.canvas_step(lg, temperature=T, seed=1),
+    "softmax_embed": lambda lg, T: duo_fast.softmax_embed(lg, torch.eye(K), temperature=T),
+}
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("T", [1e-40, 1e-300, 1e46, 1e300, 0.0, -1.0, math.inf, math.nan])
+@pytest.mark.parametrize("op", list(CANVAS_OPS))
+def test_canvas_temperature_outside_float32_is_named(op, T, per_row):
+    """1/T scales the logits in float32 there too (T = 1e-40 gave NaN entropies)."""
+    lg = torch.randn(2, 3, K, generator=_g(2))
+    temp = torch.tensor([[1.0, T, 0.5], [2.0, 1.0, 1.0]], dtype=torch.float64) if per_row else T
+    match = (r"temperature must be in \[2.939e-39, 8.507e\+37\] \(1/temperature scales the logits in float32: a "
+             r"finite, normal float32\), got" if not per_row else
+             r"temperature must be in \[2.93874e-39, 8.50706e\+37\] \(1/temperature scales the logits in float32")
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        CANVAS_OPS[op](lg, temp)
+
+
+@pytest.mark.parametrize("T", [T_MIN * 1.001, T_MAX * 0.999])
+def test_canvas_temperature_at_the_ends_of_float32_is_the_limit(T):
+    """T just above 1/FLT_MAX: the argmax (a point mass, entropy 0); just below
+    1/FLT_MIN: uniform over the unmasked ids (entropy log(K - 1)); as the float64
+    reference's limits."""
+    lg = torch.randn(2, 3, K, generator=_g(3)) * 3
+    lg[..., 4] = -math.inf
+    sample, arg, ent = duo_fast.canvas_step(lg, temperature=T, seed=5)
+    torch.testing.assert_close(ent.double(), reference.canvas_entropy(lg, T).float().double(), rtol=1e-5, atol=1e-6)
+    assert (arg == lg.argmax(-1)).all() and (sample != 4).all()
+    if T < 1:
+        assert (sample == arg).all() and (ent == 0).all()
+    else:
+        torch.testing.assert_close(ent, torch.full_like(ent, math.log(K - 1)), rtol=1e-6, atol=0)
+    h = duo_fast.softmax_embed(lg, torch.eye(K, dtype=torch.float64).float(), temperature=T)
+    torch.testing.assert_close(h.double(), reference.softmax_embed(lg, torch.eye(K), temperature=T), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("T", [T_MIN * 1.001, T_MAX * 0.999])
@@ -246,6 +288,26 @@ def test_emulated_cuda_kernels_count_the_range_violations(emulated):
     c = _take(emulated)
     assert c[CHECK["inv_tau"]] == 1 and c.sum() == 1, c
     assert bool(((w[2] == 0) | (w[2] == 1)).all()) and w[2].sum() <= 1  # at 3.4e38: the argmax limit, as on CPU
+    # canvas_step / softmax_embed: a per-row temperature whose inverse is not a normal float32
+    x = torch.randn(4, vocab, generator=_g(9))
+    t = torch.tensor([1.0, 1e-40, T_MIN * 1.001, 1e38], dtype=torch.float64)
+    sample, arg, ent = (torch.empty(4, dtype=torch.int64), torch.empty(4, dtype=torch.int64), torch.empty(4))
+    assert emulated.df_emu_canvas_step(ptr(x), ctypes.c_int(0), ptr(t), ptr(sample), ptr(arg), ptr(ent),
+                                       ctypes.c_int64(4), ctypes.c_int64(vocab), ctypes.c_uint64(3),
+                                       ctypes.c_uint64(0)) == 0
+    c = _take(emulated)
+    assert c[CHECK["temperature"]] == 2 and c.sum() == 2, c
+    assert ent[[1, 3]].isnan().all() and (sample[[1, 3]] == 0).all()
+    assert ent[2] == 0 and sample[2] == arg[2] == x[2].argmax()  # just inside: the argmax limit, as on CPU
+    E = torch.randn(vocab, 8, generator=_g(10))
+    h, mx, ss = torch.empty(4, 8), torch.empty(4), torch.empty(4, dtype=torch.float64)
+    assert emulated.df_emu_softmax_embed(ptr(x), ctypes.c_int(0), ptr(t), ptr(E), ctypes.c_int(0), ctypes.c_int(0),
+                                         ctypes.c_int64(4), ctypes.c_int64(vocab), ctypes.c_int64(8),
+                                         ctypes.c_double(1.0), ptr(mx), ptr(ss), ptr(h)) == 0
+    c = _take(emulated)
+    assert c[CHECK["temperature"]] == 2 and c.sum() == 2, c
+    assert h[[1, 3]].isnan().all() and torch.isfinite(h[[0, 2]]).all()
+    torch.testing.assert_close(h[2], E[x[2].argmax()])
 
 
 # ---------------------------------------------------------------------------------------

@@ -185,6 +185,25 @@ def test_curriculum_levels_are_not_differentiated(which, op):
         out.sum().backward()
 
 
+@pytest.mark.parametrize("which", ["logits", "temperature"])
+def test_canvas_step_is_not_differentiable(which):
+    args = {"logits": _logits(2, 3, K), "temperature": torch.tensor([0.5, 2.0])}
+    args[which] = _req(args[which])
+    _, _, entropy = duo_fast.canvas_step(args["logits"], temperature=args["temperature"], seed=1)
+    with pytest.raises(RuntimeError, match=f"canvas_step is not differentiable w.r.t. {which}: expected {which} not "
+                                           "to require grad"):
+        entropy.sum().backward()
+
+
+@pytest.mark.parametrize("which", ["logits", "embedding", "temperature"])
+def test_softmax_embed_backward_names_the_argument(which):
+    args = {"logits": _logits(2, 3, K), "embedding": torch.randn(K, 4), "temperature": torch.tensor([0.5, 2.0])}
+    args[which] = _req(args[which])
+    h = duo_fast.softmax_embed(args["logits"], args["embedding"], temperature=args["temperature"])
+    with pytest.raises(RuntimeError, match=f"softmax_embed is forward only .*: expected {which} not to require grad"):
+        h.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------
 # torch.func: refused with a clear error (vmap of a forward still works)
 # ---------------------------------------------------------------------------------------
@@ -201,6 +220,8 @@ FUNC_OPS = {
     "curriculum_embed": lambda x: duo_fast.curriculum_embed(X0, 0.0, 1.0, x[0], seed=1)[0].sum(),
     "curriculum_topk_embed": lambda x: duo_fast.curriculum_topk_embed(X0, 0.0, 1.0, 2, x[0], seed=1)[0].sum(),
     "curriculum_topk": lambda x: duo_fast.curriculum_topk(X0, x[0, 0, :2].double(), 1.0, 2, K, seed=1)[1].sum(),
+    "canvas_step": lambda x: duo_fast.canvas_step(x, seed=1)[2].sum(),
+    "softmax_embed": lambda x: duo_fast.softmax_embed(x, torch.ones(K, 4)).sum(),
 }
 
 

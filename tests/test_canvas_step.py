@@ -268,10 +268,10 @@ def test_rows_without_a_distribution_raise(bad):
         (dict(logits=torch.zeros(2, 10, dtype=torch.int64)), r"logits has dtype int64"),
         (dict(logits=torch.zeros(2, 1)), r"vocabulary size\) must be in \[2"),
         (dict(logits=torch.tensor(1.0)), r"logits must be \[\.\.\., K\]"),
-        (dict(temperature=0.0), r"temperature must be in \(0.0, inf\)"),
-        (dict(temperature=math.inf), r"temperature must be in \(0.0, inf\)"),
-        (dict(temperature=torch.tensor([0.5, -1.0])), r"temperature must be finite and > 0"),
-        (dict(temperature=torch.tensor([0.5, math.nan])), r"temperature must be finite and > 0"),
+        (dict(temperature=0.0), r"temperature must be in \[2.939e-39, 8.507e\+37\]"),
+        (dict(temperature=math.inf), r"temperature must be in \[2.939e-39, 8.507e\+37\]"),
+        (dict(temperature=torch.tensor([0.5, -1.0])), r"temperature must be in \[2.93874e-39, 8.50706e\+37\]"),
+        (dict(temperature=torch.tensor([0.5, math.nan])), r"temperature must be in \[2.93874e-39, 8.50706e\+37\]"),
         (dict(temperature=torch.tensor([0.5, 0.5, 0.5])), r"temperature has shape"),
         (dict(temperature=torch.tensor([1, 2])), r"temperature must be a floating tensor"),
         (dict(seed=1, generator=torch.Generator()), r"either seed or generator"),
@@ -290,7 +290,7 @@ def test_raw_op_checks_too():
     x = torch.zeros(2, 10)
     with pytest.raises(RuntimeError, match=r"temperature has dtype Float"):
         torch.ops.duo_fast.canvas_step(x, torch.ones(2), 0, 0)
-    with pytest.raises(RuntimeError, match=r"temperature must be finite and > 0"):
+    with pytest.raises(RuntimeError, match=r"temperature must be in \["):
         torch.ops.duo_fast.canvas_step(x, torch.tensor([1.0, 0.0], dtype=torch.float64), 0, 0)
     with pytest.raises(RuntimeError, match=r"temperature has shape"):
         torch.ops.duo_fast.canvas_step(x, torch.ones(3, dtype=torch.float64), 0, 0)

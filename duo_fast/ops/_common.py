@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_real, check_same_device, check_tensor, check_vocab, per_token_level, token_ids
+from .._checks import check_same_device, check_temperature, check_tensor, check_vocab, per_token_level, token_ids
 
 
 _FLOAT_LEVELS = (torch.float32, torch.float64)
@@ -148,8 +148,8 @@ def _logits_and_temperature(logits, temperature) -> torch.Tensor:
     check_vocab(logits.shape[-1], "logits.size(-1) (the vocabulary size)")
     lead = logits.select(-1, 0)  # a view: the leading shape and device
     if isinstance(temperature, torch.Tensor):
-        check_same_device(logits, "logits", temperature, "temperature")
+        check_same_device(("logits", logits), ("temperature", temperature))
         return per_token_level(temperature, "temperature", lead, "logits[..., 0]")
-    t = check_real(temperature, "temperature", 0.0, float("inf"), lo_open=True, hi_open=True)
+    t = check_temperature(temperature)
     # torch.full, not torch.tensor: no host-to-device copy (a synchronization on CUDA)
     return torch.full(lead.shape, t, dtype=torch.float64, device=logits.device)

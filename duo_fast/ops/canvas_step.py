@@ -15,7 +15,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._random import philox_seed
-from ._common import _logits_and_temperature
+from ._common import _logits_and_temperature, check_no_func_transform, register_no_autograd
 
 
 def canvas_step(
@@ -47,8 +47,10 @@ def canvas_step(
     Bad values: a row with NaN, +inf or no finite logit raises, naming
     ``logits`` (CPU: at the call; CUDA: that row gets sample = argmax = 0 and a
     NaN entropy, and the next duo_fast CUDA call raises); ``-inf`` entries are
-    probability 0 (never drawn). Not differentiable.
+    probability 0 (never drawn). Not differentiable: a backward that reaches
+    ``logits`` or ``temperature`` raises, naming it.
     """
+    check_no_func_transform("canvas_step", logits, temperature)
     temp = _logits_and_temperature(logits, temperature)
     key = philox_seed(logits.device, generator, seed)
     return torch.ops.duo_fast.canvas_step.default(logits, temp, key, 0)
@@ -60,3 +62,5 @@ def _canvas_step_fake(logits, temperature, seed, offset):
     return (logits.new_empty(lead, dtype=torch.int64), logits.new_empty(lead, dtype=torch.int64),
             logits.new_empty(lead, dtype=torch.float32))
 
+
+register_no_autograd("duo_fast::canvas_step", "canvas_step", {0: "logits", 1: "temperature"})

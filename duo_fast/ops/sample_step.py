@@ -6,18 +6,9 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
-from .._checks import FLOAT32_MAX, FLOAT32_TINY, check_real, check_tensor, check_vocab, per_token_level, token_ids
+from .._checks import check_real, check_temperature, check_tensor, check_vocab, per_token_level, token_ids
 from .._random import philox_seed
 from ._common import _LOGIT_DTYPES, _check_ids_like, check_no_func_transform, register_no_autograd
-
-
-def check_temperature(temperature) -> float:
-    """1/temperature scales the logits in float32 (csrc/include/duo_fast/sample_step.h
-    weight()): it must be a finite, normal float32 (below 1/FLT_MAX the scale is inf
-    and the row's max gives 0 * inf = NaN; above 1/FLT_MIN it flushes to 0 and a -inf
-    logit gives NaN)."""
-    return check_real(temperature, "temperature", 1.0 / FLOAT32_MAX, 1.0 / FLOAT32_TINY,
-                      why="1/temperature scales the logits in float32: a finite, normal float32")
 
 
 def _step_args(logits, z, alpha_t, alpha_s, kappa, temperature, top_p):

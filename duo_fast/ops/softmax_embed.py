@@ -8,7 +8,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import check_real, check_same_device, check_tensor
-from ._common import _EMBEDDING_DTYPES, _logits_and_temperature
+from ._common import _EMBEDDING_DTYPES, _logits_and_temperature, check_no_func_transform
 
 
 def softmax_embed(logits: torch.Tensor, embedding: torch.Tensor, *, temperature=1.0, scale: float = 1.0) -> torch.Tensor:
@@ -36,11 +36,12 @@ def softmax_embed(logits: torch.Tensor, embedding: torch.Tensor, *, temperature=
     no finite entry raises, naming ``logits`` (CUDA: a NaN row, and the next
     duo_fast CUDA call raises); NaN in ``embedding`` propagates.
     """
+    check_no_func_transform("softmax_embed", logits, embedding, temperature)
     check_tensor(embedding, "embedding", _EMBEDDING_DTYPES)
     if embedding.dim() != 2:
         raise ValueError(f"duo_fast: embedding must be [vocab_size, d], got shape {list(embedding.shape)}")
     temp = _logits_and_temperature(logits, temperature)
-    check_same_device(logits, "logits", embedding, "embedding")
+    check_same_device(("logits", logits), ("embedding", embedding))
     if embedding.shape[0] != logits.shape[-1]:
         raise ValueError(f"duo_fast: embedding has {embedding.shape[0]} rows, expected one per logit: logits has "
                          f"shape {list(logits.shape)}")
@@ -54,13 +55,18 @@ def _softmax_embed_fake(logits, embedding, temperature, scale):
 
 
 def _softmax_embed_setup_context(ctx, inputs, output):
-    pass
+    ctx.set_materialize_grads(False)
+
+
+_INPUTS = ("logits", "embedding", "temperature")
 
 
 def _softmax_embed_backward(ctx, grad):
+    wrt = ", ".join(n for n, need in zip(_INPUTS, ctx.needs_input_grad) if need)
     raise RuntimeError(
-        "duo_fast: softmax_embed is forward only (DiffusionGemma runs its soft embedding under torch.no_grad); "
-        "for gradients use torch.softmax(logits / T, -1) @ embedding * scale"
+        f"duo_fast: softmax_embed is forward only (DiffusionGemma runs its soft embedding under torch.no_grad): "
+        f"expected {wrt} not to require grad (pass .detach()), got a backward that reaches {wrt}. For gradients use "
+        "torch.softmax(logits / T, -1) @ embedding * scale"
     )
 
 

@@ -33,7 +33,7 @@ enum Arg : int {
   kGammaSNaN = 10,  // gamma_s NaN (sample_zt)
   kLogits = 11,     // a logits row with NaN, +inf or no finite entry (sample_step, posterior, canvas_step,
                     // softmax_embed)
-  kTemperature = 12,  // a per-row temperature not finite and > 0 (canvas_step, softmax_embed)
+  kTemperature = 12,  // a per-row temperature outside [1/FLT_MAX, 1/FLT_MIN] (canvas_step, softmax_embed)
   kNumArgs = 13,
 };
 
@@ -53,7 +53,7 @@ inline const char* arg_message(int a) {
     case kLogits:
       return "logits rows must hold no NaN or +inf and at least one finite entry (no probability distribution "
              "to sample from: a diverged model?)";
-    case kTemperature: return "temperature must be finite and > 0";
+    case kTemperature: return "temperature must be in [1/FLT_MAX, 1/FLT_MIN] (1/temperature a normal float32)";
   }
   return "?";
 }
@@ -68,7 +68,8 @@ DUO_HD bool valid_gamma(double g) { return g - g == 0.0; }  // finite
 // inv_tau scales the noise in float32 (above FLT_MAX the forward gives NaN).
 DUO_HD bool valid_inv_tau(double t) { return t > 0.0 && t <= kFloat32Max; }
 DUO_HD bool not_nan(double g) { return g == g; }
-DUO_HD bool valid_temperature(double t) { return t > 0.0 && t - t == 0.0; }
+// 1/t scales the logits in float32: a finite, normal float32 (NaN fails both tests).
+DUO_HD bool valid_temperature(double t) { return t >= 1.0 / kFloat32Max && t <= 1.0 / kFloat32Tiny; }
 // A sampling row: the sum of exp((x_j - max) / T) is >= 1 (the max entry gives
 // exactly 1) when every logit is finite or -inf with a finite max; NaN logits,
 // a +inf logit (inf - inf) and a row of only -inf (-inf + inf) make it NaN.
