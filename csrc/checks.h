@@ -254,12 +254,14 @@ inline void check_canvas_logits(const at::Tensor& logits, const at::Tensor& temp
 }
 
 // softmax_embed: the logits and temperature of canvas_step, an embedding [K, d]
-// (float32/bfloat16/float16) on their device, a finite scale.
+// (float32/bfloat16/float16) on their device, a scale that is a finite float32
+// (the kernels scale the output by it in float32).
 inline void check_softmax_embed_args(const at::Tensor& logits, const at::Tensor& embedding,
                                      const at::Tensor& temperature, double scale) {
   check_floating(embedding, "embedding", {at::kFloat, at::kBFloat16, at::kHalf});
   TORCH_CHECK(embedding.dim() == 2, "duo_fast: embedding must be [vocab_size, d], got shape ", embedding.sizes());
-  TORCH_CHECK(std::isfinite(scale), "duo_fast: scale must be finite, got ", scale);
+  TORCH_CHECK(std::abs(scale) <= kFloat32Max, "duo_fast: scale must be in [", -kFloat32Max, ", ", kFloat32Max,
+              "] (the output is scaled in float32), got ", scale);
   check_same_device(logits, "logits", embedding, "embedding");
   TORCH_CHECK(logits.dim() >= 1 && embedding.size(0) == logits.size(-1), "duo_fast: embedding has ",
               embedding.size(0), " rows, expected one per logit: logits has shape ", logits.sizes());

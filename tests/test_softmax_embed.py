@@ -144,7 +144,9 @@ def test_neg_inf_entries_are_probability_zero():
         (dict(logits=torch.zeros(2, 10, dtype=torch.float64)), r"logits has dtype float64"),
         (dict(temperature=-1.0), r"temperature must be in \[2.939e-39, 8.507e\+37\]"),
         (dict(temperature=torch.tensor([0.5, 0.0])), r"temperature must be in \[2.93874e-39, 8.50706e\+37\]"),
-        (dict(scale=math.nan), r"scale must be in \(-inf, inf\)"),
+        (dict(scale=math.nan), r"scale must be in \[-3.403e\+38, 3.403e\+38\] \(the output is scaled in float32\)"),
+        (dict(scale=1e39), r"scale must be in \[-3.403e\+38, 3.403e\+38\]"),
+        (dict(scale=-math.inf), r"scale must be in \[-3.403e\+38, 3.403e\+38\]"),
         (dict(scale="2"), r"scale must be a float"),
     ],
 )
@@ -161,10 +163,23 @@ def test_raw_op_checks_too():
     x, E, t = torch.zeros(2, 10), torch.zeros(10, 4), torch.ones(2, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"embedding has 9 rows"):
         torch.ops.duo_fast.softmax_embed(x, torch.zeros(9, 4), t, 1.0)
-    with pytest.raises(RuntimeError, match=r"scale must be finite"):
-        torch.ops.duo_fast.softmax_embed(x, E, t, math.inf)
+    for scale in (math.inf, 1e300, -1e39):
+        with pytest.raises(RuntimeError, match=r"scale must be in \[-3.40282e\+38, 3.40282e\+38\] \(the output is "
+                                               r"scaled in float32\)"):
+            torch.ops.duo_fast.softmax_embed(x, E, t, scale)
     with pytest.raises(RuntimeError, match=r"temperature must be in \[2.93874e-39, 8.50706e\+37\]"):
         torch.ops.duo_fast.softmax_embed(x, E, -t, 1.0)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_scale_at_float32_max_matches_the_reference(sign):
+    """The largest accepted scale: finite where the result is a float32 (1e300 gave inf)."""
+    g = torch.Generator().manual_seed(4)
+    x, E = torch.randn(3, 50, generator=g), torch.rand(50, 6, generator=g) * 1e-3
+    scale = sign * float(torch.finfo(torch.float32).max)
+    h = duo_fast.softmax_embed(x, E, scale=scale)
+    assert torch.isfinite(h).all()
+    torch.testing.assert_close(h.double(), ref.softmax_embed(x, E, 1.0, scale), rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
-from .._checks import check_real, check_same_device, check_tensor
+from .._checks import FLOAT32_MAX, check_real, check_same_device, check_tensor
 from ._common import _EMBEDDING_DTYPES, _logits_and_temperature, check_no_func_transform
 
 
@@ -20,7 +20,7 @@ def softmax_embed(logits: torch.Tensor, embedding: torch.Tensor, *, temperature=
     ``logits`` ``[..., V]`` float32, bfloat16 or float16 (read natively);
     ``embedding`` ``[V, d]`` float32, bfloat16 or float16 (read natively, never
     copied whole); ``temperature`` a float or per row (as :func:`canvas_step`);
-    ``scale`` a finite float. Like attention with the logits as scores and
+    ``scale`` a float with ``|scale| <= 3.4e38`` (a float32). Like attention with the logits as scores and
     ``embedding`` as values: per row the max, then tiles of V (CPU: ATen GEMMs on
     tiles, bf16 GEMMs for a bf16 embedding; CUDA: tensor cores for a bf16
     embedding on sm_80+, float kernels otherwise). Entries whose weight is below
@@ -45,7 +45,7 @@ def softmax_embed(logits: torch.Tensor, embedding: torch.Tensor, *, temperature=
     if embedding.shape[0] != logits.shape[-1]:
         raise ValueError(f"duo_fast: embedding has {embedding.shape[0]} rows, expected one per logit: logits has "
                          f"shape {list(logits.shape)}")
-    scale = check_real(scale, "scale", -float("inf"), float("inf"), lo_open=True, hi_open=True)
+    scale = check_real(scale, "scale", -FLOAT32_MAX, FLOAT32_MAX, why="the output is scaled in float32")
     return torch.ops.duo_fast.softmax_embed.default(logits, embedding, temp, scale)
 
 
