@@ -85,11 +85,32 @@ def flat_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors):
+class ChunkLogits:
+    """The chunks' logits ``hidden[s:e] @ weight.T + bias``, written into one
+    ``[chunk_size, K]`` buffer that every chunk reuses: a fresh block of that size
+    per chunk would be page-faulted again each time (the CPU allocator hands such
+    blocks back to the OS when they are freed). A chunk's logits are valid until
+    the next chunk's; under torch.compile, plain out-of-place GEMMs."""
+
+    def __init__(self, h2: torch.Tensor, weight: torch.Tensor, chunk_size: int):
+        rows = min(chunk_size, h2.shape[0])
+        reuse = rows > 0 and not torch.compiler.is_compiling()
+        self.buf = torch.empty((rows, weight.shape[0]), dtype=h2.dtype, device=h2.device) if reuse else None
+
+    def __call__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.buf is None:
+            return torch.nn.functional.linear(h, weight, bias)
+        out = self.buf[: h.shape[0]]
+        if bias is None:
+            return torch.mm(h, weight.t(), out=out)
+        return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors, linear=torch.nn.functional.linear):
     """(value, G) of rows [s, e). The chunk's logits are float32, so G stays float32
     for the GEMMs that take it (a 16-bit G would add its rounding to grad_hidden /
-    grad_weight)."""
-    logits = torch.nn.functional.linear(h2[s:e], weight, bias).float()
+    grad_weight). ``linear``: a ChunkLogits (or F.linear)."""
+    logits = linear(h2[s:e], weight, bias).float()
     return row_op(logits, s, e, True, *tensors)
 
 
@@ -135,9 +156,9 @@ class LinearRows(torch.autograd.Function):
         h2 = flat_rows(hidden)
         N = h2.shape[0]
         value = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        linear = ChunkLogits(h2, weight, chunk_size)
         for s, e in chunks(N, chunk_size):
-            logits = torch.nn.functional.linear(h2[s:e], weight, bias)
-            value[s:e], _ = row_op(logits, s, e, False, *tensors)
+            value[s:e], _ = row_op(linear(h2[s:e], weight, bias), s, e, False, *tensors)
         ctx.save_for_backward(hidden, weight, bias, *tensors)
         ctx.row_op, ctx.chunk_size, ctx.what, ctx.names = row_op, chunk_size, what, names
         return value
@@ -149,8 +170,9 @@ class LinearRows(torch.autograd.Function):
         with torch.no_grad():
             h2 = flat_rows(hidden)
             grad_h, grad_w, grad_b, w32 = _new_grads(h2, weight, bias, ctx.needs_input_grad[1:4], hidden.dtype)
+            linear = ChunkLogits(h2, weight, ctx.chunk_size)
             for s, e in chunks(h2.shape[0], ctx.chunk_size):
-                _, g = _chunk_value_grad(ctx.row_op, h2, weight, bias, s, e, tensors)
+                _, g = _chunk_value_grad(ctx.row_op, h2, weight, bias, s, e, tensors, linear)
                 g.mul_(grad_value[s:e].unsqueeze(-1))
                 _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
                 del g  # before the next chunk's logits: two [C, K] tensors at a time, not three
@@ -182,8 +204,9 @@ class LinearRowsReduced(torch.autograd.Function):
         N = h2.shape[0]
         grad_h, grad_w, grad_b, w32 = _new_grads(h2, weight, bias, ctx.needs_input_grad[1:4], torch.float32)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        linear = ChunkLogits(h2, weight, chunk_size)
         for s, e in chunks(N, chunk_size):
-            value, g = _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors)
+            value, g = _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors, linear)
             total += value.sum(dtype=torch.float64)
             if mean:
                 g.div_(N)
