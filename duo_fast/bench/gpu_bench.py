@@ -326,24 +326,24 @@ def rows(dry: bool) -> list[Row]:
                                  source=src, note="torch.compile of the same"),
             }, [AUTOCAST_NOTE] if ac else []))
             st = _step_state(N, K, L, dt)
+            f64, f32 = (_float32_levels(_with_model(st, use_float64=u, p_nucleus=1.0, logits=None), *STEP_LEVELS)
+                        for u in (True, False))
             out.append(Row("sample_step", "ancestral", N, K, d, dn, {
                 "duo": Side(C_STEP._duo_fn, st, note="duo_fast.sample_step(logits, z, 0.3, 0.6, seed=...)"),
-                "ref": Side(C_STEP._ref_fn(False), _ref32(_with_model(st, use_float64=True, p_nucleus=1.0, logits=None)),
-                            autocast=ac, source=src,
+                "ref": Side(C_STEP._ref_fn(False), f64, autocast=ac, source=src,
                             note="the Duo code's _ancestral_update, float64 (its default sampling.use_float64=True)"),
-                "compiled": Side(C_STEP._ref_fn(False),
-                                 _ref32(_with_model(st, use_float64=False, p_nucleus=1.0, logits=None)),
-                                 compile=True, autocast=ac, source=src,
+                "compiled": Side(C_STEP._ref_fn(False), f32, compile=True, autocast=ac, source=src,
                                  note="torch.compile of _ancestral_update in float32 (use_float64=False)"),
             }, [AUTOCAST_NOTE] if ac else []))
         for coupled in (False, True):
             st = _zt_state(N, K, L, coupled)
+            ref_st = _float32_levels(_with_model(st), *("gamma", "gamma_s")[:1 + coupled])
             out.append(Row("sample_zt", "coupled" if coupled else "single", N, K, d, None, {
                 "duo": Side(C_ZT._duo_coupled if coupled else C_ZT._duo_single, st, note="duo_fast.sample_zt"),
-                "ref": Side(C_ZT._ref_coupled if coupled else C_ZT._ref_single, _ref_levels32(_with_model(st), coupled),
+                "ref": Side(C_ZT._ref_coupled if coupled else C_ZT._ref_single, ref_st,
                             source=src, note="dense one-hot + noise + argmax (Duo code)"),
                 "compiled": Side(C_ZT._ref_coupled if coupled else C_ZT._ref_single,
-                                 _ref_levels32(_with_model(st), coupled), compile=True, source=src,
+                                 ref_st, compile=True, source=src,
                                  note="torch.compile of the same"),
             }))
         st = _cur_state(N, K, L, d, True)
@@ -384,7 +384,8 @@ def rows(dry: bool) -> list[Row]:
         st = _linear_step_state(N, K, L, d)
         out.append(Row("linear_sample_step", "ancestral", N, K, d, None, {
             "duo": Side(C_LSS._duo, st, note="duo_fast.linear_sample_step(hidden, W, b, z, 0.3, 0.6, seed=...)"),
-            "ref": Side(C_LSS._ref, _ref32(_with_model(st, use_float64=True, p_nucleus=1.0)), source=src,
+            "ref": Side(C_LSS._ref, _float32_levels(_with_model(st, use_float64=True, p_nucleus=1.0), *STEP_LEVELS),
+                        source=src,
                         note="hidden @ W.T + b, then the Duo code's _ancestral_update, float64"),
         }))
         st = _g2a_state(N, K)
@@ -401,24 +402,17 @@ def rows(dry: bool) -> list[Row]:
     return out
 
 
-def _ref32(setup):
-    """sample_step's reference state: alpha_t, alpha_s float32 as the Duo schedule gives them."""
+STEP_LEVELS = ("alpha_t", "alpha_s")
+
+
+def _float32_levels(setup, *keys):
+    """The reference state with the levels ``keys`` in float32, as the Duo schedule
+    gives them (sample_step: alpha_t, alpha_s; sample_zt: gamma, gamma_s)."""
 
     def wrapped(device):
         st = setup(device)
-        st["alpha_t"] = st["alpha_t"].float()
-        st["alpha_s"] = st["alpha_s"].float()
-        return st
-
-    return wrapped
-
-
-def _ref_levels32(setup, coupled):
-    def wrapped(device):
-        st = setup(device)
-        st["gamma"] = st["gamma"].float()
-        if coupled:
-            st["gamma_s"] = st["gamma_s"].float()
+        for k in keys:
+            st[k] = st[k].float()
         return st
 
     return wrapped
