@@ -37,6 +37,17 @@ class Replaced:
         return f"{module}.{self.name}" if isinstance(self.owner, ModuleType) else f"{module}.{owner}.{self.name}"
 
 
+def check_parts(parts, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``parts`` of an integration's patch(): None (all of ``allowed``), one name or an
+    iterable of names; a non-empty subset of ``allowed``, returned in its order."""
+    if parts is None:
+        return allowed
+    parts = [parts] if isinstance(parts, str) else list(parts)
+    if not parts or any(p not in allowed for p in parts):
+        raise ValueError(f"duo_fast: parts must be a non-empty subset of {allowed}, got {parts!r}")
+    return tuple(p for p in allowed if p in parts)
+
+
 def is_patched(owner, name: str) -> bool:
     """Whether ``owner.name`` (its own attribute) is a replacement of some Patch."""
     return bool(getattr(vars(owner).get(name), MARK, False))

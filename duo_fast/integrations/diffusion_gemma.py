@@ -334,12 +334,7 @@ def patch(*, module: ModuleType | None = None, parts=None) -> Patch:
     decoder's soft embedding), None for both. Raises if any target is already
     patched. Logs one line listing what was replaced. Returns a
     :class:`Patch` (``undo()``, context manager)."""
-    if parts is None:
-        parts = PARTS
-    parts = (parts,) if isinstance(parts, str) else tuple(parts)
-    if not parts or any(p not in PARTS for p in parts):
-        raise ValueError(f"duo_fast: parts must be a non-empty subset of {PARTS}, got {parts!r}")
-    parts = tuple(p for p in PARTS if p in parts)
+    parts = _patching.check_parts(parts, PARTS)
     G, M = _modules(module)
     targets: dict = {}
     if "step" in parts:

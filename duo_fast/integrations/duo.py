@@ -713,18 +713,6 @@ class Patch(_patching.Patch):
         self.parts = parts
 
 
-def _check_parts(parts) -> tuple[str, ...]:
-    if parts is None:
-        return PARTS
-    if isinstance(parts, str):
-        parts = [parts]
-    parts = list(parts)
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise ValueError(f"duo_fast: parts must be a non-empty subset of {PARTS}, got {parts!r}")
-    return tuple(p for p in PARTS if p in parts)
-
-
 def _resolve(modules: dict[str, ModuleType | None], needed: Iterable[str]) -> dict[str, ModuleType]:
     out, missing = {}, []
     for arg in needed:
@@ -769,7 +757,7 @@ def patch(
     Raises if any target is already patched (never wraps twice). Logs one line
     listing what was replaced. Returns a :class:`Patch` (``undo()``, context
     manager)."""
-    parts = _check_parts(parts)
+    parts = _patching.check_parts(parts, PARTS)
     if topk_zt_rule not in _ZT_RULES:
         raise ValueError(f"duo_fast: topk_zt_rule must be 'exact' or 'reference', got {topk_zt_rule!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):

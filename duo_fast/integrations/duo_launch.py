@@ -54,7 +54,8 @@ from pathlib import Path
 
 import torch
 
-from .duo import _NEEDS, _SYS_NAMES, _ZT_RULES, PARTS, Patch, _check_parts, patch
+from ._patching import check_parts
+from .duo import _NEEDS, _SYS_NAMES, _ZT_RULES, PARTS, Patch, patch
 
 log = logging.getLogger("duo_fast.integrations.duo")
 
@@ -203,7 +204,7 @@ def run_script(script: str | Path, argv: list[str], *, parts=None, topk_zt_rule:
     folder = str(script.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    parts = _check_parts(parts)
+    parts = check_parts(parts, PARTS)
     from .duo_reference import install_flash_attn_standin
 
     if install_flash_attn_standin():
