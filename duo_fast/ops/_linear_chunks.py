@@ -106,10 +106,10 @@ class ChunkLogits:
         return torch.addmm(bias, h, weight.t(), out=out)
 
 
-def _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors, linear=torch.nn.functional.linear):
+def _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors, linear):
     """(value, G) of rows [s, e). The chunk's logits are float32, so G stays float32
     for the GEMMs that take it (a 16-bit G would add its rounding to grad_hidden /
-    grad_weight). ``linear``: a ChunkLogits (or F.linear)."""
+    grad_weight). ``linear``: the call's ChunkLogits."""
     logits = linear(h2[s:e], weight, bias).float()
     return row_op(logits, s, e, True, *tensors)
 

@@ -94,8 +94,7 @@ def _draw_rows(hidden, weight, bias, z, a_t, a_s, kappa, temperature, top_p, key
     return out
 
 
-def _draw_chunk(h2, u2, weight, bias, zf, atf, asf, kappa, temperature, top_p, key, guidance, s, e,
-                linear=torch.nn.functional.linear):
+def _draw_chunk(h2, u2, weight, bias, zf, atf, asf, kappa, temperature, top_p, key, guidance, s, e, linear):
     """z_s of rows [s, e) (see _draw_rows; ``linear``: a ChunkLogits or F.linear)."""
     step = torch.ops.duo_fast.sample_step.default
     logits = kernel_logits(linear(h2[s:e], weight, bias))
