@@ -173,6 +173,50 @@ def test_small_probability_drawn_at_its_rate():
     assert pval > 1e-4, (k, mu)
 
 
+def philox_u_cat(emulated, seed: int, tokens: int, offset: int = 0) -> torch.Tensor:
+    """The inverse-CDF uniform of tokens 0..tokens-1 as sample_step.h defines it:
+    Philox4x32-10 block (counter = token, offset; key = seed), words 2 and 3 as a
+    53-bit uniform, computed here from the raw Philox round function (checked
+    against Random123's known answers in test_math_headers.py)."""
+    out, u32 = (ctypes.c_uint32 * 4)(), ctypes.c_uint32
+    u = torch.empty(tokens, dtype=torch.float64)
+    for t in range(tokens):
+        emulated.df_philox(u32(t), u32(t >> 32), u32(offset), u32(offset >> 32), u32(seed), u32(seed >> 32), out)
+        k = ((out[2] << 32) | out[3]) >> 11
+        u[t] = min((k + 0.5) * 2.0**-53, 1.0 - 2.0**-53)
+    return u
+
+
+def float64_inverse_cdf(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0):
+    """(first j whose float64 running sum of exp((x_j - max) / T) exceeds u * total,
+    the distance of u * total to the nearest CDF boundary relative to the total)."""
+    x = logits.double() / temperature
+    c = (x - x.amax(-1, keepdim=True)).exp().cumsum(-1)
+    target = u.unsqueeze(-1) * c[:, -1:]
+    j = (c <= target).sum(-1)
+    gap = torch.minimum((c.gather(1, j.unsqueeze(-1)) - target).abs(),
+                        (c.gather(1, (j - 1).clamp(min=0).unsqueeze(-1)) - target).abs()).squeeze(-1)
+    return j, gap / c[:, -1]
+
+
+@pytest.mark.parametrize("K,scale", [(50, 1.0), (1000, 2.0), (50257, 3.0), (50257, 0.02)])
+def test_model_draw_is_the_inverse_cdf_of_its_uniform(emulated, K, scale):
+    # alpha_t = 0, alpha_s = 1: the pure model part, drawn by inverse CDF with the
+    # token's Philox u_cat. Against a float64 CDF with the same u, recomputed here:
+    # the same token except where u * total lies within the float32 weights'
+    # rounding (each within ~2 ulp, so the running sum within 3e-7 of the total) of
+    # a boundary. Rows of K = 50257 cross many of the kernel's 64-weight blocks
+    # (scale 0.02: nearly flat rows, the boundary anywhere, ~3% of rows near one).
+    rows, seed = 300, 77
+    x = _logits(rows, K, K, scale=scale)
+    out = torch.ops.duo_fast.sample_step(x, torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, dtype=torch.float64),
+                                         torch.ones(rows, dtype=torch.float64), 1.0, 0.7, 1.0, seed, 0)
+    want, gap = float64_inverse_cdf(x, philox_u_cat(emulated, seed, rows), temperature=0.7)
+    far = gap > 3e-7
+    assert int(far.sum()) >= 0.9 * rows
+    assert torch.equal(out[far], want[far]), (out[far] != want[far]).nonzero()[:5]
+
+
 def test_no_noise_limits(device):
     K, n = 30, 2000
     logits = _logits(n, K, 7)

@@ -4,7 +4,7 @@
 // the weights w_j = exp((x_j - M) / T) into a per-thread scratch row with the
 // entropy sums (delta as the sum over x_j < M plus the count of the other
 // maxima, b = sum w (-y), in double); then the inverse-CDF draw scans the
-// scratch row (sample_step's sampling::inverse_cdf). Two reads of the logits,
+// scratch row (inverse_cdf.h, shared with sample_step). Two reads of the logits,
 // K floats of scratch per thread, O(rows) outputs. Sweep 2 has an AVX2 clone
 // chosen at run time ("avx2" without FMA: the weights are bit-identical to the
 // baseline build's and to the emulated CUDA kernel's). A row with NaN, +inf or
@@ -23,6 +23,7 @@
 #include "dispatch.h"
 #include "duo_fast/canvas_step.h"
 #include "duo_fast/sample_step.h"
+#include "inverse_cdf.h"
 #include "isa.h"
 
 namespace duo_fast {

@@ -1,7 +1,7 @@
 // Block-wide inverse-CDF draw over one row of logits (device code; also runs
 // under the CPU emulation), shared by the CUDA kernels of sample_step
 // (sample_step.cu) and canvas_step (canvas_step.cu): the device twin of
-// sampling::inverse_cdf (sample_step.h), which scans a scratch row of weights on
+// sampling::inverse_cdf (cpu/inverse_cdf.h), which scans a scratch row of weights on
 // the CPU. Here the weights are recomputed from the logits tile by tile, so the
 // draw reads about half of the row.
 #pragma once

@@ -203,24 +203,25 @@ class _Head:
             return F.linear(self.hidden, self.weight, self.bias)
 
 
-# Tokens per chunk of the fused output layer on the CPU: the fewest whose float32
+# Tokens per chunk of the fused loss and KL on the CPU: the fewest whose float32
 # logits take 32 MiB (167 at K = 50257). A host process's memory is the high-water
 # mark of its heap plus its mmapped blocks, and glibc's malloc serves blocks of
 # 32 MiB and more by mmap and gives them back when they are freed, while smaller
 # ones stay in the heap: a chunk's logits and gradient just over 32 MiB leave no
 # trace once the chunk is done (the gradients that come later in the step do not
-# pile on them), and the GEMMs are about as fast as on all rows. On CUDA the ops'
-# default (~64 MiB; the caching allocator reuses blocks).
+# pile on them). On CUDA the ops' default (~64 MiB; the caching allocator reuses
+# blocks). The sampling step takes the op's default everywhere: it has no gradient,
+# so its one [chunk, K] buffer is the only large block, and longer chunks make
+# faster GEMMs (the weight is packed once per chunk).
 _CPU_CHUNK_BYTES = 32 << 20
 
 
-def _chunk_size(chunk_size: int | None, head: _Head, per_row: int = 1) -> int | None:
-    """patch(chunk_size=...) where given, else the default for the head's device;
-    ``per_row``: the op's memory per token in [K] float32 rows, relative to one
-    (guided sampling: two models' logits and posteriors, ~8)."""
+def _chunk_size(chunk_size: int | None, head: _Head) -> int | None:
+    """patch(chunk_size=...) where given, else the training ops' default for the
+    head's device."""
     if chunk_size is not None or head.hidden.device.type != "cpu":
         return chunk_size
-    return -(-_CPU_CHUNK_BYTES // (4 * head.weight.shape[0] * per_row))
+    return -(-_CPU_CHUNK_BYTES // (4 * head.weight.shape[0]))
 
 
 def _run_backbone(model, backbone, x, sigma, labels=None, weights=None):
@@ -673,8 +674,7 @@ def _sampling_replacements(trainer_base, dit, *, raw_ok, chunk_size) -> dict:
             guidance = None if guid is None else (heads.uncond.hidden, guid)
             # kappa q_posterior + (1 - kappa) (alpha_s q_posterior(alpha_s = 1) + (1 - alpha_s) / K): docs/math.md §4.
             z = linear_sample_step(h.hidden, h.weight, h.bias, x, alpha_t, alpha_s, kappa=kappa,
-                                   top_p=float(self.p_nucleus), guidance=guidance,
-                                   chunk_size=_chunk_size(chunk_size, h, per_row=1 if guidance is None else 8))
+                                   top_p=float(self.p_nucleus), guidance=guidance, chunk_size=chunk_size)
             return heads, z
         if guid is not None:  # guidance on the logits path: the original's dense posteriors
             return original()
@@ -749,9 +749,9 @@ def patch(
     ``["models.dit"]``); only those the chosen ``parts`` need are looked up.
     ``parts``: a subset of :data:`PARTS` (None: all). ``topk_zt_rule``:
     ``"exact"`` or ``"reference"`` for the top-k curriculum's ``z_t``.
-    ``chunk_size``: tokens per chunk of the fused output layer (None: on the CPU
-    the fewest whose float32 logits take 32 MiB, 167 at K = 50257; on CUDA the
-    ops' default, about 64 MiB). ``fuse_output_layer``:
+    ``chunk_size``: tokens per chunk of the fused output layer (None: for the
+    losses on the CPU the fewest whose float32 logits take 32 MiB, 167 at K =
+    50257; else the ops' default, about 64 MiB). ``fuse_output_layer``:
     False keeps the losses and the sampling step on the model's ``[B, L, K]``
     logits (the fused ops then take the logits).
     Raises if any target is already patched (never wraps twice). Logs one line

@@ -75,9 +75,22 @@ def check_reduction(reduction) -> str:
     return reduction
 
 
-def chunks(n: int, chunk_size: int):
-    """(s, e) of the row chunks [s, e) of n rows."""
-    return ((s, min(n, s + chunk_size)) for s in range(0, n, chunk_size))
+def chunks(n: int, chunk_size: int, *, balanced: bool = False):
+    """(s, e) of the row chunks [s, e) of n rows: ``chunk_size`` rows each and a
+    shorter last one, or (``balanced``) as many chunks with sizes that differ by at
+    most one (:func:`balanced_rows` the largest). Balanced chunks have no short
+    tail: every chunk's GEMM packs the whole weight, so a tail of a few rows costs
+    about as much as a full chunk and leaves threads idle in the row kernel."""
+    if not balanced:
+        return ((s, min(n, s + chunk_size)) for s in range(0, n, chunk_size))
+    k = -(-n // chunk_size) if n > 0 else 0
+    q, r = divmod(n, k) if k else (0, 0)
+    return ((i * q + min(i, r), (i + 1) * q + min(i + 1, r)) for i in range(k))
+
+
+def balanced_rows(n: int, chunk_size: int) -> int:
+    """The largest chunk of ``chunks(n, chunk_size, balanced=True)`` (0 for n = 0)."""
+    return -(-n // -(-n // chunk_size)) if n > 0 else 0
 
 
 def flat_rows(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +106,7 @@ class ChunkLogits:
     the next chunk's; under torch.compile, plain out-of-place GEMMs."""
 
     def __init__(self, h2: torch.Tensor, weight: torch.Tensor, chunk_size: int):
-        rows = min(chunk_size, h2.shape[0])
+        rows = min(chunk_size, h2.shape[0])  # the largest chunk
         reuse = rows > 0 and not torch.compiler.is_compiling()
         self.buf = torch.empty((rows, weight.shape[0]), dtype=h2.dtype, device=h2.device) if reuse else None
 

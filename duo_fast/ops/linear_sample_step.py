@@ -12,7 +12,8 @@ from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fas
 from .._checks import check_real, check_same_device, check_tensor, token_ids
 from .._random import philox_seed
 from ._common import _check_ids_like
-from ._linear_chunks import ChunkLogits, check_chunk_size, check_linear, chunks, default_chunk_size, flat_rows, kernel_logits
+from ._linear_chunks import (ChunkLogits, balanced_rows, check_chunk_size, check_linear, chunks, default_chunk_size, flat_rows,
+                             kernel_logits)
 from .sample_step import _step_levels
 
 # The Duo code's stand-in for log 0 in the guided combination (trainer_base's
@@ -87,8 +88,9 @@ def _draw_rows(hidden, weight, bias, z, a_t, a_s, kappa, temperature, top_p, key
     u2 = flat_rows(guidance[0]) if guidance is not None else None
     out = torch.empty_like(zf)
     with torch.no_grad():  # integer outputs: no graph for the chunks' logits
-        linear = ChunkLogits(h2, weight, chunk_size) if guidance is None else torch.nn.functional.linear
-        for s, e in chunks(zf.shape[0], chunk_size):
+        rows = balanced_rows(zf.shape[0], chunk_size)
+        linear = ChunkLogits(h2, weight, rows) if guidance is None else torch.nn.functional.linear
+        for s, e in chunks(zf.shape[0], chunk_size, balanced=True):
             out[s:e] = _draw_chunk(h2, u2, weight, bias, zf, atf, asf, kappa, temperature, top_p, key, guidance, s, e,
                                    linear)
     return out
@@ -124,10 +126,10 @@ def linear_sample_step(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """:func:`sample_step` on the logits ``hidden @ weight.T + bias`` without
-    forming them: rows (tokens) are processed in chunks of ``chunk_size``
-    (default: ~64 MiB of float32 logits per chunk; an eighth of that with
-    ``guidance``), each chunk's logits made by one GEMM and drawn from by the
-    sample_step kernel. Peak extra memory O(chunk_size * K), independent of N.
+    forming them: rows (tokens) are processed in chunks of at most
+    ``chunk_size`` (default: ~64 MiB of float32 logits per chunk; an eighth of
+    that with ``guidance``), as many as that needs and of (nearly) equal size,
+    each chunk's logits made by one GEMM and drawn from by the sample_step kernel. Peak extra memory O(chunk_size * K), independent of N.
 
     ``hidden``: ``[..., d]``; ``weight``: ``[K, d]``; ``bias``: ``[K]`` or None;
     ``z``, ``alpha_t``, ``alpha_s``, ``kappa`` (Psi mix), ``temperature``,

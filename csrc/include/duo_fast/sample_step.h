@@ -12,8 +12,9 @@
 //
 // Draw from p: inverse CDF with one 53-bit uniform, u * S against the running
 // sum of the weights w_j = exp((x_j - max) / T) in index order. This is exact
-// like the Gumbel-max / exponential race (no truncated tail: a token of
-// probability 1e-9 owns an interval of u of that width) but uses two uniforms
+// like the Gumbel-max / exponential race (no truncated tail above 2^-125 of the
+// max, see weight(): a token of probability 1e-9 owns an interval of u of that
+// width) but uses two uniforms
 // per token instead of K, which makes the CPU kernel about as cheap as the
 // log-sum-exp itself. Random numbers: one Philox block per token (stream =
 // row_offset + token, position = offset; row_offset > 0 when a call draws rows
@@ -36,6 +37,7 @@
 #include <cstdint>
 
 #include "duo_fast/common.h"
+#include "duo_fast/fast_math.h"
 #include "duo_fast/logits.h"
 #include "duo_fast/philox.h"
 #include "duo_fast/random.h"
@@ -43,8 +45,15 @@
 namespace duo_fast {
 namespace sampling {
 
-// Unnormalized probability of logit x given the row max m: exp((x - m) / T).
-DUO_HD float weight(float x, float m, float inv_temperature) { return expf((x - m) * inv_temperature); }
+// Unnormalized probability of logit x <= m given the row max m: exp((x - m) / T),
+// by fastmath::exp_nonpos (<= 1 ulp; plain arithmetic, so the CPU kernel
+// vectorizes it and the CPU and the emulated CUDA kernels get the same bits).
+// Weights below 2^-125 are 0: a row loses less than K 2^-125 of its mass, far
+// below the 2^-53 steps of the inverse-CDF uniform. NaN gives 0 (the kernels
+// screen NaN rows).
+DUO_HD_ALWAYS float weight(float x, float m, float inv_temperature) {
+  return fastmath::exp_nonpos((x - m) * inv_temperature);
+}
 
 // Unique rank key: higher key = higher logit, ties broken by lower id.
 DUO_HD uint64_t rank_key(float x, int64_t j) {
@@ -82,22 +91,6 @@ struct StepDraw {
 DUO_HD StepDraw step_draw(uint64_t seed, uint64_t offset, uint64_t token) {
   const Philox4x32 b = philox_block(seed, token, offset);
   return {uniform53(b.v[0], b.v[1]), uniform53(b.v[2], b.v[3]), b.v[2], b.v[3]};
-}
-
-// Inverse CDF over the weights w[0 .. K) of a scratch row (the CPU kernels of
-// sample_step and canvas_step): the first j whose inclusive running sum
-// (float64, index order) exceeds target = u * sum(w); zero weights are never
-// drawn (the sum does not move). Where rounding left the target at the total:
-// the last positive weight; -1 when there is none (a NaN row).
-DUO_HD int64_t inverse_cdf(const float* w, int64_t K, double target) {
-  double run = 0.0;
-  for (int64_t j = 0; j < K; ++j) {
-    run += w[j];
-    if (run > target) return j;
-  }
-  for (int64_t j = K - 1; j >= 0; --j)
-    if (w[j] > 0.0f) return j;
-  return -1;
 }
 
 DUO_HD Part choose_part(const Mixture& w, double u) {
