@@ -1,7 +1,6 @@
 """Oracle of linear_usdm_loss (docs/math.md §3): usdm_loss of the output layer's
 logits hidden @ weight.T + bias, formed in full in float64."""
 
-
 from ._common import _F64
 from .usdm_loss import usdm_loss
 
