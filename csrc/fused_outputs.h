@@ -1,19 +1,45 @@
 // Outputs of the ops that return (per-row value, d value / d logits): the value
 // has the logits' leading shape (float32), the gradient the logits' shape, or is
-// empty when not requested. Shared by the CPU and CUDA bindings.
+// empty when not requested (or written into the caller's tensor: the ".into"
+// overloads). Shared by the CPU and CUDA bindings.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
+#include <initializer_list>
 #include <tuple>
 
 namespace duo_fast {
 
+inline at::Tensor fused_value_output(const at::Tensor& logits) {
+  return at::empty(logits.sizes().slice(0, logits.dim() - 1), logits.options().dtype(at::kFloat));
+}
+
 inline std::tuple<at::Tensor, at::Tensor> fused_grad_outputs(const at::Tensor& logits, bool compute_grad) {
-  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
-  at::Tensor value = at::empty(lead, logits.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
-  return {value, grad};
+  // Contiguous whatever the logits' strides: the kernels write rows of K entries.
+  at::Tensor grad = compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+  return {fused_value_output(logits), grad};
+}
+
+// The ".into" overloads write the gradient into the caller's tensor `grad`: it
+// must have the logits' shape and dtype, be contiguous, on their device, and
+// share no memory with them or the other inputs (the kernels read a row after
+// writing part of it).
+inline void check_grad_into(const at::Tensor& logits, const at::Tensor& grad, const char* logits_name,
+                            std::initializer_list<at::Tensor> others = {}) {
+  TORCH_CHECK(grad.sizes() == logits.sizes(), "duo_fast: grad must have ", logits_name, "'s shape ", logits.sizes(),
+              ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == logits.scalar_type(), "duo_fast: grad must have ", logits_name, "'s dtype ",
+              logits.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == logits.device(), "duo_fast: grad is on ", grad.device(), " but ", logits_name,
+              " is on ", logits.device());
+  TORCH_CHECK(grad.is_contiguous(), "duo_fast: grad must be contiguous");
+  TORCH_CHECK(at::get_overlap_status(grad, logits) == at::MemOverlapStatus::No,
+              "duo_fast: grad shares memory with ", logits_name, "; pass a separate tensor");
+  for (const at::Tensor& t : others)
+    TORCH_CHECK(at::get_overlap_status(grad, t) == at::MemOverlapStatus::No,
+                "duo_fast: grad shares memory with another input; pass a separate tensor");
 }
 
 }  // namespace duo_fast

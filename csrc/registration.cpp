@@ -39,12 +39,18 @@ TORCH_LIBRARY(duo_fast, m) {
   // the second output is empty); backward scales it by grad_output.
   m.def("usdm_loss(Tensor logits, Tensor z, Tensor x0, Tensor alpha, Tensor dalpha, bool compute_grad)"
         " -> (Tensor, Tensor)");
+  // The same with the gradient written into grad (the logits' shape and dtype,
+  // contiguous, separate memory) instead of a new tensor; returns the loss. For
+  // callers that reuse one buffer (the chunks of linear_usdm_loss); no autograd.
+  m.def("usdm_loss.into(Tensor logits, Tensor z, Tensor x0, Tensor alpha, Tensor dalpha, Tensor(a!) grad) -> Tensor");
   // docs/math.md §3: per-token KL of student vs teacher logits [..., K] (float32,
   // bfloat16 or float16, each its own dtype; direction 0: KL(pS||pT), 1: KL(pT||pS));
   // with compute_grad also dKL/dstudent_logits in the student's dtype (else the second
   // output is empty). Backward scales it by grad_output.
   m.def("distill_kl(Tensor student_logits, Tensor teacher_logits, int direction, bool compute_grad)"
         " -> (Tensor, Tensor)");
+  // The same with dKL/dstudent_logits written into grad (as usdm_loss.into).
+  m.def("distill_kl.into(Tensor student_logits, Tensor teacher_logits, int direction, Tensor(a!) grad) -> Tensor");
   // docs/math.md §2c/§2d: exact curriculum input h = softmax((a~ onehot(x0) + s~ eps) * inv_tau) E
   // with eps regenerated from Philox (stream token, position offset + j/4); returns
   // (h [..., d] in embedding's dtype, z_t = argmax, row log-sum-exp float64 for backward).

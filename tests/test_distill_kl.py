@@ -5,6 +5,7 @@ checks, opcheck, the emulated CUDA kernel, and bad inputs."""
 from __future__ import annotations
 
 import ctypes
+import math
 
 import pytest
 import torch
@@ -123,6 +124,26 @@ def test_opcheck():
             sh, th = s.to(sd), t.to(td)
             torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (sh, th, direction, False))
             torch.library.opcheck(torch.ops.duo_fast.distill_kl.default, (sh.clone().requires_grad_(), th, direction, True))
+        torch.library.opcheck(torch.ops.duo_fast.distill_kl.into, (s, t, direction, torch.empty_like(s)))
+
+
+@pytest.mark.parametrize("direction", [0, 1])
+def test_into_writes_the_gradient_into_the_given_tensor(direction):
+    # distill_kl.into (the chunks of linear_distill_kl reuse one gradient block):
+    # the KL and the gradient written into grad (which starts as NaN), against the
+    # float64 reference with test_value_and_gradient_match_reference's tolerances.
+    s, t = _logits((3, 4, 777), 2.0, 1), _logits((3, 4, 777), 2.0, 2)
+    grad = torch.full_like(s, math.nan)
+    kl = torch.ops.duo_fast.distill_kl.into(s, t, direction, grad)
+    s64 = s.double().requires_grad_()
+    ref = reference.distill_kl(s64, t.double(), ("bwd", "fwd")[direction])
+    torch.testing.assert_close(kl.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    ref.sum().backward()
+    torch.testing.assert_close(grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="grad shares memory with another input"):
+        torch.ops.duo_fast.distill_kl.into(s, t, direction, t)
+    with pytest.raises(RuntimeError, match="grad must have student_logits's dtype"):
+        torch.ops.duo_fast.distill_kl.into(s, t, direction, torch.empty_like(s, dtype=torch.float16))
 
 
 def test_bad_inputs_name_the_argument():

@@ -322,6 +322,43 @@ def test_opcheck():
         lh = logits.to(dtype)
         torch.library.opcheck(torch.ops.duo_fast.usdm_loss.default, (lh, z, x0, a, d, False))
         torch.library.opcheck(torch.ops.duo_fast.usdm_loss.default, (lh.clone().requires_grad_(), z, x0, a, d, True))
+    for lt in (logits, logits.to(torch.bfloat16)):
+        torch.library.opcheck(torch.ops.duo_fast.usdm_loss.into, (lt, z, x0, a, d, torch.empty_like(lt)))
+
+
+def test_into_writes_the_gradient_into_the_given_tensor():
+    # usdm_loss.into (the fused linear ops' chunks reuse one gradient block): the
+    # loss and the gradient written into grad, against the float64 reference (the
+    # tolerances of _compare for moderate alpha: 1e-5 relative, 1e-6 of the row
+    # scale); the whole of grad is written (it starts as NaN).
+    logits, z, x0, alpha, dalpha = _batch(1000, L=5, alphas=torch.tensor([0.1, 0.5, 0.8], dtype=torch.float64))
+    a, d = alpha[:, None].expand(z.shape).contiguous(), dalpha[:, None].expand(z.shape).contiguous()
+    grad = torch.full_like(logits, math.nan)
+    loss = torch.ops.duo_fast.usdm_loss.into(logits, z, x0, a, d, grad)
+    l64 = logits.double().requires_grad_()
+    ref = reference.usdm_loss(l64, z, x0, alpha, dalpha)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    ref.sum().backward()
+    scale = l64.grad.abs().amax()
+    assert ((grad.double() - l64.grad).abs() <= 1e-5 * l64.grad.abs() + 1e-6 * scale).all()
+    for dtype in HALF:  # the gradient in the logits' dtype, as the default overload
+        gh = torch.empty(logits.shape, dtype=dtype)
+        torch.ops.duo_fast.usdm_loss.into(logits.to(dtype), z, x0, a, d, gh)
+        want = torch.ops.duo_fast.usdm_loss(logits.to(dtype), z, x0, a, d, True)[1]
+        assert torch.equal(gh, want)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda l: torch.empty(l.shape[0], l.shape[1], l.shape[2] + 1), "grad must have logits's shape"),
+    (lambda l: torch.empty(l.shape, dtype=torch.bfloat16), "grad must have logits's dtype"),
+    (lambda l: torch.empty(l.shape[2], l.shape[1], l.shape[0]).permute(2, 1, 0), "grad must be contiguous"),
+    (lambda l: l, "grad shares memory with logits"),
+])
+def test_into_checks_grad(bad, match):
+    logits, z, x0, alpha, dalpha = _batch(10, L=3, alphas=torch.tensor([0.2, 0.6], dtype=torch.float64))
+    a, d = alpha[:, None].expand(z.shape).contiguous(), dalpha[:, None].expand(z.shape).contiguous()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.duo_fast.usdm_loss.into(logits, z, x0, a, d, bad(logits))
 
 
 def test_bad_inputs_name_the_argument():

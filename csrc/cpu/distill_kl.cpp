@@ -120,26 +120,44 @@ void distill_rows(const TS* sp, const TT* tp, float* klp, TS* gp, int64_t K, int
   distill_rows_impl(sp, tp, klp, gp, K, dir, begin, end, es.data(), et.data());
 }
 
-std::tuple<at::Tensor, at::Tensor> distill_kl_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                  int64_t direction, bool compute_grad) {
-  check_distill_args(student, teacher, direction);
+// The rows into kl (and into grad where not null, contiguous, the student's dtype).
+void distill_kl_rows_cpu(const at::Tensor& student, const at::Tensor& teacher, int64_t direction, at::Tensor& kl,
+                         at::Tensor* grad) {
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t K = s.size(-1), rows = s.numel() / K;
-  auto [kl, grad] = fused_grad_outputs(s, compute_grad);  // the gradient in the student's dtype
   float* klp = kl.mutable_data_ptr<float>();
   const int dir = int(direction);
   dispatch_float_storage(s, "student_logits", [&](const auto* sp) {
     using TS = std::remove_cv_t<std::remove_pointer_t<decltype(sp)>>;
-    TS* gp = compute_grad ? static_cast<TS*>(grad.data_ptr()) : nullptr;
+    TS* gp = grad != nullptr ? static_cast<TS*>(grad->data_ptr()) : nullptr;
     dispatch_float_storage(t, "teacher_logits", [&](const auto* tp) {
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { distill_rows(sp, tp, klp, gp, K, dir, begin, end); });
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> distill_kl_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                  int64_t direction, bool compute_grad) {
+  check_distill_args(student, teacher, direction);
+  auto [kl, grad] = fused_grad_outputs(student, compute_grad);  // the gradient in the student's dtype
+  distill_kl_rows_cpu(student, teacher, direction, kl, compute_grad ? &grad : nullptr);
   return {kl, grad};
+}
+
+at::Tensor distill_kl_into_cpu(const at::Tensor& student, const at::Tensor& teacher, int64_t direction,
+                               at::Tensor& grad) {
+  check_distill_args(student, teacher, direction);
+  check_grad_into(student, grad, "student_logits", {teacher});
+  at::Tensor kl = fused_value_output(student);
+  distill_kl_rows_cpu(student, teacher, direction, kl, &grad);
+  return kl;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(duo_fast, CPU, m) { m.impl("distill_kl", &distill_kl_cpu); }
+TORCH_LIBRARY_IMPL(duo_fast, CPU, m) {
+  m.impl("distill_kl", &distill_kl_cpu);
+  m.impl("distill_kl.into", &distill_kl_into_cpu);
+}
 
 }  // namespace duo_fast

@@ -162,39 +162,69 @@ int logits_dtype_code(const at::Tensor& logits) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                   int64_t direction, bool compute_grad) {
-  check_distill_args(student, teacher, direction);
+// The rows into kl (and into grad where not null, contiguous, the student's dtype).
+void distill_kl_rows_cuda(const at::Tensor& student, const at::Tensor& teacher, int64_t direction, at::Tensor& kl,
+                          at::Tensor* grad) {
   const c10::cuda::CUDAGuard guard(student.device());
   begin_checks(student.device(), "distill_kl");
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t K = s.size(-1), rows = s.numel() / K;
-  auto [kl, grad] = fused_grad_outputs(s, compute_grad);  // the gradient in the student's dtype
   check_launch(cuda::distill_kl(s.const_data_ptr(), logits_dtype_code(s), t.const_data_ptr(), logits_dtype_code(t),
-                                kl.mutable_data_ptr<float>(), compute_grad ? grad.mutable_data_ptr() : nullptr, rows, K,
-                                int(direction), c10::cuda::getCurrentCUDAStream().stream()),
+                                kl.mutable_data_ptr<float>(), grad != nullptr ? grad->mutable_data_ptr() : nullptr, rows,
+                                K, int(direction), c10::cuda::getCurrentCUDAStream().stream()),
                "distill_kl");
+}
+
+std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                   int64_t direction, bool compute_grad) {
+  check_distill_args(student, teacher, direction);
+  auto [kl, grad] = fused_grad_outputs(student, compute_grad);  // the gradient in the student's dtype
+  distill_kl_rows_cuda(student, teacher, direction, kl, compute_grad ? &grad : nullptr);
   return {kl, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0,
-                                                  const at::Tensor& alpha, const at::Tensor& dalpha,
-                                                  bool compute_grad) {
-  check_usdm_loss_args(logits, z, x0, alpha, dalpha);
+at::Tensor distill_kl_into_cuda(const at::Tensor& student, const at::Tensor& teacher, int64_t direction,
+                                at::Tensor& grad) {
+  check_distill_args(student, teacher, direction);
+  check_grad_into(student, grad, "student_logits", {teacher});
+  at::Tensor kl = fused_value_output(student);
+  distill_kl_rows_cuda(student, teacher, direction, kl, &grad);
+  return kl;
+}
+
+// The rows into loss (and into grad where not null, contiguous, the logits' dtype).
+void usdm_loss_rows_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0, const at::Tensor& alpha,
+                         const at::Tensor& dalpha, at::Tensor& loss, at::Tensor* grad) {
   const c10::cuda::CUDAGuard guard(logits.device());
   uint32_t* checks = begin_checks(logits.device(), "usdm_loss");
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   // 16-bit logits are read natively and their gradient written in their dtype (no copy).
   const at::Tensor l = logits.contiguous(), zc = z.contiguous(), xc = x0.contiguous();
   const at::Tensor ac = alpha.contiguous(), dc = dalpha.contiguous();
-  auto [loss, grad] = fused_grad_outputs(l, compute_grad);
   check_launch(cuda::usdm_loss(l.const_data_ptr(), logits_dtype_code(l), zc.const_data_ptr<int64_t>(),
                                xc.const_data_ptr<int64_t>(), ac.const_data_ptr<double>(), dc.const_data_ptr<double>(),
-                               loss.mutable_data_ptr<float>(), compute_grad ? grad.mutable_data_ptr() : nullptr,
+                               loss.mutable_data_ptr<float>(), grad != nullptr ? grad->mutable_data_ptr() : nullptr,
                                zc.numel(), l.size(-1), checks, stream),
                "usdm_loss");
   end_checks(logits.device(), stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0,
+                                                  const at::Tensor& alpha, const at::Tensor& dalpha,
+                                                  bool compute_grad) {
+  check_usdm_loss_args(logits, z, x0, alpha, dalpha);
+  auto [loss, grad] = fused_grad_outputs(logits, compute_grad);
+  usdm_loss_rows_cuda(logits, z, x0, alpha, dalpha, loss, compute_grad ? &grad : nullptr);
   return {loss, grad};
+}
+
+at::Tensor usdm_loss_into_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0,
+                               const at::Tensor& alpha, const at::Tensor& dalpha, at::Tensor& grad) {
+  check_usdm_loss_args(logits, z, x0, alpha, dalpha);
+  check_grad_into(logits, grad, "logits", {z, x0, alpha, dalpha});
+  at::Tensor loss = fused_value_output(logits);
+  usdm_loss_rows_cuda(logits, z, x0, alpha, dalpha, loss, &grad);
+  return loss;
 }
 
 at::Tensor sample_step_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& alpha_t,
@@ -487,7 +517,9 @@ void check_device_errors_cuda(const at::Tensor& device_like) {
 TORCH_LIBRARY_IMPL(duo_fast, CUDA, m) {
   m.impl("check_device_errors", &check_device_errors_cuda);
   m.impl("usdm_loss", &usdm_loss_cuda);
+  m.impl("usdm_loss.into", &usdm_loss_into_cuda);
   m.impl("distill_kl", &distill_kl_cuda);
+  m.impl("distill_kl.into", &distill_kl_into_cuda);
   m.impl("gamma_to_alpha", &gamma_to_alpha_cuda);
   m.impl("sample_zt", &sample_zt_cuda);
   m.impl("sample_step", &sample_step_cuda);

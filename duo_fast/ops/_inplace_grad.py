@@ -10,10 +10,16 @@ import torch
 from ._common import check_not_differentiated, second_order_error
 
 
+def _fused_value_fake(logits):
+    """Fake value output ([...] float32) of the fused ops and of their ".into"
+    overloads (the gradient written into the caller's tensor)."""
+    return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+
+
 def _fused_grad_fake(logits, compute_grad):
     """Fake outputs of the (value, d value / d logits) ops; mirrors csrc/fused_outputs.h."""
     grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
-    return logits.new_empty(logits.shape[:-1], dtype=torch.float32), grad
+    return _fused_value_fake(logits), grad
 
 
 def _fused_grad_setup_context(ctx, inputs, output):

@@ -5,7 +5,8 @@ exist one chunk of rows (tokens) at a time, never for all N rows.
 A *row op* maps one chunk's logits ``[C, K]`` (rows ``[s, e)`` of the flattened
 tokens) to ``(value [C] float32, G = d value / d logits [C, K] or empty)``, as
 the fused kernels usdm_loss and distill_kl do:
-``row_op(logits, s, e, compute_grad, *tensors)``. By the chain rule through
+``row_op(logits, s, e, compute_grad, bufs, *tensors)`` (``bufs``: the pass's
+ChunkBuffers, for GEMMs of its own). By the chain rule through
 ``logits = hidden @ weight.T + bias`` a chunk's G gives
 
     grad_hidden[s:e] = G @ weight,  grad_weight += G^T @ hidden[s:e],  grad_bias += sum of G's rows,
@@ -98,55 +99,86 @@ def flat_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class ChunkLogits:
-    """The chunks' logits ``hidden[s:e] @ weight.T + bias``, written into one
-    ``[chunk_size, K]`` buffer that every chunk reuses: a fresh block of that size
-    per chunk would be page-faulted again each time (the CPU allocator hands such
-    blocks back to the OS when they are freed). A chunk's logits are valid until
-    the next chunk's; under torch.compile, plain out-of-place GEMMs."""
+class ChunkBuffers:
+    """The chunk GEMMs of one pass over the chunks, each written into a reused
+    ``[rows, K]`` buffer of its own, by name: the chunk's logits
+    ``hidden[s:e] @ weight.T + bias`` (``"logits"``), and a row op's own (the
+    teacher's logits of linear_distill_kl); likewise a row op's gradient G
+    (``like``, for the kernels' ".into" overloads). A fresh block of that size per chunk
+    would be page-faulted again each time (the CPU allocator hands such blocks
+    back to the OS when they are freed); a buffer lives as long as the pass.
+    A result is valid until the next call with the same name; under
+    torch.compile, plain out-of-place GEMMs. ``rows``: the largest chunk."""
 
-    def __init__(self, h2: torch.Tensor, weight: torch.Tensor, chunk_size: int):
-        rows = min(chunk_size, h2.shape[0])  # the largest chunk
-        reuse = rows > 0 and not torch.compiler.is_compiling()
-        self.buf = torch.empty((rows, weight.shape[0]), dtype=h2.dtype, device=h2.device) if reuse else None
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.reuse = rows > 0 and not torch.compiler.is_compiling()
+        self.bufs: dict[str, torch.Tensor] = {}
 
-    def __call__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.buf is None:
+    def like(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """An uninitialized ``[C, K]`` block of t's shape, dtype and device (a row
+        op's gradient, written by a ".into" kernel); only where ``reuse``."""
+        buf = self.bufs.get(name)
+        if buf is None or buf.dtype != t.dtype:
+            buf = self.bufs[name] = torch.empty((self.rows, t.shape[-1]), dtype=t.dtype, device=t.device)
+        return buf[: t.shape[0]]
+
+    def linear(self, name: str, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.reuse:
             return torch.nn.functional.linear(h, weight, bias)
-        out = self.buf[: h.shape[0]]
+        buf = self.bufs.get(name)
+        if buf is None:
+            buf = self.bufs[name] = torch.empty((self.rows, weight.shape[0]), dtype=h.dtype, device=h.device)
+        out = buf[: h.shape[0]]
         if bias is None:
             return torch.mm(h, weight.t(), out=out)
         return torch.addmm(bias, h, weight.t(), out=out)
 
 
-def _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors, linear):
+def _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors, bufs):
     """(value, G) of rows [s, e). The chunk's logits are float32, so G stays float32
     for the GEMMs that take it (a 16-bit G would add its rounding to grad_hidden /
-    grad_weight). ``linear``: the call's ChunkLogits."""
-    logits = linear(h2[s:e], weight, bias).float()
-    return row_op(logits, s, e, True, *tensors)
+    grad_weight). ``bufs``: the pass's ChunkBuffers."""
+    logits = bufs.linear("logits", h2[s:e], weight, bias).float()
+    return row_op(logits, s, e, True, bufs, *tensors)
+
+
+def _first_chunk_writes() -> bool:
+    return not torch.compiler.is_compiling()
 
 
 def _new_grads(h2, weight, bias, needs, hidden_dtype):
-    """Zeroed gradient buffers (grad_hidden [N, d] in hidden_dtype, grad_weight and
+    """Gradient buffers (grad_hidden [N, d] in hidden_dtype, grad_weight and
     grad_bias float32), None where not needed, and the float32 weight the
-    grad_hidden GEMM takes."""
+    grad_hidden GEMM takes. grad_weight and grad_bias are written by the first
+    chunk (_add_chunk_grads), so they start zeroed only where there is none (or
+    under torch.compile, which traces the plain accumulation)."""
     need_h, need_w, need_b = needs
+    new = torch.empty if _first_chunk_writes() and h2.shape[0] > 0 else torch.zeros
     grad_h = torch.empty(h2.shape, dtype=hidden_dtype, device=h2.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and bias is not None else None
+    grad_w = new(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = new(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and bias is not None else None
     return grad_h, grad_w, grad_b, (weight.float() if need_h else None)
 
 
 def _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e):
     """grad_hidden[s:e] = G @ weight (w32: weight in float32), grad_weight += G^T @
-    hidden[s:e], grad_bias += the sum of G's rows; each where it is not None."""
+    hidden[s:e], grad_bias += the sum of G's rows; each where it is not None. The
+    first chunk (s = 0) writes grad_weight and grad_bias instead of adding to them
+    (no pass to zero them first)."""
     if grad_h is not None:
         grad_h[s:e] = g @ w32
+    first = s == 0 and _first_chunk_writes()
     if grad_w is not None:
-        grad_w.addmm_(g.t(), h2[s:e].float())
+        if first:
+            torch.mm(g.t(), h2[s:e].float(), out=grad_w)
+        else:
+            grad_w.addmm_(g.t(), h2[s:e].float())
     if grad_b is not None:
-        grad_b += g.sum(0)
+        if first:
+            torch.sum(g, 0, out=grad_b)
+        else:
+            grad_b += g.sum(0)
 
 
 class LinearRows(torch.autograd.Function):
@@ -169,9 +201,9 @@ class LinearRows(torch.autograd.Function):
         h2 = flat_rows(hidden)
         N = h2.shape[0]
         value = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        linear = ChunkLogits(h2, weight, chunk_size)
+        bufs = ChunkBuffers(min(chunk_size, N))
         for s, e in chunks(N, chunk_size):
-            value[s:e], _ = row_op(linear(h2[s:e], weight, bias), s, e, False, *tensors)
+            value[s:e], _ = row_op(bufs.linear("logits", h2[s:e], weight, bias), s, e, False, bufs, *tensors)
         ctx.save_for_backward(hidden, weight, bias, *tensors)
         ctx.row_op, ctx.chunk_size, ctx.what, ctx.names = row_op, chunk_size, what, names
         return value
@@ -183,9 +215,9 @@ class LinearRows(torch.autograd.Function):
         with torch.no_grad():
             h2 = flat_rows(hidden)
             grad_h, grad_w, grad_b, w32 = _new_grads(h2, weight, bias, ctx.needs_input_grad[1:4], hidden.dtype)
-            linear = ChunkLogits(h2, weight, ctx.chunk_size)
+            bufs = ChunkBuffers(min(ctx.chunk_size, h2.shape[0]))
             for s, e in chunks(h2.shape[0], ctx.chunk_size):
-                _, g = _chunk_value_grad(ctx.row_op, h2, weight, bias, s, e, tensors, linear)
+                _, g = _chunk_value_grad(ctx.row_op, h2, weight, bias, s, e, tensors, bufs)
                 g.mul_(grad_value[s:e].unsqueeze(-1))
                 _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
                 del g  # before the next chunk's logits: two [C, K] tensors at a time, not three
@@ -217,9 +249,9 @@ class LinearRowsReduced(torch.autograd.Function):
         N = h2.shape[0]
         grad_h, grad_w, grad_b, w32 = _new_grads(h2, weight, bias, ctx.needs_input_grad[1:4], torch.float32)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        linear = ChunkLogits(h2, weight, chunk_size)
+        bufs = ChunkBuffers(min(chunk_size, N))
         for s, e in chunks(N, chunk_size):
-            value, g = _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors, linear)
+            value, g = _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors, bufs)
             total += value.sum(dtype=torch.float64)
             if mean:
                 g.div_(N)

@@ -8,7 +8,8 @@ import torch
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import check_same_device, check_tensor
 from ._common import _LOGIT_DTYPES, check_no_func_transform
-from ._inplace_grad import _FusedGradInplace, _fused_grad_backward, _fused_grad_fake, _fused_grad_setup_context
+from ._inplace_grad import (_FusedGradInplace, _fused_grad_backward, _fused_grad_fake, _fused_grad_setup_context,
+                           _fused_value_fake)
 
 
 _DIRECTIONS = {"bwd": 0, "fwd": 1}
@@ -70,6 +71,11 @@ def distill_kl(
 @torch.library.register_fake("duo_fast::distill_kl")
 def _distill_kl_fake(student, teacher, direction, compute_grad):
     return _fused_grad_fake(student, compute_grad)
+
+
+@torch.library.register_fake("duo_fast::distill_kl.into")
+def _distill_kl_into_fake(student, teacher, direction, grad):
+    return _fused_value_fake(student)
 
 
 def _distill_kl_backward(ctx, grad_kl, grad_grad):

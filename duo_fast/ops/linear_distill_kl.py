@@ -14,13 +14,17 @@ from ._linear_chunks import check_chunk_size, check_linear, check_reduction, fla
 from .distill_kl import _DIRECTIONS
 
 
-def _kl_rows(logits, s, e, compute_grad, teacher_h2, teacher_weight, teacher_bias, *, direction):
+def _kl_rows(logits, s, e, compute_grad, bufs, teacher_h2, teacher_weight, teacher_bias, *, direction):
     """The row op of linear_distill_kl (ops/_linear_chunks.py): the teacher's
-    logits of tokens [s, e), without a graph, then the fused KL kernel."""
+    logits of tokens [s, e) (without a graph, in the pass's "teacher" buffer),
+    then the fused KL kernel."""
     with torch.no_grad():
-        teacher = torch.nn.functional.linear(teacher_h2[s:e], teacher_weight, teacher_bias)
-    return torch.ops.duo_fast.distill_kl.default(kernel_logits(logits), kernel_logits(teacher), direction,
-                                                 compute_grad)
+        teacher = bufs.linear("teacher", teacher_h2[s:e], teacher_weight, teacher_bias)
+    student, teacher = kernel_logits(logits), kernel_logits(teacher)
+    if compute_grad and bufs.reuse:  # the gradient into the pass's reused "grad" block
+        g = bufs.like("grad", student)
+        return torch.ops.duo_fast.distill_kl.into(student, teacher, direction, g), g
+    return torch.ops.duo_fast.distill_kl.default(student, teacher, direction, compute_grad)
 
 
 def linear_distill_kl(

@@ -12,7 +12,7 @@ from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fas
 from .._checks import check_real, check_same_device, check_tensor, token_ids
 from .._random import philox_seed
 from ._common import _check_ids_like
-from ._linear_chunks import (ChunkLogits, balanced_rows, check_chunk_size, check_linear, chunks, default_chunk_size, flat_rows,
+from ._linear_chunks import (ChunkBuffers, balanced_rows, check_chunk_size, check_linear, chunks, default_chunk_size, flat_rows,
                              kernel_logits)
 from .sample_step import _step_levels
 
@@ -88,18 +88,19 @@ def _draw_rows(hidden, weight, bias, z, a_t, a_s, kappa, temperature, top_p, key
     u2 = flat_rows(guidance[0]) if guidance is not None else None
     out = torch.empty_like(zf)
     with torch.no_grad():  # integer outputs: no graph for the chunks' logits
-        rows = balanced_rows(zf.shape[0], chunk_size)
-        linear = ChunkLogits(h2, weight, rows) if guidance is None else torch.nn.functional.linear
+        bufs = ChunkBuffers(balanced_rows(zf.shape[0], chunk_size) if guidance is None else 0)
         for s, e in chunks(zf.shape[0], chunk_size, balanced=True):
             out[s:e] = _draw_chunk(h2, u2, weight, bias, zf, atf, asf, kappa, temperature, top_p, key, guidance, s, e,
-                                   linear)
+                                   bufs)
     return out
 
 
-def _draw_chunk(h2, u2, weight, bias, zf, atf, asf, kappa, temperature, top_p, key, guidance, s, e, linear):
-    """z_s of rows [s, e) (see _draw_rows; ``linear``: a ChunkLogits or F.linear)."""
+def _draw_chunk(h2, u2, weight, bias, zf, atf, asf, kappa, temperature, top_p, key, guidance, s, e, bufs):
+    """z_s of rows [s, e) (see _draw_rows; ``bufs``: the call's ChunkBuffers, which
+    reuse no buffer under guidance: there the chunk's logits feed float64 work
+    several times their size)."""
     step = torch.ops.duo_fast.sample_step.default
-    logits = kernel_logits(linear(h2[s:e], weight, bias))
+    logits = kernel_logits(bufs.linear("logits", h2[s:e], weight, bias))
     if guidance is None:
         return step(logits, zf[s:e], atf[s:e], asf[s:e], kappa, temperature, top_p, key, 0, s)
     uncond = kernel_logits(torch.nn.functional.linear(u2[s:e], weight, bias))

@@ -11,10 +11,14 @@ from ._common import _check_ids_like
 from ._linear_chunks import check_chunk_size, check_linear, check_reduction, kernel_logits, linear_rows
 
 
-def _usdm_rows(logits, s, e, compute_grad, z, x0, alpha, dalpha):
-    """The row op of linear_usdm_loss (ops/_linear_chunks.py): tokens [s, e)."""
-    return torch.ops.duo_fast.usdm_loss.default(kernel_logits(logits), z[s:e], x0[s:e], alpha[s:e], dalpha[s:e],
-                                                compute_grad)
+def _usdm_rows(logits, s, e, compute_grad, bufs, z, x0, alpha, dalpha):
+    """The row op of linear_usdm_loss (ops/_linear_chunks.py): tokens [s, e); the
+    gradient into the pass's reused "grad" block where the pass reuses blocks."""
+    logits, rest = kernel_logits(logits), (z[s:e], x0[s:e], alpha[s:e], dalpha[s:e])
+    if compute_grad and bufs.reuse:
+        g = bufs.like("grad", logits)
+        return torch.ops.duo_fast.usdm_loss.into(logits, *rest, g), g
+    return torch.ops.duo_fast.usdm_loss.default(logits, *rest, compute_grad)
 
 
 def linear_usdm_loss(

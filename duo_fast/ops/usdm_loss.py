@@ -8,7 +8,8 @@ import torch
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.duo_fast.*)
 from .._checks import check_tensor, check_vocab, per_token_level, token_ids
 from ._common import _LOGIT_DTYPES, _check_ids_like, check_no_func_transform
-from ._inplace_grad import _FusedGradInplace, _fused_grad_backward, _fused_grad_fake, _fused_grad_setup_context
+from ._inplace_grad import (_FusedGradInplace, _fused_grad_backward, _fused_grad_fake, _fused_grad_setup_context,
+                           _fused_value_fake)
 
 
 def usdm_loss(
@@ -81,6 +82,11 @@ def usdm_loss(
 @torch.library.register_fake("duo_fast::usdm_loss")
 def _usdm_loss_fake(logits, z, x0, alpha, dalpha, compute_grad):
     return _fused_grad_fake(logits, compute_grad)
+
+
+@torch.library.register_fake("duo_fast::usdm_loss.into")
+def _usdm_loss_into_fake(logits, z, x0, alpha, dalpha, grad):
+    return _fused_value_fake(logits)
 
 
 _LEVELS = {2: "alpha", 3: "dalpha"}  # index among the inputs after logits -> name (not differentiated)
