@@ -9,6 +9,7 @@
 
 #include <initializer_list>
 #include <tuple>
+#include <utility>
 
 namespace duo_fast {
 
@@ -24,10 +25,12 @@ inline std::tuple<at::Tensor, at::Tensor> fused_grad_outputs(const at::Tensor& l
 
 // The ".into" overloads write the gradient into the caller's tensor `grad`: it
 // must have the logits' shape and dtype, be contiguous, on their device, and
-// share no memory with them or the other inputs (the kernels read a row after
-// writing part of it).
+// share no memory with them or the other inputs (`others`: tensor and name),
+// since the kernels read a row after writing part of it. Inputs in another
+// storage pass whatever their strides; within one storage, only provably
+// disjoint memory does.
 inline void check_grad_into(const at::Tensor& logits, const at::Tensor& grad, const char* logits_name,
-                            std::initializer_list<at::Tensor> others = {}) {
+                            std::initializer_list<std::pair<const at::Tensor*, const char*>> others = {}) {
   TORCH_CHECK(grad.sizes() == logits.sizes(), "duo_fast: grad must have ", logits_name, "'s shape ", logits.sizes(),
               ", got ", grad.sizes());
   TORCH_CHECK(grad.scalar_type() == logits.scalar_type(), "duo_fast: grad must have ", logits_name, "'s dtype ",
@@ -35,11 +38,13 @@ inline void check_grad_into(const at::Tensor& logits, const at::Tensor& grad, co
   TORCH_CHECK(grad.device() == logits.device(), "duo_fast: grad is on ", grad.device(), " but ", logits_name,
               " is on ", logits.device());
   TORCH_CHECK(grad.is_contiguous(), "duo_fast: grad must be contiguous");
-  TORCH_CHECK(at::get_overlap_status(grad, logits) == at::MemOverlapStatus::No,
-              "duo_fast: grad shares memory with ", logits_name, "; pass a separate tensor");
-  for (const at::Tensor& t : others)
-    TORCH_CHECK(at::get_overlap_status(grad, t) == at::MemOverlapStatus::No,
-                "duo_fast: grad shares memory with another input; pass a separate tensor");
+  const auto separate = [&](const at::Tensor& t, const char* name) {
+    const bool same_storage = t.has_storage() && grad.has_storage() && t.storage().is_alias_of(grad.storage());
+    TORCH_CHECK(!same_storage || at::get_overlap_status(grad, t) == at::MemOverlapStatus::No,
+                "duo_fast: grad shares memory with ", name, "; pass a separate tensor");
+  };
+  separate(logits, logits_name);
+  for (const auto& [t, name] : others) separate(*t, name);
 }
 
 }  // namespace duo_fast

@@ -361,6 +361,21 @@ def test_into_checks_grad(bad, match):
         torch.ops.duo_fast.usdm_loss.into(logits, z, x0, a, d, bad(logits))
 
 
+def test_into_takes_strided_inputs_in_other_storage():
+    # z, x0 as stride-2 views and logits a slice of a padded tensor: no memory in
+    # common with grad, so accepted (the kernel reads contiguous copies); the same
+    # loss and gradient as on contiguous inputs, which the test above checks
+    # against the reference.
+    logits, z, x0, alpha, dalpha = _batch(50, L=4, alphas=torch.tensor([0.3, 0.7], dtype=torch.float64))
+    a, d = alpha[:, None].expand(z.shape).contiguous(), dalpha[:, None].expand(z.shape).contiguous()
+    padded = torch.cat([logits, torch.zeros(*logits.shape[:-1], 3)], -1)[..., :50]
+    zz, xx = torch.stack([z, z], -1)[..., 0], torch.stack([x0, x0], -1)[..., 0]
+    g1, g2 = torch.empty_like(logits), torch.empty_like(logits)
+    l1 = torch.ops.duo_fast.usdm_loss.into(padded, zz, xx, a, d, g1)
+    l2 = torch.ops.duo_fast.usdm_loss.into(logits, z, x0, a, d, g2)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
 def test_bad_inputs_name_the_argument():
     logits, z, x0, alpha, dalpha = _batch(10, L=3, alphas=torch.tensor([0.2, 0.6], dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"z holds token ids in \[.*\], outside \[0, vocab_size\) = \[0, 10\)"):

@@ -117,11 +117,13 @@ template <class T>
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
 template <class T>
 [[gnu::target("avx2")]] void rows_avx2(const T* xp, const Args& a, int64_t begin, int64_t end, float* w,
                                        BadRows& bad) {
   rows_impl(xp, a, begin, end, w, bad);
 }
+#endif
 
 template <class T>
 void rows_base(const T* xp, const Args& a, int64_t begin, int64_t end, float* w, BadRows& bad) {
@@ -143,9 +145,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> canvas_step_cpu(const at::Tensor&
   dispatch_float_storage(l, "logits", [&](auto* xp) {
     at::parallel_for(0, rows, row_grain(K), [&](int64_t begin, int64_t end) {
       std::vector<float> w(static_cast<size_t>(K));
+#if defined(__x86_64__) && defined(__GNUC__)
       if (have_avx2_fma())
         rows_avx2(xp, a, begin, end, w.data(), bad);
       else
+#endif
         rows_base(xp, a, begin, end, w.data(), bad);
     });
   });

@@ -166,11 +166,13 @@ template <bool kPosterior, class T>
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
 template <bool kPosterior, class T>
 [[gnu::target("avx2")]] void rows_avx2(const T* xp, const Args& a, int64_t begin, int64_t end, Scratch& sc,
                                        BadRows& bad) {
   rows_impl<kPosterior>(xp, a, begin, end, sc, bad);
 }
+#endif
 
 template <bool kPosterior, class T>
 void rows_base(const T* xp, const Args& a, int64_t begin, int64_t end, Scratch& sc, BadRows& bad) {
@@ -191,9 +193,11 @@ void run_rows(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& a
   dispatch_float_storage(l, "logits", [&](auto* xp) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       Scratch sc(K, top_p);
+#if defined(__x86_64__) && defined(__GNUC__)
       if (have_avx2_fma())
         rows_avx2<kPosterior>(xp, a, begin, end, sc, bad);
       else
+#endif
         rows_base<kPosterior>(xp, a, begin, end, sc, bad);
     });
   });

@@ -115,13 +115,23 @@ class ChunkBuffers:
         self.reuse = rows > 0 and not torch.compiler.is_compiling()
         self.bufs: dict[str, torch.Tensor] = {}
 
-    def like(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """An uninitialized ``[C, K]`` block of t's shape, dtype and device (a row
-        op's gradient, written by a ".into" kernel); only where ``reuse``."""
+    def like(self, name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An uninitialized ``[C, K]`` block of t's shape and device, in t's dtype or
+        ``dtype`` (a row op's gradient, written by a ".into" kernel); only where
+        ``reuse``."""
+        dtype = t.dtype if dtype is None else dtype
         buf = self.bufs.get(name)
-        if buf is None or buf.dtype != t.dtype:
-            buf = self.bufs[name] = torch.empty((self.rows, t.shape[-1]), dtype=t.dtype, device=t.device)
+        if buf is None or buf.dtype != dtype:
+            buf = self.bufs[name] = torch.empty((self.rows, t.shape[-1]), dtype=dtype, device=t.device)
         return buf[: t.shape[0]]
+
+    def float32(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """t as float32: t itself if it is, else a copy in a reused block."""
+        if t.dtype == torch.float32:
+            return t
+        if not self.reuse:
+            return t.float()
+        return self.like(name, t, torch.float32).copy_(t)
 
     def linear(self, name: str, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.reuse:
@@ -139,7 +149,7 @@ def _chunk_value_grad(row_op, h2, weight, bias, s, e, tensors, bufs):
     """(value, G) of rows [s, e). The chunk's logits are float32, so G stays float32
     for the GEMMs that take it (a 16-bit G would add its rounding to grad_hidden /
     grad_weight). ``bufs``: the pass's ChunkBuffers."""
-    logits = bufs.linear("logits", h2[s:e], weight, bias).float()
+    logits = bufs.float32("logits32", bufs.linear("logits", h2[s:e], weight, bias))
     return row_op(logits, s, e, True, bufs, *tensors)
 
 
@@ -220,7 +230,6 @@ class LinearRows(torch.autograd.Function):
                 _, g = _chunk_value_grad(ctx.row_op, h2, weight, bias, s, e, tensors, bufs)
                 g.mul_(grad_value[s:e].unsqueeze(-1))
                 _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
-                del g  # before the next chunk's logits: two [C, K] tensors at a time, not three
             grads = (
                 grad_h.view(hidden.shape) if grad_h is not None else None,
                 grad_w.to(weight.dtype) if grad_w is not None else None,
@@ -256,7 +265,6 @@ class LinearRowsReduced(torch.autograd.Function):
             if mean:
                 g.div_(N)
             _add_chunk_grads(g, h2, w32, grad_h, grad_w, grad_b, s, e)
-            del value, g  # before the next chunk's logits: two [C, K] tensors at a time, not three
         ctx.grads, ctx.what, ctx.names, ctx.n_tensors = (grad_h, grad_w, grad_b), what, names, len(tensors)
         ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return (total / N if mean else total).float()
