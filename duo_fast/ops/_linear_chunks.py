@@ -115,15 +115,29 @@ class ChunkBuffers:
         self.reuse = rows > 0 and not torch.compiler.is_compiling()
         self.bufs: dict[str, torch.Tensor] = {}
 
+    def _block(self, name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The first ``rows`` rows of the pass's ``[self.rows, cols]`` block ``name``,
+        allocated on first use (again if asked in another dtype)."""
+        buf = self.bufs.get(name)
+        if buf is None or buf.dtype != dtype:
+            buf = self.bufs[name] = torch.empty((self.rows, cols), dtype=dtype, device=device)
+        return buf[:rows]
+
     def like(self, name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """An uninitialized ``[C, K]`` block of t's shape and device, in t's dtype or
         ``dtype`` (a row op's gradient, written by a ".into" kernel); only where
         ``reuse``."""
-        dtype = t.dtype if dtype is None else dtype
-        buf = self.bufs.get(name)
-        if buf is None or buf.dtype != dtype:
-            buf = self.bufs[name] = torch.empty((self.rows, t.shape[-1]), dtype=dtype, device=t.device)
-        return buf[: t.shape[0]]
+        return self._block(name, t.shape[0], t.shape[-1], t.dtype if dtype is None else dtype, t.device)
+
+    def value_grad(self, op, logits: torch.Tensor, *rest, compute_grad: bool):
+        """A fused (value, gradient) kernel (usdm_loss, distill_kl) on a chunk:
+        ``op.default(logits, *rest, compute_grad)``, or, where the pass reuses
+        blocks and a gradient is wanted, ``op.into`` writing it into the pass's
+        "grad" block."""
+        if compute_grad and self.reuse:
+            g = self.like("grad", logits)
+            return op.into(logits, *rest, g), g
+        return op.default(logits, *rest, compute_grad)
 
     def float32(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """t as float32: t itself if it is, else a copy in a reused block."""
@@ -136,10 +150,7 @@ class ChunkBuffers:
     def linear(self, name: str, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.reuse:
             return torch.nn.functional.linear(h, weight, bias)
-        buf = self.bufs.get(name)
-        if buf is None:
-            buf = self.bufs[name] = torch.empty((self.rows, weight.shape[0]), dtype=h.dtype, device=h.device)
-        out = buf[: h.shape[0]]
+        out = self._block(name, h.shape[0], weight.shape[0], h.dtype, h.device)
         if bias is None:
             return torch.mm(h, weight.t(), out=out)
         return torch.addmm(bias, h, weight.t(), out=out)

@@ -20,11 +20,8 @@ def _kl_rows(logits, s, e, compute_grad, bufs, teacher_h2, teacher_weight, teach
     then the fused KL kernel."""
     with torch.no_grad():
         teacher = bufs.linear("teacher", teacher_h2[s:e], teacher_weight, teacher_bias)
-    student, teacher = kernel_logits(logits), kernel_logits(teacher)
-    if compute_grad and bufs.reuse:  # the gradient into the pass's reused "grad" block
-        g = bufs.like("grad", student)
-        return torch.ops.duo_fast.distill_kl.into(student, teacher, direction, g), g
-    return torch.ops.duo_fast.distill_kl.default(student, teacher, direction, compute_grad)
+    return bufs.value_grad(torch.ops.duo_fast.distill_kl, kernel_logits(logits), kernel_logits(teacher), direction,
+                           compute_grad=compute_grad)
 
 
 def linear_distill_kl(

@@ -130,7 +130,8 @@ def linear_sample_step(
     forming them: rows (tokens) are processed in chunks of at most
     ``chunk_size`` (default: ~64 MiB of float32 logits per chunk; an eighth of
     that with ``guidance``), as many as that needs and of (nearly) equal size,
-    each chunk's logits made by one GEMM and drawn from by the sample_step kernel. Peak extra memory O(chunk_size * K), independent of N.
+    each chunk's logits made by one GEMM and drawn from by the sample_step
+    kernel. Peak extra memory O(chunk_size * K), independent of N.
 
     ``hidden``: ``[..., d]``; ``weight``: ``[K, d]``; ``bias``: ``[K]`` or None;
     ``z``, ``alpha_t``, ``alpha_s``, ``kappa`` (Psi mix), ``temperature``,

@@ -14,11 +14,8 @@ from ._linear_chunks import check_chunk_size, check_linear, check_reduction, ker
 def _usdm_rows(logits, s, e, compute_grad, bufs, z, x0, alpha, dalpha):
     """The row op of linear_usdm_loss (ops/_linear_chunks.py): tokens [s, e); the
     gradient into the pass's reused "grad" block where the pass reuses blocks."""
-    logits, rest = kernel_logits(logits), (z[s:e], x0[s:e], alpha[s:e], dalpha[s:e])
-    if compute_grad and bufs.reuse:
-        g = bufs.like("grad", logits)
-        return torch.ops.duo_fast.usdm_loss.into(logits, *rest, g), g
-    return torch.ops.duo_fast.usdm_loss.default(logits, *rest, compute_grad)
+    return bufs.value_grad(torch.ops.duo_fast.usdm_loss, kernel_logits(logits), z[s:e], x0[s:e], alpha[s:e],
+                           dalpha[s:e], compute_grad=compute_grad)
 
 
 def linear_usdm_loss(
