@@ -11,6 +11,8 @@
 #include <tuple>
 #include <utility>
 
+#include "checks.h"
+
 namespace duo_fast {
 
 inline at::Tensor fused_value_output(const at::Tensor& logits) {
@@ -45,6 +47,19 @@ inline void check_grad_into(const at::Tensor& logits, const at::Tensor& grad, co
   };
   separate(logits, logits_name);
   for (const auto& [t, name] : others) separate(*t, name);
+}
+
+// The argument checks of the two ".into" overloads (their CPU and CUDA impls).
+inline void check_usdm_loss_into_args(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0,
+                                      const at::Tensor& alpha, const at::Tensor& dalpha, const at::Tensor& grad) {
+  check_usdm_loss_args(logits, z, x0, alpha, dalpha);
+  check_grad_into(logits, grad, "logits", {{&z, "z"}, {&x0, "x0"}, {&alpha, "alpha"}, {&dalpha, "dalpha"}});
+}
+
+inline void check_distill_into_args(const at::Tensor& student, const at::Tensor& teacher, int64_t direction,
+                                    const at::Tensor& grad) {
+  check_distill_args(student, teacher, direction);
+  check_grad_into(student, grad, "student_logits", {{&teacher, "teacher_logits"}});
 }
 
 }  // namespace duo_fast

@@ -146,8 +146,7 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cpu(const at::Tensor& student, con
 
 at::Tensor distill_kl_into_cpu(const at::Tensor& student, const at::Tensor& teacher, int64_t direction,
                                at::Tensor& grad) {
-  check_distill_args(student, teacher, direction);
-  check_grad_into(student, grad, "student_logits", {{&teacher, "teacher_logits"}});
+  check_distill_into_args(student, teacher, direction, grad);
   at::Tensor kl = fused_value_output(student);
   distill_kl_rows_cpu(student, teacher, direction, kl, &grad);
   return kl;

@@ -55,8 +55,7 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cpu(const at::Tensor& logits, const
 
 at::Tensor usdm_loss_into_cpu(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0,
                               const at::Tensor& alpha, const at::Tensor& dalpha, at::Tensor& grad) {
-  check_usdm_loss_args(logits, z, x0, alpha, dalpha);
-  check_grad_into(logits, grad, "logits", {{&z, "z"}, {&x0, "x0"}, {&alpha, "alpha"}, {&dalpha, "dalpha"}});
+  check_usdm_loss_into_args(logits, z, x0, alpha, dalpha, grad);
   at::Tensor loss = fused_value_output(logits);
   usdm_loss_rows_cpu(logits, z, x0, alpha, dalpha, loss, &grad);
   return loss;

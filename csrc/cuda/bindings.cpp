@@ -185,8 +185,7 @@ std::tuple<at::Tensor, at::Tensor> distill_kl_cuda(const at::Tensor& student, co
 
 at::Tensor distill_kl_into_cuda(const at::Tensor& student, const at::Tensor& teacher, int64_t direction,
                                 at::Tensor& grad) {
-  check_distill_args(student, teacher, direction);
-  check_grad_into(student, grad, "student_logits", {{&teacher, "teacher_logits"}});
+  check_distill_into_args(student, teacher, direction, grad);
   at::Tensor kl = fused_value_output(student);
   distill_kl_rows_cuda(student, teacher, direction, kl, &grad);
   return kl;
@@ -220,8 +219,7 @@ std::tuple<at::Tensor, at::Tensor> usdm_loss_cuda(const at::Tensor& logits, cons
 
 at::Tensor usdm_loss_into_cuda(const at::Tensor& logits, const at::Tensor& z, const at::Tensor& x0,
                                const at::Tensor& alpha, const at::Tensor& dalpha, at::Tensor& grad) {
-  check_usdm_loss_args(logits, z, x0, alpha, dalpha);
-  check_grad_into(logits, grad, "logits", {{&z, "z"}, {&x0, "x0"}, {&alpha, "alpha"}, {&dalpha, "dalpha"}});
+  check_usdm_loss_into_args(logits, z, x0, alpha, dalpha, grad);
   at::Tensor loss = fused_value_output(logits);
   usdm_loss_rows_cuda(logits, z, x0, alpha, dalpha, loss, &grad);
   return loss;
